@@ -1,0 +1,177 @@
+//! The `portcullis` binary: thin command-line verbs over the library. `anyhow` lives only here.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{anyhow, Context as _};
+use clap::{Parser, Subcommand};
+use portcullis::{
+    config::{self, LoadedConfig},
+    proxy::{reload, Gateway},
+    telemetry,
+};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Portcullis: a zero-trust API gateway.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a config file.
+    Run {
+        /// The config file.
+        #[arg(long, short, default_value = "portcullis.yaml")]
+        config: PathBuf,
+        /// Worker threads (overrides `server.workers`; default one per CPU core).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Check config files; print every problem as FILE:LINE:COL: field: message.
+    Validate {
+        /// Config files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a self-contained demo: gateway on 127.0.0.1:8080 with a built-in backend.
+    Demo {
+        /// Where the demo gateway listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the demo's admin API listens.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+    /// Print the JSON Schema of the config file (for editor completion).
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config, workers } => run(&config, workers),
+        Command::Validate { files } => return validate(&files),
+        Command::Demo { listen, admin } => demo(listen, admin),
+        Command::Schema => schema(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<()> {
+    let loaded = config::load_file(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))?;
+    serve(loaded, workers, Some(path.to_owned()), None)
+}
+
+/// Starts the gateway and the admin API on this thread's control runtime and serves until a
+/// stop signal. `banner` is printed once everything is bound.
+fn serve(
+    loaded: LoadedConfig,
+    workers: Option<usize>,
+    watch: Option<PathBuf>,
+    banner: Option<Box<dyn FnOnce(&Gateway) -> String>>,
+) -> anyhow::Result<()> {
+    let server = &loaded.config.server;
+    telemetry::init(server.log.format, &server.log.level);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the control runtime")?;
+    runtime.block_on(async move {
+        let gateway = Gateway::start(&loaded, workers)?;
+        if let Some(admin) = gateway.snapshot().admin_bind {
+            let listener = tokio::net::TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("cannot bind the admin listener on {admin}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "admin listening");
+            tokio::spawn(portcullis::admin::serve(listener, gateway.state()));
+        }
+        tracing::info!(workers = gateway.worker_count(), "portcullis started");
+        if let Some(banner) = banner {
+            println!("{}", banner(&gateway));
+        }
+        reload::run_until_stopped(gateway, watch).await?;
+        Ok(())
+    })
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        let result = config::load_file(file).and_then(|loaded| {
+            let registry = portcullis::upstream::UpstreamRegistry::new(1);
+            portcullis::proxy::compile(&loaded, &registry, 0).map(|_| loaded)
+        });
+        match result {
+            Ok(loaded) => {
+                for warning in &loaded.warnings {
+                    println!("{warning}");
+                }
+                println!("{}: ok", file.display());
+            }
+            Err(errors) => {
+                failed = true;
+                println!("{errors}");
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+    // the backend runs on its own thread and runtime, like any other upstream would
+    let (backend_tx, backend_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("demo-backend".into()).spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let Ok(runtime) = runtime else { return };
+        runtime.block_on(async move {
+            match portcullis::demo::start_backend("127.0.0.1:0".parse().expect("valid address")).await {
+                Ok((addr, task)) => {
+                    let _ = backend_tx.send(Ok(addr));
+                    let _ = task.await;
+                }
+                Err(error) => {
+                    let _ = backend_tx.send(Err(error));
+                }
+            }
+        });
+    })?;
+    let backend = backend_rx.recv().context("demo backend thread ended")??;
+    let loaded = portcullis::demo::load_config(backend, listen, admin).map_err(|errors| anyhow!("demo config:\n{errors}"))?;
+    serve(
+        loaded,
+        None,
+        None,
+        Some(Box::new(move |gateway: &Gateway| {
+            let public = gateway.local_addr("public").unwrap_or(listen);
+            portcullis::demo::instructions(public, gateway.snapshot().admin_bind)
+        })),
+    )
+}
+
+fn schema() -> anyhow::Result<()> {
+    let schema = schemars::schema_for!(config::Config);
+    println!("{}", serde_json::to_string_pretty(&schema)?);
+    Ok(())
+}

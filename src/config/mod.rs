@@ -1,0 +1,352 @@
+//! Config loading: YAML text → span index → `${ENV}` interpolation → typed model → semantic checks.
+//!
+//! Every stage collects *all* its errors (each with file, line, column and field path) instead of
+//! stopping at the first, so `portcullis validate` can show everything that is wrong in one run.
+//! Compiling the model into the request-path structures lives in `crate::proxy::snapshot`, which
+//! reports through the same [`ErrorSink`].
+
+mod error;
+pub mod model;
+mod source;
+pub mod units;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+pub use error::{ConfigError, ConfigErrors, ConfigWarning};
+pub use model::Config;
+pub use source::SpanIndex;
+pub use validate::{parse_cidr, parse_target_url};
+
+/// A parsed, structurally valid config with what is needed to report errors against its text.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// Where it came from (shown in errors); `<demo>` for the embedded demo config.
+    pub file: PathBuf,
+    pub config: Config,
+    pub index: SpanIndex,
+    /// Values substituted from the environment: redacted wherever the config is shown.
+    pub secrets: Vec<String>,
+    /// Directory that relative paths in the config are resolved against.
+    pub base_dir: PathBuf,
+    /// Findings that do not stop the config from loading (e.g. an unused upstream).
+    pub warnings: Vec<ConfigWarning>,
+}
+
+/// The effective config as JSON for display: values that came from the environment, and fields
+/// whose names say they hold secrets, are replaced by `[redacted]`.
+pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
+    fn walk(value: &mut serde_json::Value, secrets: &[String]) {
+        match value {
+            serde_json::Value::String(text) => {
+                for secret in secrets {
+                    if text.contains(secret.as_str()) {
+                        *text = text.replace(secret.as_str(), "[redacted]");
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|item| walk(item, secrets)),
+            serde_json::Value::Object(map) => {
+                for (key, item) in map.iter_mut() {
+                    let key = key.to_ascii_lowercase();
+                    if ["secret", "password", "token", "credential"].iter().any(|word| key.contains(word)) && !item.is_null() {
+                        *item = serde_json::Value::String("[redacted]".into());
+                    } else {
+                        walk(item, secrets);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(&loaded.config).unwrap_or_default();
+    walk(&mut value, &loaded.secrets);
+    value
+}
+
+/// Collects errors and warnings, locating each by its field path.
+pub struct ErrorSink<'a> {
+    file: &'a Path,
+    index: &'a SpanIndex,
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<ConfigWarning>,
+}
+
+impl<'a> ErrorSink<'a> {
+    pub fn new(loaded: &'a LoadedConfig) -> Self {
+        Self {
+            file: &loaded.file,
+            index: &loaded.index,
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn make(&self, path: &str, message: String, at_key: bool) -> ConfigError {
+        let (line, column) = if at_key {
+            self.index.locate_key(path)
+        } else {
+            self.index.locate(path)
+        };
+        ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            path: path.to_owned(),
+            message,
+        }
+    }
+
+    /// Records an error at the value of `path`.
+    pub fn error(&mut self, path: impl AsRef<str>, message: impl Into<String>) {
+        let error = self.make(path.as_ref(), message.into(), false);
+        self.errors.push(error);
+    }
+
+    /// Records a warning at the value of `path`.
+    pub fn warn(&mut self, path: impl AsRef<str>, message: impl Into<String>) {
+        let warning = self.make(path.as_ref(), message.into(), false);
+        self.warnings.push(ConfigWarning(warning));
+    }
+
+    pub fn has_errors(&self) -> bool {
+        !self.errors.is_empty()
+    }
+
+    /// Errors sorted by position, as `validate` prints them.
+    pub fn into_errors(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|e| (e.line, e.column));
+        self.errors.dedup();
+        ConfigErrors(self.errors)
+    }
+}
+
+/// Reads and parses a config file. Relative paths inside it resolve against its directory.
+pub fn load_file(path: &Path) -> Result<LoadedConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            path: String::new(),
+            message: format!("cannot read config file: {error}"),
+        }])
+    })?;
+    let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+    load_str(&text, path, base_dir, &|name| std::env::var(name).ok())
+}
+
+/// Parses config text; `lookup` resolves `${NAME}` references (the process environment in production).
+pub fn load_str(
+    text: &str,
+    file: &Path,
+    base_dir: PathBuf,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<LoadedConfig, ConfigErrors> {
+    let single = |line, column, path: &str, message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            path: path.to_owned(),
+            message,
+        }])
+    };
+    let index = SpanIndex::build(text).map_err(|(line, column, message)| {
+        single(line, column, "", format!("invalid YAML: {message}"))
+    })?;
+    let mut root: Value = serde_yaml::from_str(text).map_err(|error| {
+        let (line, column) = error.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+        single(line, column, "", format!("invalid YAML: {error}"))
+    })?;
+    if root.is_null() {
+        root = Value::Mapping(Default::default());
+    }
+
+    let mut loaded = LoadedConfig {
+        file: file.to_owned(),
+        config: Config::default(),
+        index,
+        secrets: Vec::new(),
+        base_dir,
+        warnings: Vec::new(),
+    };
+    let mut interpolation_errors = Vec::new();
+    source::interpolate_env(&mut root, "", lookup, &mut loaded.secrets, &mut interpolation_errors);
+
+    let mut sink = ErrorSink::new(&loaded);
+    for (path, message) in interpolation_errors {
+        sink.error(path, message);
+    }
+    let declared = validate::Declared::from_raw(&root);
+    let config = deserialize_sections(root, &mut sink);
+    // semantic checks run even when some items failed to parse, against the names declared in the
+    // text, so one broken upstream does not turn every route that uses it into a second error
+    validate::check(&config, &declared, &mut sink);
+    let warnings = std::mem::take(&mut sink.warnings);
+    if sink.has_errors() {
+        return Err(sink.into_errors());
+    }
+    loaded.config = config;
+    loaded.warnings = warnings;
+    Ok(loaded)
+}
+
+/// Deserialises each section, and each list item on its own, so one bad route does not hide the
+/// errors in the next one.
+fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
+    let mut config = Config::default();
+    let Value::Mapping(mut map) = root else {
+        sink.error("", "the config must be a mapping with `listeners`, `upstreams`, `routes`, ...");
+        return config;
+    };
+    if let Some(value) = map.remove("server") {
+        if let Some(server) = typed(value, "server", sink) {
+            config.server = server;
+        }
+    }
+    if let Some(value) = map.remove("admin") {
+        if let Some(admin) = typed(value, "admin", sink) {
+            config.admin = admin;
+        }
+    }
+    config.listeners = typed_list(map.remove("listeners"), "listeners", sink);
+    config.upstreams = typed_list(map.remove("upstreams"), "upstreams", sink);
+    config.routes = typed_list(map.remove("routes"), "routes", sink);
+    for (key, _) in map {
+        let key = key.as_str().unwrap_or("?").to_owned();
+        let error = sink.make(
+            &key,
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`"),
+            true,
+        );
+        sink.errors.push(error);
+    }
+    config
+}
+
+fn typed_list<T: DeserializeOwned>(value: Option<Value>, path: &str, sink: &mut ErrorSink<'_>) -> Vec<T> {
+    match value {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Sequence(items)) => items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| typed(item, &format!("{path}[{i}]"), sink))
+            .collect(),
+        Some(_) => {
+            sink.error(path, "expected a list");
+            Vec::new()
+        }
+    }
+}
+
+fn typed<T: DeserializeOwned>(value: Value, path: &str, sink: &mut ErrorSink<'_>) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(typed) => Some(typed),
+        Err(error) => {
+            let inner = error.path().to_string();
+            let mut full = path.to_owned();
+            if inner != "." && !inner.is_empty() {
+                if !inner.starts_with('[') {
+                    full.push('.');
+                }
+                full.push_str(&inner);
+            }
+            let message = error.into_inner().to_string();
+            // serde names an unknown field only in the message: point at that key
+            if let Some(field) = unknown_field_name(&message) {
+                let key_path = format!("{full}.{field}");
+                let located = sink.make(&key_path, message, true);
+                sink.errors.push(located);
+            } else {
+                sink.error(full, message);
+            }
+            None
+        }
+    }
+}
+
+fn unknown_field_name(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<LoadedConfig, ConfigErrors> {
+        load_str(text, Path::new("test.yaml"), PathBuf::new(), &|name| {
+            (name == "TOKEN").then(|| "tok-123".to_owned())
+        })
+    }
+
+    const VALID: &str = "\
+listeners:
+  - name: main
+    bind: 127.0.0.1:0
+upstreams:
+  - name: app
+    targets:
+      - url: http://127.0.0.1:9000
+routes:
+  - name: all
+    public: true
+    upstream: app
+";
+
+    #[test]
+    fn a_minimal_config_loads() {
+        let loaded = load(VALID).unwrap();
+        assert_eq!(loaded.config.routes[0].matcher.path, "/**");
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_at_the_key() {
+        let text = VALID.replace("    public: true", "    public: true\n    upsteam: app");
+        let errors = load(&text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "routes[0].upsteam");
+        assert_eq!((errors[0].line, errors[0].column), (12, 5));
+        assert!(errors[0].message.contains("unknown field `upsteam`"));
+    }
+
+    #[test]
+    fn every_error_is_reported_not_just_the_first() {
+        let text = "\
+listeners:
+  - name: main
+    bind: 127.0.0.1:0
+    limits:
+      header_timeout: 10 seconds
+upstreams:
+  - name: app
+    targets: []
+routes:
+  - name: a
+    upstream: nowhere
+  - name: a
+    public: true
+    upstream: app
+    max_body: lots
+";
+        let errors = load(text).unwrap_err();
+        let printed = errors.to_string();
+        assert!(printed.contains("test.yaml:5:23: listeners[0].limits.header_timeout:"), "{printed}");
+        assert!(printed.contains("routes[1].max_body"), "{printed}");
+    }
+
+    #[test]
+    fn env_values_are_substituted_and_remembered_as_secrets() {
+        let text = VALID.replace("http://127.0.0.1:9000", "http://127.0.0.1:9000/${TOKEN}");
+        let loaded = load(&text).unwrap();
+        assert_eq!(loaded.config.upstreams[0].targets[0].url, "http://127.0.0.1:9000/tok-123");
+        assert_eq!(loaded.secrets, vec!["tok-123".to_owned()]);
+        let missing = VALID.replace("app\n    targets", "${NOPE}\n    targets");
+        let errors = load(&missing).unwrap_err().0;
+        assert!(errors[0].message.contains("`NOPE` is not set"), "{errors:?}");
+    }
+}

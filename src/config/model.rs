@@ -1,0 +1,488 @@
+//! The raw config model: a one-to-one mirror of the YAML file.
+//!
+//! Pure data with defaults; every struct rejects unknown fields so a typo is an error rather than a
+//! silently ignored setting. The `///` docs become the JSON Schema descriptions (`portcullis schema`).
+//! Compiling this model into what the hot path reads happens in `crate::proxy::snapshot`.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::units::{ByteSize, HumanDuration};
+
+/// A Portcullis config file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings: workers, logging, shutdown, trusted proxies.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The admin listener (`/healthz`, `/readyz`, `/config`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Where clients connect. At least one is required.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Named pools of backend targets that routes forward to.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Which requests go where, and under which policies.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Process-wide settings.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Worker threads, each with its own single-threaded runtime. Default: one per CPU core.
+    /// Changing it needs a restart.
+    pub workers: Option<usize>,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT before connections are closed.
+    pub shutdown_timeout: HumanDuration,
+    /// Log output format and level.
+    pub log: LogConfig,
+    /// Write one access-log line per request (log target `access`).
+    pub access_log: bool,
+    /// Proxies (CIDRs) whose `X-Forwarded-*`, `Forwarded` and `x-request-id` headers are believed.
+    /// From anyone else those headers are replaced.
+    pub trusted_proxies: Vec<String>,
+    /// Watch the config file and reload it when it changes (SIGHUP always reloads).
+    pub watch_config: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            workers: None,
+            shutdown_timeout: HumanDuration::from_secs(30),
+            log: LogConfig::default(),
+            access_log: true,
+            trusted_proxies: Vec::new(),
+            watch_config: true,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (one object per line) or `human`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `portcullis=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Human,
+}
+
+/// The admin listener. It binds to loopback by default and is never exposed through routes.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Set to `false` to run without an admin listener.
+    pub enabled: bool,
+    /// Address to bind, e.g. `127.0.0.1:9901`.
+    pub bind: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+/// A socket that accepts client connections.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and to match listeners across reloads.
+    pub name: String,
+    /// Address to bind, e.g. `0.0.0.0:8443` or `[::]:8080`.
+    pub bind: String,
+    /// Serve TLS on this listener (HTTP/2 is negotiated with ALPN). Without it the listener serves
+    /// plaintext HTTP/1.1 and h2c with prior knowledge.
+    #[serde(default)]
+    pub tls: Option<ServerTlsConfig>,
+    /// Accept HTTP/2 (ALPN `h2` over TLS, prior-knowledge h2c on plaintext).
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    /// Protective limits against oversize and slow clients.
+    #[serde(default)]
+    pub limits: ListenerLimits,
+}
+
+/// Limits applied to every connection on a listener.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerLimits {
+    /// Largest request head (request line plus headers); larger gets 431.
+    pub max_header_bytes: ByteSize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body; larger gets 413. Routes may set a lower `max_body`.
+    pub max_body: ByteSize,
+    /// Time a client has to send a complete request head; slower gets 408 and the connection closes.
+    pub header_timeout: HumanDuration,
+    /// A connection with no request in flight and no bytes for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Most concurrent connections on this listener; further ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: ByteSize::kib(16),
+            max_headers: 100,
+            max_body: ByteSize::mib(10),
+            header_timeout: HumanDuration::from_secs(10),
+            idle_timeout: HumanDuration::from_secs(60),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// TLS for a listener: one or more certificates, chosen by SNI.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// Certificates; the first is the default when SNI matches none (or is absent).
+    pub certificates: Vec<CertificateConfig>,
+    /// Lowest TLS version accepted: `"1.2"` or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// SNI names this certificate serves (`api.example.com`, `*.example.com`). Empty: only the default.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+/// Lowest TLS version.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// A named pool of backend targets.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name that routes refer to.
+    pub name: String,
+    /// Targets as URLs: `http://host:port` (HTTP/1.1), `h2c://host:port` (HTTP/2 prior knowledge),
+    /// `https://host:port` (TLS; HTTP/2 or HTTP/1.1 by ALPN). All targets share one scheme.
+    pub targets: Vec<TargetConfig>,
+    /// How a target is picked for each request.
+    #[serde(default)]
+    pub load_balancing: LoadBalancing,
+    /// Active health checks: unhealthy targets get no traffic until they pass again.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive outlier ejection from real traffic.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionConfig>,
+    /// Connect, per-try and total timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Retries of idempotent requests.
+    #[serde(default)]
+    pub retries: RetryConfig,
+    /// TLS settings for `https` targets.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
+    /// Idle keep-alive connections kept per target and worker.
+    #[serde(default = "default_pool_idle")]
+    pub max_idle_connections: usize,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "default_pool_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+}
+
+/// One backend target.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `http://host:port`, `h2c://host:port` or `https://host:port`.
+    pub url: String,
+    /// Relative share of traffic (1-1000).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Load-balancing policy.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, tag = "policy", rename_all = "snake_case")]
+pub enum LoadBalancing {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two random choices, preferring the target with fewer requests in flight per weight.
+    LeastRequest,
+    /// A ring of target points; the same key goes to the same target while it is healthy.
+    ConsistentHash {
+        /// What to hash: `{header: NAME}`, `{cookie: NAME}` or `client_ip`.
+        hash_on: HashOn,
+    },
+}
+
+/// The key for consistent hashing.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// A request header's value.
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address (after trusted-proxy resolution).
+    ClientIp,
+}
+
+/// Active HTTP health checks.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// Path requested with GET; a 2xx or 3xx answer is a pass.
+    pub path: String,
+    /// Time between checks of one target.
+    pub interval: HumanDuration,
+    /// A check that takes longer fails.
+    pub timeout: HumanDuration,
+    /// Consecutive passes that make an unhealthy target healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy target unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        Self {
+            path: "/healthz".into(),
+            interval: HumanDuration::from_secs(5),
+            timeout: HumanDuration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+/// Passive outlier ejection.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetectionConfig {
+    /// Consecutive connect failures or 5xx answers that eject a target.
+    pub consecutive_failures: u32,
+    /// How long an ejected target gets no traffic.
+    pub ejection_time: HumanDuration,
+    /// Never eject more than this share of an upstream's targets (percent).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            ejection_time: HumanDuration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    /// Establishing a TCP (and TLS) connection.
+    pub connect: HumanDuration,
+    /// One attempt, until the response head arrives; exceeded gives 504.
+    pub per_try: HumanDuration,
+    /// All attempts together, until the response head arrives; exceeded gives 504.
+    pub total: HumanDuration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect: HumanDuration::from_secs(2),
+            per_try: HumanDuration::from_secs(15),
+            total: HumanDuration::from_secs(30),
+        }
+    }
+}
+
+/// Retries for idempotent requests without a body, on connect failure or a 502/503 answer.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries after the first attempt (0 disables retries).
+    pub max_retries: u32,
+    /// Retries may add at most this share of the upstream's requests (percent) ...
+    pub budget_percent: u32,
+    /// ... plus this many retries per second, so low traffic can still retry.
+    pub min_retries_per_second: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 1,
+            budget_percent: 20,
+            min_retries_per_second: 10,
+        }
+    }
+}
+
+/// TLS towards `https` targets. The server is always verified.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of CAs to trust instead of the built-in web roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Server name to send (SNI) and verify, instead of the target's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM client certificate chain, for upstreams that require mTLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+/// A route: which requests it matches, what guards it, where it goes.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// What a request must look like to take this route.
+    #[serde(rename = "match", default)]
+    pub matcher: MatchConfig,
+    /// Serve without authentication. Zero trust: a route must either declare authentication or
+    /// say `public: true` explicitly.
+    #[serde(default)]
+    pub public: bool,
+    /// The upstream (by name) that receives the request.
+    pub upstream: String,
+    /// Changes to the request before it is forwarded.
+    #[serde(default)]
+    pub rewrite: Option<RewriteConfig>,
+    /// Largest request body on this route (at most the listener's `max_body`).
+    #[serde(default)]
+    pub max_body: Option<ByteSize>,
+    /// Listeners (by name) that serve this route. Empty: all listeners.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+}
+
+/// Request matching. All given conditions must hold.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// Hosts: exact (`api.example.com`) or one leading wildcard label (`*.example.com`). Empty: any host.
+    pub hosts: Vec<String>,
+    /// Path pattern: exact (`/health`), template (`/users/{id}/orders`), single-segment wildcard
+    /// (`/files/*`), or a trailing `/**` for a prefix (`/api/**`, and `/**` for everything).
+    pub path: String,
+    /// Methods (`GET`, `POST`, ...). Empty: any method.
+    pub methods: Vec<String>,
+    /// Headers that must be present, optionally with an exact value.
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        Self {
+            hosts: Vec::new(),
+            path: "/**".into(),
+            methods: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// A header condition.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// Exact value; absent means "present with any value".
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Request rewrites applied before forwarding.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteConfig {
+    /// Remove this prefix from the path (`/api` turns `/api/users` into `/users`).
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Then put this prefix in front (with `strip_prefix`, a prefix replacement).
+    #[serde(default)]
+    pub add_prefix: Option<String>,
+    /// `Host` to send upstream. Absent: the client's `Host` is kept (and sent as `X-Forwarded-Host`).
+    #[serde(default)]
+    pub host: Option<UpstreamHost>,
+}
+
+/// The `Host` header sent upstream.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamHost {
+    /// The chosen target's `host:port`.
+    Target,
+    /// A fixed value.
+    Value(String),
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_pool_idle() -> usize {
+    64
+}
+
+fn default_pool_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(90)
+}

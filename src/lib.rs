@@ -1,0 +1,26 @@
+//! Portcullis: a zero-trust API gateway.
+//!
+//! A request flows one way: listener → route → policy chain → upstream → response → access log.
+//! Everything a request needs is compiled once per config load into an immutable
+//! [`proxy::Snapshot`]; the request path only reads it. See `docs/architecture.md`.
+//!
+//! Modules, in the order a request meets them:
+//! - [`config`]: the YAML model, `${ENV}` interpolation, validation with `FILE:LINE:COL` errors;
+//! - [`proxy`]: snapshot compile, listeners, connection handling, the request handler, reload;
+//! - [`route`]: path normalisation, patterns and the precedence-ordered route table;
+//! - [`policy`]: the per-route policy chain;
+//! - [`upstream`]: pools, load balancing, health, retries;
+//! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
+//! - [`telemetry`]: logging and the access log; [`admin`]: the admin API;
+//! - [`demo`]: the embedded demo (config and upstream) behind `portcullis demo`.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod pipeline;
+pub mod policy;
+pub mod proxy;
+pub mod route;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

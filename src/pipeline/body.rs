@@ -1,0 +1,162 @@
+//! Body types on both sides of the gateway: bodies stream through, never buffered whole.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::Completion;
+
+/// Errors crossing body boundaries (hyper's, or ours for the size limit).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body grew beyond the route's `max_body` while streaming (413 when still possible).
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the configured limit")]
+pub struct BodyTooLarge;
+
+/// A body sent to the client: a small gateway-made body, or the upstream's, streamed.
+pub struct ResponseBody {
+    kind: ResponseKind,
+    /// The request's record; finished (access log, connection accounting) when the body ends.
+    completion: Option<Box<Completion>>,
+}
+
+enum ResponseKind {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl ResponseBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self {
+            kind: ResponseKind::Full(Some(bytes.into())),
+            completion: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            kind: ResponseKind::Full(None),
+            completion: None,
+        }
+    }
+
+    pub fn upstream(body: Incoming) -> Self {
+        Self {
+            kind: ResponseKind::Upstream(body),
+            completion: None,
+        }
+    }
+
+    /// Attaches the request's record, which counts bytes sent and is finished when the body ends
+    /// (or is dropped because the client went away).
+    pub fn with_completion(mut self, completion: Box<Completion>) -> Self {
+        self.completion = Some(completion);
+        self
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            ResponseKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(completion), Some(data)) = (&mut this.completion, frame.data_ref()) {
+                    completion.ctx.bytes_out += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(completion) = &mut this.completion {
+                    completion.ctx.response_aborted = true;
+                }
+                this.completion = None;
+            }
+            // end of stream: finish the record now rather than when hyper drops the body
+            Poll::Ready(None) => this.completion = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Full(bytes) => bytes.is_none(),
+            ResponseKind::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            ResponseKind::Full(None) => SizeHint::with_exact(0),
+            ResponseKind::Upstream(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A body sent upstream: nothing (health checks, bodiless requests) or the client's body, streamed
+/// with a size limit.
+pub enum UpstreamBody {
+    Empty,
+    Client { body: Incoming, remaining: u64 },
+}
+
+impl UpstreamBody {
+    pub fn client(body: Incoming, limit: u64) -> Self {
+        if body.is_end_stream() {
+            return Self::Empty;
+        }
+        Self::Client { body, remaining: limit }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Empty => Poll::Ready(None),
+            Self::Client { body, remaining } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        let len = data.len() as u64;
+                        if len > *remaining {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
+                        }
+                        *remaining -= len;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+                other => other.map_err(Into::into),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Client { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Client { body, .. } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The per-request record every phase writes to and the access log reads (one place, one shape).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use http::{HeaderValue, Method, Version};
+
+/// What happened to one request, filled in as it moves through the phases.
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: HeaderValue,
+    pub started: Instant,
+    /// The direct TCP peer.
+    pub peer: SocketAddr,
+    /// The client, after trusted-proxy resolution of `X-Forwarded-For`.
+    pub client_ip: IpAddr,
+    pub listener: Arc<str>,
+    pub tls: bool,
+    pub method: Method,
+    pub version: Version,
+    pub host: Box<str>,
+    pub path: Box<str>,
+    pub route: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
+    pub target: Option<Arc<str>>,
+    pub status: u16,
+    pub retries: u32,
+    pub upstream_latency: Option<Duration>,
+    pub bytes_out: u64,
+    /// Short machine-readable reason when the gateway itself answered with an error.
+    pub error: Option<&'static str>,
+    /// The response body ended with an error (upstream reset, client gone).
+    pub response_aborted: bool,
+    pub user_agent: Option<HeaderValue>,
+}
+
+/// Finishes a request when the response body ends: writes the access-log line and releases the
+/// connection's in-flight marker.
+pub struct Completion {
+    pub ctx: RequestCtx,
+    pub access_log: bool,
+    _in_flight: InFlightGuard,
+}
+
+impl Completion {
+    pub fn new(ctx: RequestCtx, access_log: bool, in_flight: InFlightGuard) -> Box<Self> {
+        Box::new(Self {
+            ctx,
+            access_log,
+            _in_flight: in_flight,
+        })
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if self.access_log {
+            crate::telemetry::access_log(&self.ctx);
+        }
+    }
+}
+
+/// Per-connection activity shared by the connection's I/O wrapper and its request handler, so the
+/// idle and header timeouts know whether a request is in flight.
+#[derive(Debug, Default)]
+pub struct ConnActivity {
+    in_flight: AtomicU32,
+    /// Requests whose head hyper has fully parsed (handler entered).
+    started: AtomicU32,
+}
+
+impl ConnActivity {
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn started(&self) -> u32 {
+        self.started.load(Ordering::Acquire)
+    }
+}
+
+/// Marks a request in flight on its connection until dropped.
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<ConnActivity>);
+
+impl InFlightGuard {
+    pub fn enter(activity: &Arc<ConnActivity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.started.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}

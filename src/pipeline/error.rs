@@ -1,0 +1,121 @@
+//! The one place that turns request-path errors into client responses.
+//!
+//! Clients get a status and a small JSON body naming the kind of error and the request id, never
+//! internal detail (no upstream addresses, no stack of causes); the detail goes to the log.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+
+/// Everything the gateway itself may answer a request with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("no healthy upstream target")]
+    NoHealthyTarget,
+    #[error("upstream connection failed")]
+    UpstreamConnect,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("upstream protocol error")]
+    UpstreamProtocol,
+    #[error("gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl GatewayError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoHealthyTarget | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamConnect | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable machine-readable code, used in the JSON body, logs and metrics.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NoRoute => "not_found",
+            Self::BadRequest(_) => "bad_request",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::NoHealthyTarget => "no_healthy_upstream",
+            Self::UpstreamConnect => "upstream_connect_failure",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamProtocol => "upstream_protocol_error",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Human text safe to show a client.
+    fn public_message(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no route matches this request",
+            Self::BadRequest(reason) => reason,
+            Self::PayloadTooLarge => "request body is too large",
+            Self::NoHealthyTarget => "the service is temporarily unavailable",
+            Self::UpstreamConnect | Self::UpstreamProtocol => "the upstream service failed to answer",
+            Self::UpstreamTimeout => "the upstream service did not answer in time",
+            Self::ShuttingDown => "the gateway is restarting; retry",
+        }
+    }
+
+    /// The response for this error, carrying the request id.
+    pub fn into_response(self, request_id: &HeaderValue) -> Response<ResponseBody> {
+        error_response(self.status(), self.code(), self.public_message(), request_id)
+    }
+}
+
+/// A JSON error response: `{"error": code, "message": text, "request_id": id}`.
+pub fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: &HeaderValue,
+) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "request_id": request_id.to_str().unwrap_or_default(),
+    });
+    let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(super::X_REQUEST_ID, request_id.clone());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_its_status_and_a_json_body_without_detail() {
+        let id = HeaderValue::from_static("abc123");
+        for (error, status) in [
+            (GatewayError::NoRoute, 404),
+            (GatewayError::BadRequest("bad path"), 400),
+            (GatewayError::PayloadTooLarge, 413),
+            (GatewayError::NoHealthyTarget, 503),
+            (GatewayError::UpstreamConnect, 502),
+            (GatewayError::UpstreamTimeout, 504),
+            (GatewayError::UpstreamProtocol, 502),
+            (GatewayError::ShuttingDown, 503),
+        ] {
+            let response = error.into_response(&id);
+            assert_eq!(response.status().as_u16(), status, "{error:?}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            assert_eq!(response.headers()["x-request-id"], "abc123");
+        }
+    }
+}

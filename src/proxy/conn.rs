@@ -1,0 +1,322 @@
+//! A client connection's I/O wrapper: the protections hyper does not give on its own.
+//!
+//! - **Request-head timeout with 408.** A request head must arrive within `header_timeout` of its
+//!   first byte (of the accept, for the first request); a slower client gets `408 Request Timeout`
+//!   and the connection closes (hyper alone would close silently).
+//! - **Idle timeout.** With no request in flight and no bytes for `idle_timeout`, the connection closes.
+//! - **Framing conflicts.** hyper silently drops `Content-Length` when `Transfer-Encoding` is also
+//!   present (RFC 9112 allows it); a gateway should refuse such smuggling-shaped requests, so the
+//!   head is scanned for both and the handler answers 400.
+//!
+//! The wrapper learns about requests through [`ConnActivity`], shared with the request handler.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+
+use crate::pipeline::ConnActivity;
+
+const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 67\r\nconnection: close\r\n\r\n{\"error\":\"request_timeout\",\"message\":\"request head took too long\"}";
+
+/// How often a connection with a request in flight re-checks whether it has become idle.
+const BUSY_RECHECK: Duration = Duration::from_secs(1);
+
+/// Per-connection flags the handler reads.
+#[derive(Debug, Default)]
+pub struct ConnFlags {
+    /// The current request head carried both `Content-Length` and `Transfer-Encoding`.
+    pub framing_conflict: AtomicBool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Between requests.
+    Idle,
+    /// Receiving a request head; `started` is the handler count when it began.
+    Head { started: u32 },
+    /// A request is being handled (body streaming in or out).
+    Busy,
+}
+
+/// Wraps a client connection's stream; see the module docs.
+pub struct ConnIo<T> {
+    inner: T,
+    timer: Pin<Box<Sleep>>,
+    activity: Arc<ConnActivity>,
+    flags: Arc<ConnFlags>,
+    phase: Phase,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    // `None` for HTTP/2, where heads are frames and the framing checks do not apply
+    scanner: Option<HeadScanner>,
+}
+
+struct Projection<'a, T> {
+    inner: Pin<&'a mut T>,
+    timer: &'a mut Pin<Box<Sleep>>,
+    activity: &'a Arc<ConnActivity>,
+    flags: &'a Arc<ConnFlags>,
+    phase: &'a mut Phase,
+    header_timeout: &'a Duration,
+    idle_timeout: &'a Duration,
+    scanner: &'a mut Option<HeadScanner>,
+}
+
+impl<T: Unpin> ConnIo<T> {
+    fn project(self: Pin<&mut Self>) -> Projection<'_, T> {
+        let this = self.get_mut();
+        Projection {
+            inner: Pin::new(&mut this.inner),
+            timer: &mut this.timer,
+            activity: &this.activity,
+            flags: &this.flags,
+            phase: &mut this.phase,
+            header_timeout: &this.header_timeout,
+            idle_timeout: &this.idle_timeout,
+            scanner: &mut this.scanner,
+        }
+    }
+}
+
+impl<T> ConnIo<T> {
+    /// `http1`: apply the head timeout and framing scan (HTTP/2 gets only the idle timeout).
+    pub fn new(
+        inner: T,
+        activity: Arc<ConnActivity>,
+        flags: Arc<ConnFlags>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        http1: bool,
+    ) -> Self {
+        let (phase, deadline) = if http1 {
+            (Phase::Head { started: 0 }, header_timeout)
+        } else {
+            (Phase::Idle, idle_timeout)
+        };
+        Self {
+            inner,
+            timer: Box::pin(tokio::time::sleep(deadline)),
+            activity,
+            flags,
+            phase,
+            header_timeout,
+            idle_timeout,
+            scanner: http1.then(HeadScanner::default),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        refresh_phase(this.phase, this.activity, this.timer.as_mut(), *this.idle_timeout);
+        let before = buf.filled().len();
+        match this.inner.as_mut().poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let read = &buf.filled()[before..];
+                if read.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if *this.phase == Phase::Idle && this.scanner.is_some() {
+                    // first bytes of a new request head: the clock starts now
+                    *this.phase = Phase::Head {
+                        started: this.activity.started(),
+                    };
+                    this.timer.as_mut().reset(Instant::now() + *this.header_timeout);
+                    if let Some(scanner) = this.scanner.as_mut() {
+                        *scanner = HeadScanner::default();
+                    }
+                }
+                if let (Phase::Head { .. }, Some(scanner)) = (*this.phase, this.scanner.as_mut()) {
+                    if scanner.feed(read) {
+                        this.flags.framing_conflict.store(true, Ordering::Release);
+                    }
+                }
+                if *this.phase == Phase::Idle {
+                    // HTTP/2 frames while idle: just push the idle deadline out
+                    this.timer.as_mut().reset(Instant::now() + *this.idle_timeout);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => {
+                while this.timer.as_mut().poll(cx).is_ready() {
+                    match *this.phase {
+                        Phase::Head { .. } => {
+                            // best effort: the socket is writable in all but pathological cases
+                            let _ = this.inner.as_mut().poll_write(cx, RESPONSE_408);
+                            let _ = this.inner.as_mut().poll_flush(cx);
+                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head timeout")));
+                        }
+                        Phase::Idle => return Poll::Ready(Ok(())),
+                        Phase::Busy => {
+                            let recheck = BUSY_RECHECK.min(*this.idle_timeout);
+                            this.timer.as_mut().reset(Instant::now() + recheck);
+                            refresh_phase(this.phase, this.activity, this.timer.as_mut(), *this.idle_timeout);
+                        }
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Moves Head → Busy once the handler has the request, and Busy → Idle once nothing is in flight.
+fn refresh_phase(phase: &mut Phase, activity: &ConnActivity, timer: Pin<&mut Sleep>, idle_timeout: Duration) {
+    if *phase == Phase::Idle && activity.in_flight() > 0 {
+        // HTTP/2 streams (or a pipelined request) are in flight
+        *phase = Phase::Busy;
+    }
+    if let Phase::Head { started } = *phase {
+        if activity.started() != started {
+            *phase = Phase::Busy;
+        }
+    }
+    if *phase == Phase::Busy && activity.in_flight() == 0 {
+        *phase = Phase::Idle;
+        timer.reset(Instant::now() + idle_timeout);
+    } else if *phase == Phase::Busy && timer.deadline() > Instant::now() + BUSY_RECHECK {
+        // entered Busy: re-check for idleness periodically instead of at the head deadline
+        timer.reset(Instant::now() + BUSY_RECHECK.min(idle_timeout));
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.project().inner.poll_shutdown(cx))?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Finds `Content-Length` and `Transfer-Encoding` header names in a request head, byte by byte,
+/// across reads, stopping at the blank line that ends the head.
+#[derive(Debug)]
+struct HeadScanner {
+    /// Position within the current line's name (counting only non-CR bytes).
+    column: usize,
+    content_length_alive: bool,
+    transfer_encoding_alive: bool,
+    saw_content_length: bool,
+    saw_transfer_encoding: bool,
+    first_line: bool,
+    done: bool,
+}
+
+impl Default for HeadScanner {
+    fn default() -> Self {
+        Self {
+            column: 0,
+            content_length_alive: false,
+            transfer_encoding_alive: false,
+            saw_content_length: false,
+            saw_transfer_encoding: false,
+            first_line: true,
+            done: false,
+        }
+    }
+}
+
+const CONTENT_LENGTH: &[u8] = b"content-length:";
+const TRANSFER_ENCODING: &[u8] = b"transfer-encoding:";
+
+impl HeadScanner {
+    /// Feeds bytes; returns true once both headers have been seen in this head.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &byte in bytes {
+            if self.done {
+                break;
+            }
+            match byte {
+                b'\n' => {
+                    if self.column == 0 && !self.first_line {
+                        self.done = true;
+                    }
+                    self.first_line = false;
+                    self.column = 0;
+                    self.content_length_alive = true;
+                    self.transfer_encoding_alive = true;
+                }
+                b'\r' => {}
+                _ => {
+                    let lower = byte.to_ascii_lowercase();
+                    if self.content_length_alive {
+                        if CONTENT_LENGTH.get(self.column) == Some(&lower) {
+                            if self.column + 1 == CONTENT_LENGTH.len() {
+                                self.saw_content_length = true;
+                                self.content_length_alive = false;
+                            }
+                        } else {
+                            self.content_length_alive = false;
+                        }
+                    }
+                    if self.transfer_encoding_alive {
+                        if TRANSFER_ENCODING.get(self.column) == Some(&lower) {
+                            if self.column + 1 == TRANSFER_ENCODING.len() {
+                                self.saw_transfer_encoding = true;
+                                self.transfer_encoding_alive = false;
+                            }
+                        } else {
+                            self.transfer_encoding_alive = false;
+                        }
+                    }
+                    self.column += 1;
+                }
+            }
+        }
+        self.saw_content_length && self.saw_transfer_encoding
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScanner;
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let mut scanner = HeadScanner::default();
+        chunks.iter().any(|chunk| scanner.feed(chunk))
+    }
+
+    #[test]
+    fn both_framing_headers_are_found_across_reads_and_any_case() {
+        assert!(scan(&[b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]));
+        assert!(scan(&[b"POST / HTTP/1.1\r\nTRANSFER-ENC", b"ODING: chunked\r\ncontent-le", b"ngth: 5\r\n\r\n"]));
+    }
+
+    #[test]
+    fn one_framing_header_or_lookalikes_are_fine() {
+        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"]));
+        assert!(!scan(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n"]));
+        // headers of the body or the next request are not part of this head
+        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 30\r\n\r\nTransfer-Encoding: chunked\r\n"]));
+    }
+}

@@ -1,0 +1,255 @@
+//! Header hygiene between client and upstream: hop-by-hop headers (RFC 9110 §7.6.1), the
+//! `X-Forwarded-*` / `Forwarded` family, and the request id. Forwarding headers are believed only
+//! from configured trusted proxies; from anyone else they are replaced, so a client cannot forge
+//! its address or request id.
+
+use std::{fmt::Write, net::IpAddr};
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+use crate::pipeline::{FORWARDED, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+/// `keep_te_trailers`: keep `TE: trailers` (gRPC needs it end to end over HTTP/2).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        let mut named = Vec::new();
+        for value in std::iter::once(&connection).chain(headers.get_all(header::CONNECTION).iter()) {
+            if let Ok(text) = value.to_str() {
+                for token in text.split(',') {
+                    if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                        named.push(name);
+                    }
+                }
+            }
+        }
+        headers.remove(header::CONNECTION);
+        for name in named {
+            // never let `Connection` remove what the gateway itself sets
+            if name != X_REQUEST_ID && name != header::HOST {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [KEEP_ALIVE, PROXY_CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::TRAILER, header::PROXY_AUTHORIZATION] {
+        headers.remove(name);
+    }
+    if headers.contains_key(header::TE) {
+        let trailers_only = keep_te_trailers
+            && headers
+                .get_all(header::TE)
+                .iter()
+                .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !trailers_only {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// Whether `ip` is one of the trusted proxies.
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    !trusted.is_empty() && trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// The client's address: the peer, or (through trusted proxies) the right-most untrusted address
+/// in `X-Forwarded-For`.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut client = peer;
+    let entries: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for entry in entries.iter().rev() {
+        match entry.trim().parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !is_trusted(ip, trusted) {
+                    break;
+                }
+            }
+            // garbage in the chain: stop believing it
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+/// What the upstream is told about the original request.
+pub struct ForwardedFor<'a> {
+    pub peer: IpAddr,
+    pub trusted_peer: bool,
+    pub tls: bool,
+    /// The `Host` the client asked for (authority or header).
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded`: appended to
+/// from trusted proxies, replaced otherwise.
+pub fn set_forwarding_headers(headers: &mut HeaderMap, info: &ForwardedFor<'_>) {
+    let proto = if info.tls { "https" } else { "http" };
+    let mut peer_text = String::with_capacity(40);
+    let _ = write!(peer_text, "{}", info.peer);
+
+    // X-Forwarded-For
+    let xff = if info.trusted_peer {
+        let existing: Vec<&str> = headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        if existing.is_empty() {
+            peer_text.clone()
+        } else {
+            format!("{}, {peer_text}", existing.join(", "))
+        }
+    } else {
+        peer_text.clone()
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+
+    if !(info.trusted_peer && headers.contains_key(X_FORWARDED_PROTO)) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(info.trusted_peer && headers.contains_key(X_FORWARDED_HOST)) {
+        match info.host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+
+    // Forwarded (RFC 7239): IPv6 addresses are quoted and bracketed
+    let mut element = String::with_capacity(64);
+    match info.peer {
+        IpAddr::V4(v4) => {
+            let _ = write!(element, "for={v4}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(element, "for=\"[{v6}]\"");
+        }
+    }
+    let _ = write!(element, ";proto={proto}");
+    if let Some(host) = info.host.and_then(|h| h.to_str().ok()) {
+        if host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+            let _ = write!(element, ";host=\"{host}\"");
+        }
+    }
+    let forwarded = if info.trusted_peer {
+        let existing: Vec<&str> = headers.get_all(FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+        if existing.is_empty() {
+            element
+        } else {
+            format!("{}, {element}", existing.join(", "))
+        }
+    } else {
+        element
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert(FORWARDED, value);
+    }
+}
+
+/// The request id: a trusted proxy's (if well-formed), otherwise a fresh random one.
+pub fn request_id(headers: &HeaderMap, trusted_peer: bool) -> HeaderValue {
+    if trusted_peer {
+        if let Some(value) = headers.get(X_REQUEST_ID) {
+            let bytes = value.as_bytes();
+            if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
+                return value.clone();
+            }
+        }
+    }
+    new_request_id()
+}
+
+/// 128 random bits as 32 lower-case hex digits.
+pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for byte in out.iter_mut().rev() {
+        *byte = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn connection_named_and_standard_hop_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-keep"));
+
+        let mut grpc = HeaderMap::new();
+        grpc.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut grpc, true);
+        assert!(grpc.contains_key(header::TE));
+        strip_hop_by_hop(&mut grpc, false);
+        assert!(!grpc.contains_key(header::TE));
+    }
+
+    #[test]
+    fn forwarded_headers_from_untrusted_clients_are_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_ip(peer, &headers, &[]), peer);
+        let host = HeaderValue::from_static("api.example.com");
+        set_forwarding_headers(&mut headers, &ForwardedFor { peer, trusted_peer: false, tls: false, host: Some(&host) });
+        assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.9");
+        assert_eq!(headers[X_FORWARDED_PROTO], "http");
+        assert_eq!(headers[X_FORWARDED_HOST], "api.example.com");
+        assert_eq!(headers[FORWARDED], "for=203.0.113.9;proto=http;host=\"api.example.com\"");
+    }
+
+    #[test]
+    fn trusted_proxies_extend_the_chain_and_name_the_client() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6, 198.51.100.7, 10.1.1.1"));
+        let peer: IpAddr = "10.0.0.2".parse().unwrap();
+        // the right-most untrusted entry is the client; what it claims before it is not believed
+        assert_eq!(client_ip(peer, &headers, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
+        set_forwarding_headers(&mut headers, &ForwardedFor { peer, trusted_peer: true, tls: true, host: None });
+        assert_eq!(headers[X_FORWARDED_FOR], "6.6.6.6, 198.51.100.7, 10.1.1.1, 10.0.0.2");
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_from_trusted_proxies() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("upstream-id-1"));
+        assert_eq!(request_id(&headers, true), "upstream-id-1");
+        let fresh = request_id(&headers, false);
+        assert_ne!(fresh, "upstream-id-1");
+        assert_eq!(fresh.len(), 32);
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&headers, true), "has space");
+    }
+}

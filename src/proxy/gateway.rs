@@ -1,0 +1,363 @@
+//! The running gateway: worker threads, bound listeners, the current snapshot, reload and shutdown.
+//!
+//! **Thread per core.** Each worker thread runs its own single-threaded tokio runtime and accepts on
+//! every listener (the listening socket is shared, duplicated per worker); a connection lives and
+//! dies on the worker that accepted it, with that worker's own upstream connection pools. The
+//! control plane (admin API, health checks, reload, signals) runs on the caller's runtime.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    server::{accept_loop, AcceptContext, ConnectionTracker},
+    snapshot::{compile, Snapshot},
+};
+use crate::{
+    config::{ConfigErrors, LoadedConfig},
+    upstream::{health::HealthChecks, set_worker_slot, UpstreamRegistry},
+};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid config:\n{0}")]
+    Config(ConfigErrors),
+    #[error("cannot bind listener `{name}` on {addr}: {source}")]
+    Bind { name: String, addr: SocketAddr, source: io::Error },
+    #[error("cannot start worker thread: {0}")]
+    Worker(io::Error),
+}
+
+/// Why a reload was refused; the previous config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("new config is invalid:\n{0}")]
+    Config(ConfigErrors),
+    #[error("cannot bind listener `{name}` on {addr}: {source}")]
+    Bind { name: String, addr: SocketAddr, source: io::Error },
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub generation: u64,
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+}
+
+/// State the admin API reads.
+#[derive(Clone)]
+pub struct GatewayState {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// True once the config is loaded and every listener is bound; false again while draining.
+    pub ready: Arc<AtomicBool>,
+}
+
+struct BoundListener {
+    /// The address as configured (port 0 allowed).
+    configured: SocketAddr,
+    /// The address actually bound.
+    local: SocketAddr,
+    socket: std::net::TcpListener,
+    stop: watch::Sender<bool>,
+    connections: Arc<AtomicUsize>,
+}
+
+enum WorkerCommand {
+    Listen {
+        name: Arc<str>,
+        socket: std::net::TcpListener,
+        connections: Arc<AtomicUsize>,
+        stop: watch::Receiver<bool>,
+    },
+    Drain {
+        deadline: Duration,
+        done: oneshot::Sender<usize>,
+    },
+}
+
+struct Worker {
+    commands: mpsc::UnboundedSender<WorkerCommand>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// A running gateway. Dropping it without [`Gateway::shutdown`] stops the workers abruptly.
+pub struct Gateway {
+    state: GatewayState,
+    registry: Arc<UpstreamRegistry>,
+    workers: Vec<Worker>,
+    listeners: HashMap<Arc<str>, BoundListener>,
+    draining: watch::Sender<bool>,
+    health: HealthChecks,
+    generation: u64,
+    worker_count: usize,
+}
+
+impl Gateway {
+    /// Compiles the config, binds every listener and starts the workers. Call inside a tokio
+    /// runtime: health checks run on it. `workers` overrides the config's `server.workers`.
+    pub fn start(loaded: &LoadedConfig, workers: Option<usize>) -> Result<Self, StartError> {
+        let worker_count = workers
+            .or(loaded.config.server.workers)
+            .unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from))
+            .max(1);
+        let registry = Arc::new(UpstreamRegistry::new(worker_count));
+        let snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
+        let mut listeners = HashMap::new();
+        for spec in &snapshot.listeners {
+            let bound = bind(spec.bind).map_err(|source| StartError::Bind {
+                name: spec.name.to_string(),
+                addr: spec.bind,
+                source,
+            })?;
+            listeners.insert(spec.name.clone(), bound);
+        }
+        let health = HealthChecks::start(&snapshot.upstreams);
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let (draining, draining_rx) = watch::channel(false);
+        let workers = (0..worker_count)
+            .map(|index| spawn_worker(index, snapshot.clone(), draining_rx.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::Worker)?;
+        let gateway = Self {
+            state: GatewayState {
+                snapshot,
+                ready: Arc::new(AtomicBool::new(false)),
+            },
+            registry,
+            workers,
+            listeners,
+            draining,
+            health,
+            generation: 1,
+            worker_count,
+        };
+        for (name, listener) in &gateway.listeners {
+            gateway.announce(name, listener);
+            tracing::info!(listener = &**name, addr = %listener.local, "listening");
+        }
+        gateway.state.ready.store(true, Ordering::Release);
+        Ok(gateway)
+    }
+
+    /// Tells every worker to accept on a listener.
+    fn announce(&self, name: &Arc<str>, listener: &BoundListener) {
+        for worker in &self.workers {
+            match listener.socket.try_clone() {
+                Ok(socket) => {
+                    let _ = worker.commands.send(WorkerCommand::Listen {
+                        name: name.clone(),
+                        socket,
+                        connections: listener.connections.clone(),
+                        stop: listener.stop.subscribe(),
+                    });
+                }
+                Err(error) => tracing::error!(listener = &**name, %error, "cannot share listener with a worker"),
+            }
+        }
+    }
+
+    pub fn state(&self) -> GatewayState {
+        self.state.clone()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.snapshot.load_full()
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.worker_count
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners.get(listener).map(|l| l.local)
+    }
+
+    /// Replaces the config. On any error the running config stays in place untouched.
+    pub fn reload(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
+        let generation = self.generation + 1;
+        let snapshot = compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
+        if snapshot.workers.is_some_and(|w| w != self.worker_count) {
+            tracing::warn!("`server.workers` changed; it takes effect at the next restart");
+        }
+        // bind what is new before touching anything, so a failed bind changes nothing
+        let mut fresh = Vec::new();
+        for spec in &snapshot.listeners {
+            let unchanged = self.listeners.get(&spec.name).is_some_and(|l| l.configured == spec.bind);
+            if !unchanged {
+                let bound = bind(spec.bind).or_else(|error| {
+                    // a listener moving to a port this gateway already holds under another name
+                    match self.listeners.values().find(|l| l.configured == spec.bind) {
+                        Some(existing) if spec.bind.port() != 0 => existing.socket.try_clone().map(|socket| BoundListener {
+                            configured: spec.bind,
+                            local: existing.local,
+                            socket,
+                            stop: watch::channel(false).0,
+                            connections: Arc::new(AtomicUsize::new(0)),
+                        }),
+                        _ => Err(error),
+                    }
+                });
+                match bound {
+                    Ok(bound) => fresh.push((spec.name.clone(), bound)),
+                    Err(source) => {
+                        return Err(ReloadError::Bind {
+                            name: spec.name.to_string(),
+                            addr: spec.bind,
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        let mut summary = ReloadSummary {
+            generation,
+            ..ReloadSummary::default()
+        };
+        let health = HealthChecks::start(&snapshot.upstreams);
+        let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
+        self.state.snapshot.store(Arc::new(snapshot));
+        self.generation = generation;
+        self.health = health;
+        // stop listeners that are gone or moved
+        let fresh_names: Vec<Arc<str>> = fresh.iter().map(|(n, _)| n.clone()).collect();
+        let stale: Vec<Arc<str>> = self
+            .listeners
+            .keys()
+            .filter(|name| !keep.contains(name) || fresh_names.contains(name))
+            .cloned()
+            .collect();
+        for name in stale {
+            if let Some(old) = self.listeners.remove(&name) {
+                let _ = old.stop.send(true);
+                if !keep.contains(&name) {
+                    summary.listeners_removed.push(name.to_string());
+                }
+                tracing::info!(listener = &*name, addr = %old.local, "listener stopped");
+            }
+        }
+        for (name, bound) in fresh {
+            self.announce(&name, &bound);
+            tracing::info!(listener = &*name, addr = %bound.local, "listening");
+            summary.listeners_added.push(name.to_string());
+            self.listeners.insert(name, bound);
+        }
+        Ok(summary)
+    }
+
+    /// Stops accepting, lets in-flight requests finish up to the configured deadline, then closes
+    /// what is left. Returns the number of connections that had to be cut.
+    pub async fn shutdown(mut self) -> usize {
+        self.state.ready.store(false, Ordering::Release);
+        let deadline = self.state.snapshot.load().shutdown_timeout;
+        for listener in self.listeners.values() {
+            let _ = listener.stop.send(true);
+        }
+        self.listeners.clear();
+        let _ = self.draining.send(true);
+        let mut waiting = Vec::new();
+        for worker in &self.workers {
+            let (done, finished) = oneshot::channel();
+            if worker.commands.send(WorkerCommand::Drain { deadline, done }).is_ok() {
+                waiting.push(finished);
+            }
+        }
+        let mut cut = 0;
+        for finished in waiting {
+            cut += finished.await.unwrap_or(0);
+        }
+        for worker in &mut self.workers {
+            if let Some(thread) = worker.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        cut
+    }
+}
+
+fn spawn_worker(
+    index: usize,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    draining: watch::Receiver<bool>,
+) -> io::Result<Worker> {
+    let (commands, mut inbox) = mpsc::unbounded_channel();
+    let thread = thread::Builder::new()
+        .name(format!("portcullis-worker-{index}"))
+        .spawn(move || {
+            set_worker_slot(index);
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    tracing::error!(%error, "cannot build worker runtime");
+                    return;
+                }
+            };
+            let cx = AcceptContext {
+                snapshot,
+                tracker: Arc::new(ConnectionTracker::default()),
+                draining,
+            };
+            runtime.block_on(async move {
+                while let Some(command) = inbox.recv().await {
+                    match command {
+                        WorkerCommand::Listen {
+                            name,
+                            socket,
+                            connections,
+                            stop,
+                        } => match tokio::net::TcpListener::from_std(socket) {
+                            Ok(listener) => {
+                                tokio::spawn(accept_loop(listener, name, connections, cx.clone(), stop));
+                            }
+                            Err(error) => tracing::error!(listener = &*name, %error, "worker cannot accept on listener"),
+                        },
+                        WorkerCommand::Drain { deadline, done } => {
+                            let drained = tokio::time::timeout(deadline, cx.tracker.drained()).await.is_ok();
+                            let _ = done.send(if drained { 0 } else { cx.tracker.open() });
+                            break;
+                        }
+                    }
+                }
+            });
+            // dropping the runtime closes whatever connections are still open
+        })?;
+    Ok(Worker {
+        commands,
+        thread: Some(thread),
+    })
+}
+
+/// Binds a listening socket: non-blocking, `SO_REUSEADDR`, backlog 1024.
+fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let socket: std::net::TcpListener = socket.into();
+    let local = socket.local_addr()?;
+    Ok(BoundListener {
+        configured: addr,
+        local,
+        socket,
+        stop: watch::channel(false).0,
+        connections: Arc::new(AtomicUsize::new(0)),
+    })
+}

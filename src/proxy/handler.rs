@@ -1,0 +1,232 @@
+//! One request, start to finish: the phases in order.
+//!
+//! ```text
+//! framing check → normalise path → route → body limit → policy chain → rewrite + forwarding
+//! headers → upstream (LB, retries, timeouts) → response headers → access log (when the body ends)
+//! ```
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use super::{
+    conn::ConnFlags,
+    forwarding,
+    snapshot::{HostRewrite, Route, Snapshot},
+};
+use crate::{
+    pipeline::{Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody, UpstreamBody, X_REQUEST_ID},
+    policy::{self, Flow},
+    route::{normalize_path, request_host},
+    upstream::HashKey,
+};
+
+/// What a request handler knows about its connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub listener: Arc<str>,
+    pub tls: bool,
+    pub activity: Arc<ConnActivity>,
+    pub flags: Arc<ConnFlags>,
+}
+
+/// Handles one request on `snapshot` (loaded once by the caller and kept for the whole request).
+pub async fn handle(request: Request<Incoming>, conn: &ConnInfo, snapshot: Arc<Snapshot>) -> Response<ResponseBody> {
+    let in_flight = InFlightGuard::enter(&conn.activity);
+    let trusted_peer = forwarding::is_trusted(conn.peer.ip(), &snapshot.trusted_proxies);
+    let mut ctx = RequestCtx {
+        request_id: forwarding::request_id(request.headers(), trusted_peer),
+        started: Instant::now(),
+        peer: conn.peer,
+        client_ip: forwarding::client_ip(conn.peer.ip(), request.headers(), &snapshot.trusted_proxies),
+        listener: conn.listener.clone(),
+        tls: conn.tls,
+        method: request.method().clone(),
+        version: request.version(),
+        host: Box::from(""),
+        path: Box::from(""),
+        route: None,
+        upstream: None,
+        target: None,
+        status: 0,
+        retries: 0,
+        upstream_latency: None,
+        bytes_out: 0,
+        error: None,
+        response_aborted: false,
+        user_agent: request.headers().get(header::USER_AGENT).cloned(),
+    };
+    let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
+        Ok(response) => response,
+        Err(error) => {
+            ctx.error = Some(error.code());
+            if error.status().is_server_error() {
+                tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or_default(), %error, "request failed");
+            }
+            error.into_response(&ctx.request_id)
+        }
+    };
+    response.headers_mut().insert(X_REQUEST_ID, ctx.request_id.clone());
+    ctx.status = response.status().as_u16();
+    let access_log = snapshot.access_log;
+    response.map(|body| body.with_completion(Completion::new(ctx, access_log, in_flight)))
+}
+
+async fn proxy(
+    request: Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+    trusted_peer: bool,
+    ctx: &mut RequestCtx,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    // 1. framing: both Content-Length and Transfer-Encoding is the classic smuggling shape
+    if conn.flags.framing_conflict.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        return Err(GatewayError::BadRequest("both Content-Length and Transfer-Encoding"));
+    }
+    let Some(listener) = snapshot.listener(&conn.listener) else {
+        // the listener was removed by a reload while this connection stayed open
+        return Err(GatewayError::ShuttingDown);
+    };
+    let (mut parts, body) = request.into_parts();
+    if parts.version == Version::HTTP_11 && !parts.headers.contains_key(header::HOST) && parts.uri.authority().is_none() {
+        return Err(GatewayError::BadRequest("missing Host header"));
+    }
+    if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err(GatewayError::BadRequest("more than one Host header"));
+    }
+
+    // 2. normalise the path, so routing and policies see what the upstream will see
+    ctx.path = normalize_path(parts.uri.path())
+        .map_err(|_| GatewayError::BadRequest("invalid request path"))?
+        .into();
+    ctx.host = request_host(&parts.uri, &parts.headers).into();
+
+    // 3. route
+    let route = snapshot
+        .routes
+        .find(listener.index, &ctx.host, &parts.method, &ctx.path, &parts.headers)
+        .ok_or(GatewayError::NoRoute)?
+        .clone();
+    ctx.route = Some(route.name.clone());
+    ctx.upstream = Some(route.upstream.name.clone());
+
+    // 4. body limit: refuse early what is declared too large; the stream is capped as it flows
+    let max_body = route.max_body.map_or(listener.max_body, |m| m.min(listener.max_body));
+    if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
+        let length: u64 = length
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .ok_or(GatewayError::BadRequest("invalid Content-Length"))?;
+        if length > max_body {
+            return Err(GatewayError::PayloadTooLarge);
+        }
+    }
+
+    // 5. policies (authentication, authorization, limits ...) may answer before the upstream
+    if let Flow::Respond(response) = policy::run_request_phase(&route.policies, ctx, &mut parts).await? {
+        return Ok(response);
+    }
+
+    // 6. the upstream request: path rewrite, hop-by-hop removal, forwarding headers
+    let rewritten = rewrite_path(&route, &ctx.path);
+    if rewritten != parts.uri.path() {
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{rewritten}?{query}"),
+            None => rewritten.into_owned(),
+        };
+        parts.uri = path_and_query.parse().map_err(|_| GatewayError::BadRequest("invalid request target"))?;
+    }
+    let original_host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(header::HOST).cloned());
+    forwarding::strip_hop_by_hop(&mut parts.headers, true);
+    forwarding::set_forwarding_headers(
+        &mut parts.headers,
+        &forwarding::ForwardedFor {
+            peer: conn.peer.ip(),
+            trusted_peer,
+            tls: conn.tls,
+            host: original_host.as_ref(),
+        },
+    );
+    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    match &route.host {
+        HostRewrite::Keep => {
+            if let Some(host) = original_host {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        HostRewrite::Value(value) => {
+            parts.headers.insert(header::HOST, value.clone());
+        }
+        HostRewrite::Target => {}
+    }
+    parts.version = Version::HTTP_11;
+    let hash_key = hash_key(&route, &parts.headers, ctx);
+    let upstream_request = Request::from_parts(parts, UpstreamBody::client(body, max_body));
+
+    // 7. forward
+    let upstream_started = Instant::now();
+    let forwarded = route
+        .upstream
+        .forward(upstream_request, hash_key.as_deref(), matches!(route.host, HostRewrite::Target))
+        .await;
+    ctx.upstream_latency = Some(upstream_started.elapsed());
+    let forwarded = match forwarded {
+        Ok(forwarded) => forwarded,
+        Err(failure) => {
+            ctx.target = failure.target;
+            ctx.retries = failure.retries;
+            return Err(failure.error);
+        }
+    };
+    ctx.target = Some(forwarded.target);
+    ctx.retries = forwarded.retries;
+
+    // 8. the response, minus hop-by-hop headers
+    let (mut parts, body) = forwarded.response.into_parts();
+    forwarding::strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = Version::HTTP_11;
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        // upgrades are not proxied (yet): never pass a 101 through without the tunnel behind it
+        return Err(GatewayError::UpstreamProtocol);
+    }
+    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// Applies `strip_prefix` then `add_prefix` to the normalised path.
+fn rewrite_path<'p>(route: &Route, path: &'p str) -> std::borrow::Cow<'p, str> {
+    let mut path = std::borrow::Cow::Borrowed(path);
+    if let Some(prefix) = &route.strip_prefix {
+        if let Some(rest) = path.strip_prefix(&**prefix) {
+            if rest.is_empty() || rest.starts_with('/') {
+                path = std::borrow::Cow::Owned(if rest.is_empty() { "/".to_owned() } else { rest.to_owned() });
+            }
+        }
+    }
+    if let Some(prefix) = &route.add_prefix {
+        path = std::borrow::Cow::Owned(if path == "/" { prefix.to_string() } else { format!("{prefix}{path}") });
+    }
+    path
+}
+
+fn hash_key(route: &Route, headers: &http::HeaderMap, ctx: &RequestCtx) -> Option<Vec<u8>> {
+    match route.upstream.hash_on.as_ref()? {
+        HashKey::Header(name) => headers.get(name).map(|v| v.as_bytes().to_vec()),
+        HashKey::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                (key == &**name).then(|| value.as_bytes().to_vec())
+            }),
+        HashKey::ClientIp => Some(ctx.client_ip.to_string().into_bytes()),
+    }
+}

@@ -1,0 +1,14 @@
+//! The data plane: compiling the config into a snapshot, accepting and serving connections,
+//! handling requests, and the gateway's lifecycle (start, reload, drain).
+
+mod conn;
+mod forwarding;
+mod gateway;
+mod handler;
+pub mod reload;
+mod server;
+pub mod snapshot;
+
+pub use forwarding::new_request_id;
+pub use gateway::{Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
+pub use snapshot::{compile, Snapshot};

@@ -1,0 +1,266 @@
+//! Accepting and serving client connections on a worker: TLS handshake, protocol choice (ALPN, or
+//! the h2c preface on plaintext), hyper's HTTP/1.1 or HTTP/2 server with the listener's limits, and
+//! graceful shutdown.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use super::{
+    conn::{ConnFlags, ConnIo},
+    handler::{self, ConnInfo},
+    snapshot::{ListenerSpec, Snapshot},
+};
+use crate::pipeline::ConnActivity;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Counts a worker's open connections so shutdown can wait for them to drain.
+#[derive(Debug, Default)]
+pub struct ConnectionTracker {
+    open: AtomicUsize,
+    drained: tokio::sync::Notify,
+}
+
+impl ConnectionTracker {
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Waits until no connection is open.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            if self.open() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Holds one open connection's place in the tracker and in the listener's connection count.
+struct OpenConnection {
+    tracker: Arc<ConnectionTracker>,
+    listener_count: Arc<AtomicUsize>,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.listener_count.fetch_sub(1, Ordering::AcqRel);
+        if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tracker.drained.notify_waiters();
+        }
+    }
+}
+
+/// Everything an accept loop needs, shared by all of a worker's loops.
+#[derive(Clone)]
+pub struct AcceptContext {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub tracker: Arc<ConnectionTracker>,
+    /// Flips to `true` when connections should finish their requests and close.
+    pub draining: watch::Receiver<bool>,
+}
+
+/// Accepts connections until `stop` flips (listener removed, or shutdown).
+pub async fn accept_loop(
+    listener: TcpListener,
+    name: Arc<str>,
+    listener_count: Arc<AtomicUsize>,
+    cx: AcceptContext,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // out of file descriptors and the like: back off instead of spinning
+                tracing::warn!(listener = &*name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let snapshot = cx.snapshot.load_full();
+        let Some(spec) = snapshot.listener(&name).cloned() else {
+            continue;
+        };
+        if listener_count.fetch_add(1, Ordering::AcqRel) >= spec.max_connections {
+            listener_count.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(listener = &*name, %peer, "connection limit reached; closing");
+            continue;
+        }
+        cx.tracker.open.fetch_add(1, Ordering::AcqRel);
+        let open = OpenConnection {
+            tracker: cx.tracker.clone(),
+            listener_count: listener_count.clone(),
+        };
+        let _ = stream.set_nodelay(true);
+        let cx = cx.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, spec, cx).await;
+            drop(open);
+        });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, spec: Arc<ListenerSpec>, cx: AcceptContext) {
+    let activity = Arc::new(ConnActivity::default());
+    let flags = Arc::new(ConnFlags::default());
+    match &spec.tls {
+        Some(tls_config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.clone());
+            let tls = match tokio::time::timeout(spec.header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_io(tls, http2, true, peer, spec, cx, activity, flags).await;
+        }
+        None => {
+            let http2 = spec.http2 && sniff_h2_preface(&stream, spec.header_timeout).await;
+            serve_io(stream, http2, false, peer, spec, cx, activity, flags).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_io<I>(
+    io: I,
+    http2: bool,
+    tls: bool,
+    peer: SocketAddr,
+    spec: Arc<ListenerSpec>,
+    cx: AcceptContext,
+    activity: Arc<ConnActivity>,
+    flags: Arc<ConnFlags>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(ConnIo::new(
+        io,
+        activity.clone(),
+        flags.clone(),
+        spec.header_timeout,
+        spec.idle_timeout,
+        !http2,
+    ));
+    let info = Arc::new(ConnInfo {
+        peer,
+        listener: spec.name.clone(),
+        tls,
+        activity,
+        flags,
+    });
+    let snapshot = cx.snapshot.clone();
+    let service = service_fn(move |request| {
+        let info = info.clone();
+        let current = snapshot.load_full();
+        async move { Ok::<_, std::convert::Infallible>(handler::handle(request, &info, current).await) }
+    });
+    let mut draining = cx.draining.clone();
+    if http2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(spec.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        drive(connection.as_mut(), &mut draining, |c| c.graceful_shutdown()).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            // our I/O wrapper answers slow heads with 408 first; this is the backstop
+            .header_read_timeout(spec.header_timeout + Duration::from_secs(1))
+            .max_buf_size(spec.max_header_bytes.max(8192))
+            .max_header_size(spec.max_header_bytes)
+            .keep_alive(true);
+        if spec.max_headers != 100 {
+            // hyper keeps up to 100 headers on the stack; other limits cost a heap allocation
+            builder.max_headers(spec.max_headers);
+        }
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        drive(connection.as_mut(), &mut draining, |c| c.graceful_shutdown()).await;
+    }
+}
+
+/// Polls a connection to completion; when draining starts, asks it to finish gracefully
+/// (HTTP/1.1: close after the current response; HTTP/2: GOAWAY) and keeps polling.
+async fn drive<C, E>(mut connection: std::pin::Pin<&mut C>, draining: &mut watch::Receiver<bool>, shutdown: impl FnOnce(std::pin::Pin<&mut C>))
+where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    if !*draining.borrow() {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error");
+                }
+                return;
+            }
+            _ = draining.changed() => {}
+        }
+    }
+    shutdown(connection.as_mut());
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "connection ended with an error while draining");
+    }
+}
+
+/// Reads ahead (without consuming) to see whether a plaintext client speaks HTTP/2 with prior
+/// knowledge. Stops at the first byte that differs from the preface.
+async fn sniff_h2_preface(stream: &TcpStream, timeout: Duration) -> bool {
+    let sniff = async {
+        let mut buf = [0u8; 24];
+        let mut last_seen = 0;
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            if buf[..n] != H2_PREFACE[..n] {
+                return false;
+            }
+            if n == H2_PREFACE.len() {
+                return true;
+            }
+            if n == last_seen {
+                // a prefix of the preface and nothing new yet: wait a little for the rest
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            last_seen = n;
+        }
+    };
+    tokio::time::timeout(timeout, sniff).await.unwrap_or(false)
+}

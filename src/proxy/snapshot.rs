@@ -1,0 +1,344 @@
+//! Compiling a loaded config into the immutable [`Snapshot`] the request path reads.
+//!
+//! Everything a request needs is decided here, once per (re)load: patterns parsed, routes sorted by
+//! precedence, upstream names resolved to `Arc`s, TLS material loaded, durations converted. A
+//! request loads the current snapshot once and keeps it, so in-flight requests finish on the config
+//! they started with. `portcullis validate` runs this same compile without binding anything.
+
+use std::{collections::HashMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+
+use crate::{
+    config::{
+        model::{HashOn, LoadBalancing, ListenerConfig, RouteConfig, UpstreamConfig, UpstreamHost},
+        ConfigErrors, ErrorSink, LoadedConfig,
+    },
+    policy::{Access, RoutePolicies},
+    route::{HostPattern, PathPattern, RouteMatch, RouteTable},
+    tls,
+    upstream::{Balancer, ClientSettings, HashKey, Target, TargetScheme, Upstream, UpstreamRegistry},
+};
+
+/// The compiled, immutable config.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub listeners: Vec<Arc<ListenerSpec>>,
+    pub routes: RouteTable<Arc<Route>>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub access_log: bool,
+    pub shutdown_timeout: Duration,
+    pub admin_bind: Option<SocketAddr>,
+    pub workers: Option<usize>,
+    pub watch_config: bool,
+    /// The effective config as JSON, secrets redacted (served on the admin `/config`).
+    pub effective_config: serde_json::Value,
+}
+
+impl Snapshot {
+    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerSpec>> {
+        self.listeners.iter().find(|l| &*l.name == name)
+    }
+}
+
+/// A listener as the connection loop needs it.
+#[derive(Debug)]
+pub struct ListenerSpec {
+    pub name: Arc<str>,
+    /// Position in the snapshot's listener list (the bit in a route's listener mask).
+    pub index: usize,
+    pub bind: SocketAddr,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub http2: bool,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body: u64,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub upstream: Arc<Upstream>,
+    pub policies: RoutePolicies,
+    pub strip_prefix: Option<Box<str>>,
+    pub add_prefix: Option<Box<str>>,
+    pub host: HostRewrite,
+    /// `None`: the listener's limit.
+    pub max_body: Option<u64>,
+}
+
+/// The `Host` header sent upstream.
+#[derive(Debug, Clone)]
+pub enum HostRewrite {
+    Keep,
+    Target,
+    Value(HeaderValue),
+}
+
+/// Compiles `loaded`. Long-lived state (target health, pools) comes from `registry`.
+pub fn compile(loaded: &LoadedConfig, registry: &UpstreamRegistry, generation: u64) -> Result<Snapshot, ConfigErrors> {
+    let mut sink = ErrorSink::new(loaded);
+    let config = &loaded.config;
+
+    let listeners: Vec<Arc<ListenerSpec>> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| compile_listener(i, l, &loaded.base_dir, &mut sink).map(Arc::new))
+        .collect();
+
+    let upstreams: HashMap<&str, Arc<Upstream>> = config
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| {
+            compile_upstream(i, u, &loaded.base_dir, registry, &mut sink).map(|up| (u.name.as_str(), Arc::new(up)))
+        })
+        .collect();
+
+    let listener_index: HashMap<&str, usize> = config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.name.as_str(), i))
+        .collect();
+    let mut compiled_routes = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        if let Some(compiled) = compile_route(i, route, &upstreams, &listener_index, &mut sink) {
+            compiled_routes.push(compiled);
+        }
+    }
+    let trusted_proxies = config
+        .server
+        .trusted_proxies
+        .iter()
+        .filter_map(|cidr| crate::config::parse_cidr(cidr))
+        .collect();
+
+    if sink.has_errors() {
+        return Err(sink.into_errors());
+    }
+    let mut upstream_list: Vec<Arc<Upstream>> = upstreams.into_values().collect();
+    upstream_list.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Snapshot {
+        generation,
+        listeners,
+        routes: RouteTable::new(compiled_routes),
+        upstreams: upstream_list,
+        trusted_proxies,
+        access_log: config.server.access_log,
+        shutdown_timeout: config.server.shutdown_timeout.0,
+        admin_bind: config.admin.enabled.then(|| config.admin.bind.parse().ok()).flatten(),
+        workers: config.server.workers,
+        watch_config: config.server.watch_config,
+        effective_config: crate::config::redacted_json(loaded),
+    })
+}
+
+fn compile_listener(i: usize, listener: &ListenerConfig, base: &Path, sink: &mut ErrorSink<'_>) -> Option<ListenerSpec> {
+    let path = format!("listeners[{i}]");
+    let bind: SocketAddr = listener.bind.parse().ok()?;
+    let tls = match &listener.tls {
+        None => None,
+        Some(tls_config) => {
+            let mut keys = Vec::new();
+            for (c, cert) in tls_config.certificates.iter().enumerate() {
+                match tls::certified_key(&base.join(&cert.cert), &base.join(&cert.key)) {
+                    Ok(key) => keys.push((cert, key)),
+                    Err(error) => sink.error(format!("{path}.tls.certificates[{c}]"), error.to_string()),
+                }
+            }
+            let (_, default) = keys.first()?.clone();
+            let by_name = keys
+                .iter()
+                .flat_map(|(cert, key)| {
+                    cert.server_names
+                        .iter()
+                        .filter_map(|name| HostPattern::parse(name).ok())
+                        .map(|pattern| (pattern, key.clone()))
+                })
+                .collect();
+            let resolver = Arc::new(tls::SniResolver::new(default, by_name));
+            let tls13_only = tls_config.min_version == crate::config::model::TlsVersion::Tls13;
+            match tls::server_config(resolver, tls13_only, listener.http2) {
+                Ok(server) => Some(Arc::new(server)),
+                Err(error) => {
+                    sink.error(format!("{path}.tls"), error.to_string());
+                    None
+                }
+            }
+        }
+    };
+    let limits = &listener.limits;
+    Some(ListenerSpec {
+        name: listener.name.as_str().into(),
+        index: i,
+        bind,
+        tls,
+        http2: listener.http2,
+        max_header_bytes: limits.max_header_bytes.0 as usize,
+        max_headers: limits.max_headers,
+        max_body: limits.max_body.0,
+        header_timeout: limits.header_timeout.0,
+        idle_timeout: limits.idle_timeout.0,
+        max_connections: limits.max_connections,
+    })
+}
+
+fn compile_upstream(
+    i: usize,
+    upstream: &UpstreamConfig,
+    base: &Path,
+    registry: &UpstreamRegistry,
+    sink: &mut ErrorSink<'_>,
+) -> Option<Upstream> {
+    let path = format!("upstreams[{i}]");
+    let mut scheme = TargetScheme::Http1;
+    let mut targets = Vec::new();
+    for target in &upstream.targets {
+        let (scheme_text, authority) = crate::config::parse_target_url(&target.url).ok()?;
+        scheme = TargetScheme::from_config(scheme_text);
+        targets.push(Target {
+            label: target.url.as_str().into(),
+            authority: authority.parse().ok()?,
+            weight: target.weight,
+            state: registry.target_state(&upstream.name, &target.url),
+        });
+    }
+    if targets.is_empty() {
+        return None;
+    }
+    let tls_settings = upstream.tls.clone().unwrap_or_default();
+    let client_pair = tls_settings
+        .client_cert
+        .as_ref()
+        .zip(tls_settings.client_key.as_ref())
+        .map(|(c, k)| (base.join(c), base.join(k)));
+    let ca = tls_settings.ca.as_ref().map(|ca| base.join(ca));
+    let tls_config = match tls::client_config(ca.as_deref(), client_pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()))) {
+        Ok(config) => Arc::new(config),
+        Err(error) => {
+            sink.error(format!("{path}.tls"), error.to_string());
+            return None;
+        }
+    };
+    let settings = ClientSettings {
+        scheme,
+        tls: tls_config,
+        tls_fingerprint: format!("{ca:?}|{client_pair:?}"),
+        server_name: tls_settings.server_name.clone(),
+        connect_timeout: upstream.timeouts.connect.0,
+        max_idle: upstream.max_idle_connections,
+        idle_timeout: upstream.idle_timeout.0,
+    };
+    let (balancer, hash_on) = match &upstream.load_balancing {
+        LoadBalancing::RoundRobin => (Balancer::round_robin(&targets), None),
+        LoadBalancing::LeastRequest => (Balancer::LeastRequest, None),
+        LoadBalancing::ConsistentHash { hash_on } => {
+            let key = match hash_on {
+                HashOn::Header(name) => HashKey::Header(HeaderName::from_bytes(name.as_bytes()).ok()?),
+                HashOn::Cookie(name) => HashKey::Cookie(name.as_str().into()),
+                HashOn::ClientIp => HashKey::ClientIp,
+            };
+            (Balancer::consistent_hash(&targets), Some(key))
+        }
+    };
+    Some(Upstream {
+        name: upstream.name.as_str().into(),
+        scheme,
+        balancer,
+        hash_on,
+        targets: targets.into(),
+        connect_timeout: upstream.timeouts.connect.0,
+        per_try_timeout: upstream.timeouts.per_try.0,
+        total_timeout: upstream.timeouts.total.0,
+        max_retries: upstream.retries.max_retries,
+        budget: registry.retry_budget(&upstream.name, upstream.retries.budget_percent, upstream.retries.min_retries_per_second),
+        outlier: upstream.outlier_detection.clone(),
+        health_check: upstream.health_check.clone(),
+        clients: registry.clients(&upstream.name, settings),
+        epoch: registry.epoch(),
+    })
+}
+
+fn compile_route(
+    i: usize,
+    route: &RouteConfig,
+    upstreams: &HashMap<&str, Arc<Upstream>>,
+    listener_index: &HashMap<&str, usize>,
+    sink: &mut ErrorSink<'_>,
+) -> Option<(RouteMatch, Arc<Route>)> {
+    let path = format!("routes[{i}]");
+    let upstream = upstreams.get(route.upstream.as_str())?.clone();
+    let matcher = &route.matcher;
+    let hosts = matcher.hosts.iter().filter_map(|h| HostPattern::parse(h).ok()).collect();
+    let path_pattern = PathPattern::parse(&matcher.path).ok()?;
+    let methods = matcher
+        .methods
+        .iter()
+        .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+        .collect();
+    let headers = matcher
+        .headers
+        .iter()
+        .filter_map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+            let value = match &h.value {
+                Some(v) => Some(HeaderValue::from_str(v).ok()?),
+                None => None,
+            };
+            Some((name, value))
+        })
+        .collect();
+    let listeners = if route.listeners.is_empty() {
+        u64::MAX
+    } else {
+        route
+            .listeners
+            .iter()
+            .filter_map(|name| listener_index.get(name.as_str()))
+            .fold(0u64, |mask, &i| mask | (1 << i))
+    };
+    let rewrite = route.rewrite.clone().unwrap_or_default();
+    let host = match &rewrite.host {
+        None => HostRewrite::Keep,
+        Some(UpstreamHost::Target) => HostRewrite::Target,
+        Some(UpstreamHost::Value(value)) => match HeaderValue::from_str(value) {
+            Ok(value) => HostRewrite::Value(value),
+            Err(_) => {
+                sink.error(format!("{path}.rewrite.host"), "not a valid header value");
+                return None;
+            }
+        },
+    };
+    if !route.public {
+        // validation has reported it; nothing to compile
+        return None;
+    }
+    let compiled = Route {
+        name: route.name.as_str().into(),
+        upstream,
+        policies: RoutePolicies { access: Access::Public },
+        strip_prefix: rewrite.strip_prefix.map(Into::into),
+        add_prefix: rewrite.add_prefix.map(Into::into),
+        host,
+        max_body: route.max_body.map(|b| b.0),
+    };
+    Some((
+        RouteMatch {
+            hosts,
+            path: path_pattern,
+            methods,
+            headers,
+            listeners,
+        },
+        Arc::new(compiled),
+    ))
+}

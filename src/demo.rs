@@ -16,15 +16,27 @@ use crate::config::{self, ConfigErrors, LoadedConfig};
 pub const DEMO_CONFIG: &str = include_str!("../examples/demo.yaml");
 
 /// Loads the embedded config with the backend, listener and admin addresses filled in.
-pub fn load_config(upstream: SocketAddr, listen: SocketAddr, admin: SocketAddr) -> Result<LoadedConfig, ConfigErrors> {
+pub fn load_config(
+    upstream: SocketAddr,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<LoadedConfig, ConfigErrors> {
     let values = [
         ("DEMO_UPSTREAM", upstream.to_string()),
         ("DEMO_LISTEN", listen.to_string()),
         ("DEMO_ADMIN", admin.to_string()),
     ];
-    config::load_str(DEMO_CONFIG, "<demo>".as_ref(), PathBuf::new(), &move |name| {
-        values.iter().find(|(key, _)| *key == name).map(|(_, value)| value.clone())
-    })
+    config::load_str(
+        DEMO_CONFIG,
+        "<demo>".as_ref(),
+        PathBuf::new(),
+        &move |name| {
+            values
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.clone())
+        },
+    )
 }
 
 /// Starts the demo backend: it answers every request with a JSON echo of what it received
@@ -34,9 +46,13 @@ pub async fn start_backend(addr: SocketAddr) -> std::io::Result<(SocketAddr, Joi
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
-                let service = service_fn(|request: Request<Incoming>| async move { Ok::<_, Infallible>(echo(&request)) });
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(echo(&request))
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -53,7 +69,14 @@ fn echo(request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let headers: serde_json::Map<String, serde_json::Value> = request
         .headers()
         .iter()
-        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned().into()))
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value.as_bytes())
+                    .into_owned()
+                    .into(),
+            )
+        })
         .collect();
     let body = serde_json::json!({
         "service": "portcullis-demo-backend",
@@ -62,10 +85,13 @@ fn echo(request: &Request<Incoming>) -> Response<Full<Bytes>> {
         "query": request.uri().query(),
         "headers_received": headers,
     });
-    let mut response = Response::new(Full::new(Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default())));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec_pretty(&body).unwrap_or_default(),
+    )));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 

@@ -42,9 +42,13 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         path: path.to_owned(),
         source,
     })?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes).filter_map(Result::ok).collect();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .filter_map(Result::ok)
+        .collect();
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -87,7 +91,10 @@ pub struct SniResolver {
 }
 
 impl SniResolver {
-    pub fn new(default: Arc<CertifiedKey>, mut by_name: Vec<(HostPattern, Arc<CertifiedKey>)>) -> Self {
+    pub fn new(
+        default: Arc<CertifiedKey>,
+        mut by_name: Vec<(HostPattern, Arc<CertifiedKey>)>,
+    ) -> Self {
         by_name.sort_by_key(|(pattern, _)| std::cmp::Reverse(pattern.rank()));
         Self { by_name, default }
     }
@@ -97,7 +104,10 @@ impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let chosen = hello.server_name().and_then(|name| {
             let name = name.to_ascii_lowercase();
-            self.by_name.iter().find(|(pattern, _)| pattern.matches(&name)).map(|(_, key)| key.clone())
+            self.by_name
+                .iter()
+                .find(|(pattern, _)| pattern.matches(&name))
+                .map(|(_, key)| key.clone())
         });
         Some(chosen.unwrap_or_else(|| self.default.clone()))
     }
@@ -128,13 +138,18 @@ pub fn server_config(
 
 /// An upstream TLS config: verifies the server against `ca` (or the web roots), optionally
 /// presenting a client certificate.
-pub fn client_config(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
             let (added, _) = roots.add_parsable_certificates(load_certs(path)?);
             if added == 0 {
-                return Err(TlsError::NoCa { path: path.to_owned() });
+                return Err(TlsError::NoCa {
+                    path: path.to_owned(),
+                });
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),

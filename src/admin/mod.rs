@@ -42,7 +42,12 @@ pub async fn serve(listener: TcpListener, state: GatewayState) {
 
 fn route(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET", &new_request_id());
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+            &new_request_id(),
+        );
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -62,12 +67,18 @@ fn route(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseB
             let mut response = Response::new(ResponseBody::full(Bytes::from(
                 serde_json::to_vec_pretty(&body).unwrap_or_default(),
             )));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             response
         }
-        _ => error_response(StatusCode::NOT_FOUND, "not_found", "unknown admin endpoint", &new_request_id()),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "unknown admin endpoint",
+            &new_request_id(),
+        ),
     }
 }
 

@@ -48,11 +48,17 @@ pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
                     }
                 }
             }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(|item| walk(item, secrets)),
+            serde_json::Value::Array(items) => {
+                items.iter_mut().for_each(|item| walk(item, secrets))
+            }
             serde_json::Value::Object(map) => {
                 for (key, item) in map.iter_mut() {
                     let key = key.to_ascii_lowercase();
-                    if ["secret", "password", "token", "credential"].iter().any(|word| key.contains(word)) && !item.is_null() {
+                    if ["secret", "password", "token", "credential"]
+                        .iter()
+                        .any(|word| key.contains(word))
+                        && !item.is_null()
+                    {
                         *item = serde_json::Value::String("[redacted]".into());
                     } else {
                         walk(item, secrets);
@@ -159,7 +165,10 @@ pub fn load_str(
         single(line, column, "", format!("invalid YAML: {message}"))
     })?;
     let mut root: Value = serde_yaml::from_str(text).map_err(|error| {
-        let (line, column) = error.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+        let (line, column) = error
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((1, 1));
         single(line, column, "", format!("invalid YAML: {error}"))
     })?;
     if root.is_null() {
@@ -175,7 +184,13 @@ pub fn load_str(
         warnings: Vec::new(),
     };
     let mut interpolation_errors = Vec::new();
-    source::interpolate_env(&mut root, "", lookup, &mut loaded.secrets, &mut interpolation_errors);
+    source::interpolate_env(
+        &mut root,
+        "",
+        lookup,
+        &mut loaded.secrets,
+        &mut interpolation_errors,
+    );
 
     let mut sink = ErrorSink::new(&loaded);
     for (path, message) in interpolation_errors {
@@ -200,7 +215,10 @@ pub fn load_str(
 fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
     let mut config = Config::default();
     let Value::Mapping(mut map) = root else {
-        sink.error("", "the config must be a mapping with `listeners`, `upstreams`, `routes`, ...");
+        sink.error(
+            "",
+            "the config must be a mapping with `listeners`, `upstreams`, `routes`, ...",
+        );
         return config;
     };
     if let Some(value) = map.remove("server") {
@@ -228,7 +246,11 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
     config
 }
 
-fn typed_list<T: DeserializeOwned>(value: Option<Value>, path: &str, sink: &mut ErrorSink<'_>) -> Vec<T> {
+fn typed_list<T: DeserializeOwned>(
+    value: Option<Value>,
+    path: &str,
+    sink: &mut ErrorSink<'_>,
+) -> Vec<T> {
     match value {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Sequence(items)) => items
@@ -258,7 +280,11 @@ fn typed<T: DeserializeOwned>(value: Value, path: &str, sink: &mut ErrorSink<'_>
             let message = error.into_inner().to_string();
             // serde names an unknown field only in the message: point at that key
             if let Some(field) = unknown_field_name(&message) {
-                let key_path = format!("{full}.{field}");
+                let key_path = if full.ends_with(&format!(".{field}")) {
+                    full
+                } else {
+                    format!("{full}.{field}")
+                };
                 let located = sink.make(&key_path, message, true);
                 sink.errors.push(located);
             } else {
@@ -310,7 +336,7 @@ routes:
         let errors = load(&text).unwrap_err().0;
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "routes[0].upsteam");
-        assert_eq!((errors[0].line, errors[0].column), (12, 5));
+        assert_eq!((errors[0].line, errors[0].column), (11, 5));
         assert!(errors[0].message.contains("unknown field `upsteam`"));
     }
 
@@ -335,18 +361,35 @@ routes:
 ";
         let errors = load(text).unwrap_err();
         let printed = errors.to_string();
-        assert!(printed.contains("test.yaml:5:23: listeners[0].limits.header_timeout:"), "{printed}");
+        assert!(
+            printed.contains("test.yaml:5:23: listeners[0].limits.header_timeout:"),
+            "{printed}"
+        );
         assert!(printed.contains("routes[1].max_body"), "{printed}");
     }
 
     #[test]
     fn env_values_are_substituted_and_remembered_as_secrets() {
-        let text = VALID.replace("http://127.0.0.1:9000", "http://127.0.0.1:9000/${TOKEN}");
+        let text = VALID.replace(
+            "    public: true",
+            "    public: true\n    match:\n      headers: [{ name: x-key, value: \"k-${TOKEN}\" }]",
+        );
         let loaded = load(&text).unwrap();
-        assert_eq!(loaded.config.upstreams[0].targets[0].url, "http://127.0.0.1:9000/tok-123");
+        assert_eq!(
+            loaded.config.routes[0].matcher.headers[0].value.as_deref(),
+            Some("k-tok-123")
+        );
+        let shown = redacted_json(&loaded).to_string();
+        assert!(
+            !shown.contains("tok-123") && shown.contains("k-[redacted]"),
+            "{shown}"
+        );
         assert_eq!(loaded.secrets, vec!["tok-123".to_owned()]);
         let missing = VALID.replace("app\n    targets", "${NOPE}\n    targets");
         let errors = load(&missing).unwrap_err().0;
-        assert!(errors[0].message.contains("`NOPE` is not set"), "{errors:?}");
+        assert!(
+            errors[0].message.contains("`NOPE` is not set"),
+            "{errors:?}"
+        );
     }
 }

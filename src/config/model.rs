@@ -456,19 +456,13 @@ pub struct RewriteConfig {
     /// Then put this prefix in front (with `strip_prefix`, a prefix replacement).
     #[serde(default)]
     pub add_prefix: Option<String>,
-    /// `Host` to send upstream. Absent: the client's `Host` is kept (and sent as `X-Forwarded-Host`).
+    /// A fixed `Host` to send upstream. Absent: the client's `Host` is kept (and always sent as
+    /// `X-Forwarded-Host`).
     #[serde(default)]
-    pub host: Option<UpstreamHost>,
-}
-
-/// The `Host` header sent upstream.
-#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum UpstreamHost {
-    /// The chosen target's `host:port`.
-    Target,
-    /// A fixed value.
-    Value(String),
+    pub host: Option<String>,
+    /// Send the chosen target's `host:port` as `Host` (for upstreams that route on it).
+    #[serde(default)]
+    pub host_from_target: bool,
 }
 
 fn default_true() -> bool {

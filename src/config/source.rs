@@ -45,7 +45,10 @@ impl SpanIndex {
 
     /// Position of the key at `path` (for "unknown field" errors), else of its value.
     pub fn locate_key(&self, path: &str) -> (usize, usize) {
-        self.keys.get(path).copied().unwrap_or_else(|| self.locate(path))
+        self.keys
+            .get(path)
+            .copied()
+            .unwrap_or_else(|| self.locate(path))
     }
 }
 
@@ -58,8 +61,15 @@ fn parent(path: &str) -> Option<&str> {
 }
 
 enum Frame {
-    Map { key: Option<String>, path: String },
-    Seq { index: usize, path: String },
+    Map {
+        key: Option<String>,
+        path: String,
+        keys_seen: usize,
+    },
+    Seq {
+        index: usize,
+        path: String,
+    },
 }
 
 #[derive(Default)]
@@ -74,9 +84,17 @@ impl IndexBuilder {
         match self.stack.last_mut() {
             None => Some(String::new()),
             Some(Frame::Map { key: None, .. }) => None,
-            Some(Frame::Map { key: Some(key), path }) => {
+            Some(Frame::Map {
+                key: Some(key),
+                path,
+                ..
+            }) => {
                 let key = std::mem::take(key);
-                let joined = if path.is_empty() { key } else { format!("{path}.{key}") };
+                let joined = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
                 if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
                     *key = None;
                 }
@@ -91,7 +109,10 @@ impl IndexBuilder {
     }
 
     fn record(&mut self, path: String, mark: Marker) {
-        self.index.values.entry(path).or_insert((mark.line(), mark.col() + 1));
+        self.index
+            .values
+            .entry(path)
+            .or_insert((mark.line(), mark.col() + 1));
     }
 }
 
@@ -102,9 +123,24 @@ impl MarkedEventReceiver for IndexBuilder {
                 Some(path) => self.record(path, mark),
                 None => {
                     // a mapping key: remember it and where it stands
-                    if let Some(Frame::Map { key, path }) = self.stack.last_mut() {
-                        let full = if path.is_empty() { text.clone() } else { format!("{path}.{text}") };
-                        self.index.keys.entry(full).or_insert((mark.line(), mark.col() + 1));
+                    if let Some(Frame::Map {
+                        key,
+                        path,
+                        keys_seen,
+                    }) = self.stack.last_mut()
+                    {
+                        let position = (mark.line(), mark.col() + 1);
+                        if *keys_seen == 0 {
+                            // a block mapping "starts" where its first key does
+                            self.index.values.insert(path.clone(), position);
+                        }
+                        *keys_seen += 1;
+                        let full = if path.is_empty() {
+                            text.clone()
+                        } else {
+                            format!("{path}.{text}")
+                        };
+                        self.index.keys.entry(full).or_insert(position);
                         *key = Some(text);
                     }
                 }
@@ -117,7 +153,11 @@ impl MarkedEventReceiver for IndexBuilder {
             Event::MappingStart(..) => {
                 let path = self.next_path().unwrap_or_default();
                 self.record(path.clone(), mark);
-                self.stack.push(Frame::Map { key: None, path });
+                self.stack.push(Frame::Map {
+                    key: None,
+                    path,
+                    keys_seen: 0,
+                });
             }
             Event::SequenceStart(..) => {
                 let path = self.next_path().unwrap_or_default();
@@ -143,7 +183,8 @@ pub fn interpolate_env(
 ) {
     match value {
         serde_yaml::Value::String(text) if text.contains("${") => {
-            let whole_reference = text.starts_with("${") && text.ends_with('}') && text.matches("${").count() == 1;
+            let whole_reference =
+                text.starts_with("${") && text.ends_with('}') && text.matches("${").count() == 1;
             match expand(text, lookup) {
                 Ok((expanded, values)) => {
                     substituted.extend(values.into_iter().filter(|v| !v.is_empty()));
@@ -168,7 +209,11 @@ pub fn interpolate_env(
         serde_yaml::Value::Mapping(map) => {
             for (key, item) in map.iter_mut() {
                 let key = key.as_str().unwrap_or("?");
-                let child = if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+                let child = if path.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{path}.{key}")
+                };
                 interpolate_env(item, &child, lookup, substituted, errors);
             }
         }
@@ -177,7 +222,10 @@ pub fn interpolate_env(
 }
 
 /// Expands `${NAME}` / `${NAME:-default}`; `$${` escapes a literal `${`.
-fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(String, Vec<String>), String> {
+fn expand(
+    text: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(String, Vec<String>), String> {
     let mut out = String::with_capacity(text.len());
     let mut values = Vec::new();
     let mut rest = text;
@@ -190,14 +238,18 @@ fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(String
         }
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| "unterminated `${` in value".to_owned())?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated `${` in value".to_owned())?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`${{{inner}}}` is not a valid environment variable reference"));
+            return Err(format!(
+                "`${{{inner}}}` is not a valid environment variable reference"
+            ));
         }
         let value = match (lookup(name), default) {
             (Some(value), _) => value,
@@ -224,7 +276,10 @@ mod tests {
         assert_eq!(index.locate("routes[0].match.path"), (7, 13));
         assert_eq!(index.locate_key("routes[0].match"), (6, 5));
         // unknown paths fall back to their nearest parent
-        assert_eq!(index.locate("routes[0].match.nope"), index.locate("routes[0].match"));
+        assert_eq!(
+            index.locate("routes[0].match.nope"),
+            index.locate("routes[0].match")
+        );
     }
 
     #[test]
@@ -239,7 +294,9 @@ mod tests {
         assert_eq!(expand("a-${SECRET}-b", &lookup).unwrap().0, "a-s3cr3t-b");
         assert_eq!(expand("${MISSING:-dflt}", &lookup).unwrap().0, "dflt");
         assert_eq!(expand("$${SECRET}", &lookup).unwrap().0, "${SECRET}");
-        assert!(expand("${MISSING}", &lookup).unwrap_err().contains("MISSING"));
+        assert!(expand("${MISSING}", &lookup)
+            .unwrap_err()
+            .contains("MISSING"));
         assert!(expand("${BAD NAME}", &lookup).is_err());
         assert!(expand("${OPEN", &lookup).is_err());
     }

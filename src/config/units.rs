@@ -43,7 +43,11 @@ impl HumanDuration {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            _ => return Err(format!("duration `{text}` has unknown unit `{unit}`; use ms, s, m or h")),
+            _ => {
+                return Err(format!(
+                    "duration `{text}` has unknown unit `{unit}`; use ms, s, m or h"
+                ))
+            }
         };
         let secs = value * scale;
         if !secs.is_finite() || secs > 1.0e9 {
@@ -83,7 +87,10 @@ impl JsonSchema for HumanDuration {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        string_schema(r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$|^0$", "A duration such as `250ms`, `15s`, `2m`")
+        string_schema(
+            r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$|^0$",
+            "A duration such as `250ms`, `15s`, `2m`",
+        )
     }
 }
 
@@ -101,7 +108,9 @@ impl ByteSize {
     /// Parses `512`, `64KiB`, `1MiB`, `2GB`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
-        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
         let value: u64 = number
             .parse()
@@ -114,7 +123,11 @@ impl ByteSize {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            other => return Err(format!("size `{text}` has unknown unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB")),
+            other => {
+                return Err(format!(
+                    "size `{text}` has unknown unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
         };
         value
             .checked_mul(scale)
@@ -148,7 +161,9 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("size must not be negative"))
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("size must not be negative"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
                 ByteSize::parse(v).map_err(E::custom)
@@ -170,7 +185,10 @@ impl JsonSchema for ByteSize {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        string_schema(r"^[0-9]+\s*(B|KiB|MiB|GiB|KB|kB|MB|GB)?$", "A size such as `64KiB` or `1MiB`")
+        string_schema(
+            r"^[0-9]+\s*(B|KiB|MiB|GiB|KB|kB|MB|GB)?$",
+            "A size such as `64KiB` or `1MiB`",
+        )
     }
 }
 
@@ -197,10 +215,22 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(HumanDuration::parse("250ms").unwrap().0, Duration::from_millis(250));
-        assert_eq!(HumanDuration::parse("15s").unwrap().0, Duration::from_secs(15));
-        assert_eq!(HumanDuration::parse("2m").unwrap().0, Duration::from_secs(120));
-        assert_eq!(HumanDuration::parse("1.5s").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            HumanDuration::parse("15s").unwrap().0,
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            HumanDuration::parse("2m").unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            HumanDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
         assert_eq!(HumanDuration::parse("0").unwrap().0, Duration::ZERO);
     }
 

@@ -27,7 +27,9 @@ impl Declared {
                 .map(|items| {
                     items
                         .iter()
-                        .filter_map(|item| item.get("name").and_then(Value::as_str).map(str::to_owned))
+                        .filter_map(|item| {
+                            item.get("name").and_then(Value::as_str).map(str::to_owned)
+                        })
                         .collect()
                 })
                 .unwrap_or_default()
@@ -48,7 +50,10 @@ pub fn check(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) {
 
 fn check_server(config: &Config, sink: &mut ErrorSink<'_>) {
     if config.server.workers == Some(0) {
-        sink.error("server.workers", "must be at least 1 (or left out for one per CPU core)");
+        sink.error(
+            "server.workers",
+            "must be at least 1 (or left out for one per CPU core)",
+        );
     }
     for (i, cidr) in config.server.trusted_proxies.iter().enumerate() {
         if parse_cidr(cidr).is_none() {
@@ -61,16 +66,21 @@ fn check_server(config: &Config, sink: &mut ErrorSink<'_>) {
     if config.admin.enabled && config.admin.bind.parse::<SocketAddr>().is_err() {
         sink.error(
             "admin.bind",
-            format!("`{}` is not an address such as `127.0.0.1:9901`", config.admin.bind),
+            format!(
+                "`{}` is not an address such as `127.0.0.1:9901`",
+                config.admin.bind
+            ),
         );
     }
 }
 
 /// Parses `10.0.0.0/8` or a bare address (a /32 or /128).
 pub fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
-    text.parse::<ipnet::IpNet>()
-        .ok()
-        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
 }
 
 fn check_listeners(config: &Config, sink: &mut ErrorSink<'_>) {
@@ -82,23 +92,38 @@ fn check_listeners(config: &Config, sink: &mut ErrorSink<'_>) {
     for (i, listener) in config.listeners.iter().enumerate() {
         let path = format!("listeners[{i}]");
         if let Some(first) = names.insert(listener.name.as_str(), i) {
-            sink.error(format!("{path}.name"), format!("duplicate listener name `{}` (first at listeners[{first}])", listener.name));
+            sink.error(
+                format!("{path}.name"),
+                format!(
+                    "duplicate listener name `{}` (first at listeners[{first}])",
+                    listener.name
+                ),
+            );
         }
         match listener.bind.parse::<SocketAddr>() {
             Err(_) => sink.error(
                 format!("{path}.bind"),
-                format!("`{}` is not an address such as `0.0.0.0:8080` or `[::]:8443`", listener.bind),
+                format!(
+                    "`{}` is not an address such as `0.0.0.0:8080` or `[::]:8443`",
+                    listener.bind
+                ),
             ),
             Ok(addr) if addr.port() != 0 => {
                 if let Some(first) = binds.insert(addr, i) {
-                    sink.error(format!("{path}.bind"), format!("address {addr} is already used by listeners[{first}]"));
+                    sink.error(
+                        format!("{path}.bind"),
+                        format!("address {addr} is already used by listeners[{first}]"),
+                    );
                 }
             }
             Ok(_) => {}
         }
         if let Some(tls) = &listener.tls {
             if tls.certificates.is_empty() {
-                sink.error(format!("{path}.tls.certificates"), "TLS needs at least one certificate");
+                sink.error(
+                    format!("{path}.tls.certificates"),
+                    "TLS needs at least one certificate",
+                );
             }
             for (c, cert) in tls.certificates.iter().enumerate() {
                 for (n, name) in cert.server_names.iter().enumerate() {
@@ -120,7 +145,11 @@ fn check_listeners(config: &Config, sink: &mut ErrorSink<'_>) {
             ("max_connections", limits.max_connections == 0),
         ] {
             if zero {
-                let hint = if field == "max_header_bytes" { "at least 1KiB" } else { "greater than zero" };
+                let hint = if field == "max_header_bytes" {
+                    "at least 1KiB"
+                } else {
+                    "greater than zero"
+                };
                 sink.error(format!("{path}.limits.{field}"), format!("must be {hint}"));
             }
         }
@@ -136,13 +165,25 @@ fn check_upstreams(config: &Config, sink: &mut ErrorSink<'_>) {
     for (i, upstream) in config.upstreams.iter().enumerate() {
         let path = format!("upstreams[{i}]");
         if let Some(first) = names.insert(upstream.name.as_str(), i) {
-            sink.error(format!("{path}.name"), format!("duplicate upstream name `{}` (first at upstreams[{first}])", upstream.name));
+            sink.error(
+                format!("{path}.name"),
+                format!(
+                    "duplicate upstream name `{}` (first at upstreams[{first}])",
+                    upstream.name
+                ),
+            );
         }
         if !used.contains(upstream.name.as_str()) {
-            sink.warn(format!("{path}.name"), format!("upstream `{}` is not used by any route", upstream.name));
+            sink.warn(
+                format!("{path}.name"),
+                format!("upstream `{}` is not used by any route", upstream.name),
+            );
         }
         if upstream.targets.is_empty() {
-            sink.error(format!("{path}.targets"), "an upstream needs at least one target");
+            sink.error(
+                format!("{path}.targets"),
+                "an upstream needs at least one target",
+            );
         }
         let mut schemes = HashSet::new();
         for (t, target) in upstream.targets.iter().enumerate() {
@@ -154,18 +195,30 @@ fn check_upstreams(config: &Config, sink: &mut ErrorSink<'_>) {
                 Err(message) => sink.error(format!("{target_path}.url"), message),
             }
             if !(1..=1000).contains(&target.weight) {
-                sink.error(format!("{target_path}.weight"), "weight must be between 1 and 1000");
+                sink.error(
+                    format!("{target_path}.weight"),
+                    "weight must be between 1 and 1000",
+                );
             }
         }
         if schemes.len() > 1 {
-            sink.error(format!("{path}.targets"), "all targets of an upstream must use the same scheme");
+            sink.error(
+                format!("{path}.targets"),
+                "all targets of an upstream must use the same scheme",
+            );
         }
         if let Some(tls) = &upstream.tls {
             if !schemes.contains("https") && !schemes.is_empty() {
-                sink.warn(format!("{path}.tls"), "`tls` only applies to `https://` targets");
+                sink.warn(
+                    format!("{path}.tls"),
+                    "`tls` only applies to `https://` targets",
+                );
             }
             if tls.client_cert.is_some() != tls.client_key.is_some() {
-                sink.error(format!("{path}.tls"), "`client_cert` and `client_key` go together");
+                sink.error(
+                    format!("{path}.tls"),
+                    "`client_cert` and `client_key` go together",
+                );
             }
         }
         if let Some(check) = &upstream.health_check {
@@ -173,35 +226,60 @@ fn check_upstreams(config: &Config, sink: &mut ErrorSink<'_>) {
                 sink.error(format!("{path}.health_check.path"), "must start with `/`");
             }
             if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
-                sink.error(format!("{path}.health_check"), "thresholds must be at least 1");
+                sink.error(
+                    format!("{path}.health_check"),
+                    "thresholds must be at least 1",
+                );
             }
             if check.interval.0.is_zero() || check.timeout.0.is_zero() {
-                sink.error(format!("{path}.health_check"), "`interval` and `timeout` must be greater than zero");
+                sink.error(
+                    format!("{path}.health_check"),
+                    "`interval` and `timeout` must be greater than zero",
+                );
             }
         }
         if let Some(outlier) = &upstream.outlier_detection {
             if outlier.consecutive_failures == 0 {
-                sink.error(format!("{path}.outlier_detection.consecutive_failures"), "must be at least 1");
+                sink.error(
+                    format!("{path}.outlier_detection.consecutive_failures"),
+                    "must be at least 1",
+                );
             }
             if outlier.max_ejection_percent > 100 {
-                sink.error(format!("{path}.outlier_detection.max_ejection_percent"), "must be at most 100");
+                sink.error(
+                    format!("{path}.outlier_detection.max_ejection_percent"),
+                    "must be at most 100",
+                );
             }
         }
         let timeouts = &upstream.timeouts;
-        for (field, value) in [("connect", timeouts.connect), ("per_try", timeouts.per_try), ("total", timeouts.total)] {
+        for (field, value) in [
+            ("connect", timeouts.connect),
+            ("per_try", timeouts.per_try),
+            ("total", timeouts.total),
+        ] {
             if value.0.is_zero() {
-                sink.error(format!("{path}.timeouts.{field}"), "must be greater than zero");
+                sink.error(
+                    format!("{path}.timeouts.{field}"),
+                    "must be greater than zero",
+                );
             }
         }
         if timeouts.per_try > timeouts.total {
-            sink.warn(format!("{path}.timeouts.per_try"), "is longer than `total`, which caps it");
+            sink.warn(
+                format!("{path}.timeouts.per_try"),
+                "is longer than `total`, which caps it",
+            );
         }
         if let crate::config::model::LoadBalancing::ConsistentHash {
             hash_on: crate::config::model::HashOn::Header(name),
         } = &upstream.load_balancing
         {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                sink.error(format!("{path}.load_balancing.hash_on.header"), format!("`{name}` is not a valid header name"));
+                sink.error(
+                    format!("{path}.load_balancing.hash_on.header"),
+                    format!("`{name}` is not a valid header name"),
+                );
             }
         }
     }
@@ -216,11 +294,17 @@ pub fn parse_target_url(url: &str) -> Result<(&'static str, String), String> {
         "http" => ("http", 80),
         "h2c" => ("h2c", 80),
         "https" => ("https", 443),
-        other => return Err(format!("target scheme `{other}` is not one of `http`, `h2c`, `https`")),
+        other => {
+            return Err(format!(
+                "target scheme `{other}` is not one of `http`, `h2c`, `https`"
+            ))
+        }
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
-        return Err(format!("target `{url}` must be only scheme, host and port (no path, query or credentials)"));
+        return Err(format!(
+            "target `{url}` must be only scheme, host and port (no path, query or credentials)"
+        ));
     }
     let parsed: http::uri::Authority = authority
         .parse()
@@ -235,10 +319,19 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
     for (i, route) in config.routes.iter().enumerate() {
         let path = format!("routes[{i}]");
         if let Some(first) = names.insert(route.name.as_str(), i) {
-            sink.error(format!("{path}.name"), format!("duplicate route name `{}` (first at routes[{first}])", route.name));
+            sink.error(
+                format!("{path}.name"),
+                format!(
+                    "duplicate route name `{}` (first at routes[{first}])",
+                    route.name
+                ),
+            );
         }
         if !declared.upstreams.contains(&route.upstream) {
-            sink.error(format!("{path}.upstream"), format!("unknown upstream `{}`", route.upstream));
+            sink.error(
+                format!("{path}.upstream"),
+                format!("unknown upstream `{}`", route.upstream),
+            );
         }
         if !route.public {
             sink.error(
@@ -259,29 +352,49 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
             }
         }
         for (m, method) in route.matcher.methods.iter().enumerate() {
-            if http::Method::from_bytes(method.as_bytes()).is_err() || method.chars().any(|c| c.is_ascii_lowercase()) {
-                sink.error(format!("{path}.match.methods[{m}]"), format!("`{method}` is not an upper-case HTTP method"));
+            if http::Method::from_bytes(method.as_bytes()).is_err()
+                || method.chars().any(|c| c.is_ascii_lowercase())
+            {
+                sink.error(
+                    format!("{path}.match.methods[{m}]"),
+                    format!("`{method}` is not an upper-case HTTP method"),
+                );
             }
         }
         for (h, header) in route.matcher.headers.iter().enumerate() {
             if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
-                sink.error(format!("{path}.match.headers[{h}].name"), format!("`{}` is not a valid header name", header.name));
+                sink.error(
+                    format!("{path}.match.headers[{h}].name"),
+                    format!("`{}` is not a valid header name", header.name),
+                );
             }
             if let Some(value) = &header.value {
                 if http::HeaderValue::from_str(value).is_err() {
-                    sink.error(format!("{path}.match.headers[{h}].value"), "not a valid header value");
+                    sink.error(
+                        format!("{path}.match.headers[{h}].value"),
+                        "not a valid header value",
+                    );
                 }
             }
         }
         for (l, listener) in route.listeners.iter().enumerate() {
             if !declared.listeners.contains(listener) {
-                sink.error(format!("{path}.listeners[{l}]"), format!("unknown listener `{listener}`"));
+                sink.error(
+                    format!("{path}.listeners[{l}]"),
+                    format!("unknown listener `{listener}`"),
+                );
             }
         }
         if let Some(rewrite) = &route.rewrite {
-            for (field, value) in [("strip_prefix", &rewrite.strip_prefix), ("add_prefix", &rewrite.add_prefix)] {
+            for (field, value) in [
+                ("strip_prefix", &rewrite.strip_prefix),
+                ("add_prefix", &rewrite.add_prefix),
+            ] {
                 if let Some(value) = value {
-                    if !value.starts_with('/') || value.ends_with('/') && value.len() > 1 || value.contains(['?', '#', '%', '\\']) {
+                    if !value.starts_with('/')
+                        || value.ends_with('/') && value.len() > 1
+                        || value.contains(['?', '#', '%', '\\'])
+                    {
                         sink.error(
                             format!("{path}.rewrite.{field}"),
                             "must start with `/`, not end with `/`, and contain no `?`, `#`, `%` or `\\`",
@@ -289,16 +402,30 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
                     }
                 }
             }
-            if let Some(crate::config::model::UpstreamHost::Value(host)) = &rewrite.host {
+            if let Some(host) = &rewrite.host {
                 if http::uri::Authority::try_from(host.as_str()).is_err() {
-                    sink.error(format!("{path}.rewrite.host"), format!("`{host}` is not a valid host"));
+                    sink.error(
+                        format!("{path}.rewrite.host"),
+                        format!("`{host}` is not a valid host"),
+                    );
+                }
+                if rewrite.host_from_target {
+                    sink.error(
+                        format!("{path}.rewrite.host_from_target"),
+                        "set either `host` or `host_from_target`, not both",
+                    );
                 }
             }
         }
         // a route whose conditions repeat an earlier route's can never be chosen
         let mut methods = route.matcher.methods.clone();
         methods.sort();
-        let mut hosts: Vec<String> = route.matcher.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let mut hosts: Vec<String> = route
+            .matcher
+            .hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
         hosts.sort();
         let mut listeners = route.listeners.clone();
         listeners.sort();
@@ -308,7 +435,10 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
             .iter()
             .map(|h| format!("{}={:?}", h.name.to_ascii_lowercase(), h.value))
             .collect();
-        let key = format!("{hosts:?}|{}|{methods:?}|{headers:?}|{listeners:?}", route.matcher.path.trim_end_matches('/'));
+        let key = format!(
+            "{hosts:?}|{}|{methods:?}|{headers:?}|{listeners:?}",
+            route.matcher.path.trim_end_matches('/')
+        );
         if let Some((first, _)) = seen_conditions.iter().find(|(_, k)| *k == key) {
             sink.error(
                 format!("{path}.match"),
@@ -329,9 +459,18 @@ mod tests {
 
     #[test]
     fn target_urls_need_scheme_host_and_port_only() {
-        assert_eq!(parse_target_url("http://127.0.0.1:9000").unwrap(), ("http", "127.0.0.1:9000".into()));
-        assert_eq!(parse_target_url("https://api.internal").unwrap(), ("https", "api.internal:443".into()));
-        assert_eq!(parse_target_url("h2c://[::1]:50051/").unwrap(), ("h2c", "[::1]:50051".into()));
+        assert_eq!(
+            parse_target_url("http://127.0.0.1:9000").unwrap(),
+            ("http", "127.0.0.1:9000".into())
+        );
+        assert_eq!(
+            parse_target_url("https://api.internal").unwrap(),
+            ("https", "api.internal:443".into())
+        );
+        assert_eq!(
+            parse_target_url("h2c://[::1]:50051/").unwrap(),
+            ("h2c", "[::1]:50051".into())
+        );
         assert!(parse_target_url("ftp://x").is_err());
         assert!(parse_target_url("http://x/path").is_err());
         assert!(parse_target_url("http://user@x").is_err());

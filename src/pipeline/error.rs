@@ -62,7 +62,9 @@ impl GatewayError {
             Self::BadRequest(reason) => reason,
             Self::PayloadTooLarge => "request body is too large",
             Self::NoHealthyTarget => "the service is temporarily unavailable",
-            Self::UpstreamConnect | Self::UpstreamProtocol => "the upstream service failed to answer",
+            Self::UpstreamConnect | Self::UpstreamProtocol => {
+                "the upstream service failed to answer"
+            }
             Self::UpstreamTimeout => "the upstream service did not answer in time",
             Self::ShuttingDown => "the gateway is restarting; retry",
         }
@@ -70,7 +72,12 @@ impl GatewayError {
 
     /// The response for this error, carrying the request id.
     pub fn into_response(self, request_id: &HeaderValue) -> Response<ResponseBody> {
-        error_response(self.status(), self.code(), self.public_message(), request_id)
+        error_response(
+            self.status(),
+            self.code(),
+            self.public_message(),
+            request_id,
+        )
     }
 }
 
@@ -89,7 +96,10 @@ pub fn error_response(
     let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(super::X_REQUEST_ID, request_id.clone());
     response

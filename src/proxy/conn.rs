@@ -120,9 +120,18 @@ impl<T> ConnIo<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut this = self.project();
-        refresh_phase(this.phase, this.activity, this.timer.as_mut(), *this.idle_timeout);
+        refresh_phase(
+            this.phase,
+            this.activity,
+            this.timer.as_mut(),
+            *this.idle_timeout,
+        );
         let before = buf.filled().len();
         match this.inner.as_mut().poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -135,7 +144,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                     *this.phase = Phase::Head {
                         started: this.activity.started(),
                     };
-                    this.timer.as_mut().reset(Instant::now() + *this.header_timeout);
+                    this.timer
+                        .as_mut()
+                        .reset(Instant::now() + *this.header_timeout);
                     if let Some(scanner) = this.scanner.as_mut() {
                         *scanner = HeadScanner::default();
                     }
@@ -147,7 +158,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                 }
                 if *this.phase == Phase::Idle {
                     // HTTP/2 frames while idle: just push the idle deadline out
-                    this.timer.as_mut().reset(Instant::now() + *this.idle_timeout);
+                    this.timer
+                        .as_mut()
+                        .reset(Instant::now() + *this.idle_timeout);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -159,13 +172,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                             // best effort: the socket is writable in all but pathological cases
                             let _ = this.inner.as_mut().poll_write(cx, RESPONSE_408);
                             let _ = this.inner.as_mut().poll_flush(cx);
-                            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head timeout")));
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "request head timeout",
+                            )));
                         }
                         Phase::Idle => return Poll::Ready(Ok(())),
                         Phase::Busy => {
                             let recheck = BUSY_RECHECK.min(*this.idle_timeout);
                             this.timer.as_mut().reset(Instant::now() + recheck);
-                            refresh_phase(this.phase, this.activity, this.timer.as_mut(), *this.idle_timeout);
+                            refresh_phase(
+                                this.phase,
+                                this.activity,
+                                this.timer.as_mut(),
+                                *this.idle_timeout,
+                            );
                         }
                     }
                 }
@@ -176,7 +197,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
 }
 
 /// Moves Head → Busy once the handler has the request, and Busy → Idle once nothing is in flight.
-fn refresh_phase(phase: &mut Phase, activity: &ConnActivity, timer: Pin<&mut Sleep>, idle_timeout: Duration) {
+fn refresh_phase(
+    phase: &mut Phase,
+    activity: &ConnActivity,
+    timer: Pin<&mut Sleep>,
+    idle_timeout: Duration,
+) {
     if *phase == Phase::Idle && activity.in_flight() > 0 {
         // HTTP/2 streams (or a pipelined request) are in flight
         *phase = Phase::Busy;
@@ -196,11 +222,19 @@ fn refresh_phase(phase: &mut Phase, activity: &ConnActivity, timer: Pin<&mut Sle
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write_vectored(cx, bufs)
     }
 
@@ -309,14 +343,22 @@ mod tests {
     #[test]
     fn both_framing_headers_are_found_across_reads_and_any_case() {
         assert!(scan(&[b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]));
-        assert!(scan(&[b"POST / HTTP/1.1\r\nTRANSFER-ENC", b"ODING: chunked\r\ncontent-le", b"ngth: 5\r\n\r\n"]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nTRANSFER-ENC",
+            b"ODING: chunked\r\ncontent-le",
+            b"ngth: 5\r\n\r\n"
+        ]));
     }
 
     #[test]
     fn one_framing_header_or_lookalikes_are_fine() {
         assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"]));
-        assert!(!scan(&[b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n"]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n\r\n"
+        ]));
         // headers of the body or the next request are not part of this head
-        assert!(!scan(&[b"POST / HTTP/1.1\r\nContent-Length: 30\r\n\r\nTransfer-Encoding: chunked\r\n"]));
+        assert!(!scan(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 30\r\n\r\nTransfer-Encoding: chunked\r\n"
+        ]));
     }
 }

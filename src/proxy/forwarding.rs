@@ -8,7 +8,9 @@ use std::{fmt::Write, net::IpAddr};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-use crate::pipeline::{FORWARDED, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use crate::pipeline::{
+    FORWARDED, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -18,7 +20,8 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     if let Some(connection) = headers.remove(header::CONNECTION) {
         let mut named = Vec::new();
-        for value in std::iter::once(&connection).chain(headers.get_all(header::CONNECTION).iter()) {
+        for value in std::iter::once(&connection).chain(headers.get_all(header::CONNECTION).iter())
+        {
             if let Ok(text) = value.to_str() {
                 for token in text.split(',') {
                     if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
@@ -35,7 +38,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
             }
         }
     }
-    for name in [KEEP_ALIVE, PROXY_CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, header::TRAILER, header::PROXY_AUTHORIZATION] {
+    for name in [
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        header::PROXY_AUTHORIZATION,
+    ] {
         headers.remove(name);
     }
     if headers.contains_key(header::TE) {
@@ -101,7 +111,11 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, info: &ForwardedFor<'_>) 
 
     // X-Forwarded-For
     let xff = if info.trusted_peer {
-        let existing: Vec<&str> = headers.get_all(X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+        let existing: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if existing.is_empty() {
             peer_text.clone()
         } else {
@@ -140,12 +154,19 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, info: &ForwardedFor<'_>) 
     }
     let _ = write!(element, ";proto={proto}");
     if let Some(host) = info.host.and_then(|h| h.to_str().ok()) {
-        if host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+        if host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        {
             let _ = write!(element, ";host=\"{host}\"");
         }
     }
     let forwarded = if info.trusted_peer {
-        let existing: Vec<&str> = headers.get_all(FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+        let existing: Vec<&str> = headers
+            .get_all(FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
         if existing.is_empty() {
             element
         } else {
@@ -164,7 +185,8 @@ pub fn request_id(headers: &HeaderMap, trusted_peer: bool) -> HeaderValue {
     if trusted_peer {
         if let Some(value) = headers.get(X_REQUEST_ID) {
             let bytes = value.as_bytes();
-            if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
+            if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+            {
                 return value.clone();
             }
         }
@@ -195,7 +217,10 @@ mod tests {
     #[test]
     fn connection_named_and_standard_hop_headers_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
         headers.insert("x-secret-hop", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("gzip"));
@@ -222,23 +247,51 @@ mod tests {
         let peer: IpAddr = "203.0.113.9".parse().unwrap();
         assert_eq!(client_ip(peer, &headers, &[]), peer);
         let host = HeaderValue::from_static("api.example.com");
-        set_forwarding_headers(&mut headers, &ForwardedFor { peer, trusted_peer: false, tls: false, host: Some(&host) });
+        set_forwarding_headers(
+            &mut headers,
+            &ForwardedFor {
+                peer,
+                trusted_peer: false,
+                tls: false,
+                host: Some(&host),
+            },
+        );
         assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.9");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
         assert_eq!(headers[X_FORWARDED_HOST], "api.example.com");
-        assert_eq!(headers[FORWARDED], "for=203.0.113.9;proto=http;host=\"api.example.com\"");
+        assert_eq!(
+            headers[FORWARDED],
+            "for=203.0.113.9;proto=http;host=\"api.example.com\""
+        );
     }
 
     #[test]
     fn trusted_proxies_extend_the_chain_and_name_the_client() {
         let trusted = nets(&["10.0.0.0/8"]);
         let mut headers = HeaderMap::new();
-        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6, 198.51.100.7, 10.1.1.1"));
+        headers.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("6.6.6.6, 198.51.100.7, 10.1.1.1"),
+        );
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
         // the right-most untrusted entry is the client; what it claims before it is not believed
-        assert_eq!(client_ip(peer, &headers, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
-        set_forwarding_headers(&mut headers, &ForwardedFor { peer, trusted_peer: true, tls: true, host: None });
-        assert_eq!(headers[X_FORWARDED_FOR], "6.6.6.6, 198.51.100.7, 10.1.1.1, 10.0.0.2");
+        assert_eq!(
+            client_ip(peer, &headers, &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        set_forwarding_headers(
+            &mut headers,
+            &ForwardedFor {
+                peer,
+                trusted_peer: true,
+                tls: true,
+                host: None,
+            },
+        );
+        assert_eq!(
+            headers[X_FORWARDED_FOR],
+            "6.6.6.6, 198.51.100.7, 10.1.1.1, 10.0.0.2"
+        );
     }
 
     #[test]

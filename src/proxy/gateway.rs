@@ -35,7 +35,11 @@ pub enum StartError {
     #[error("invalid config:\n{0}")]
     Config(ConfigErrors),
     #[error("cannot bind listener `{name}` on {addr}: {source}")]
-    Bind { name: String, addr: SocketAddr, source: io::Error },
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
     #[error("cannot start worker thread: {0}")]
     Worker(io::Error),
 }
@@ -46,7 +50,11 @@ pub enum ReloadError {
     #[error("new config is invalid:\n{0}")]
     Config(ConfigErrors),
     #[error("cannot bind listener `{name}` on {addr}: {source}")]
-    Bind { name: String, addr: SocketAddr, source: io::Error },
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// What a successful reload changed.
@@ -164,7 +172,9 @@ impl Gateway {
                         stop: listener.stop.subscribe(),
                     });
                 }
-                Err(error) => tracing::error!(listener = &**name, %error, "cannot share listener with a worker"),
+                Err(error) => {
+                    tracing::error!(listener = &**name, %error, "cannot share listener with a worker")
+                }
             }
         }
     }
@@ -196,18 +206,23 @@ impl Gateway {
         // bind what is new before touching anything, so a failed bind changes nothing
         let mut fresh = Vec::new();
         for spec in &snapshot.listeners {
-            let unchanged = self.listeners.get(&spec.name).is_some_and(|l| l.configured == spec.bind);
+            let unchanged = self
+                .listeners
+                .get(&spec.name)
+                .is_some_and(|l| l.configured == spec.bind);
             if !unchanged {
                 let bound = bind(spec.bind).or_else(|error| {
                     // a listener moving to a port this gateway already holds under another name
                     match self.listeners.values().find(|l| l.configured == spec.bind) {
-                        Some(existing) if spec.bind.port() != 0 => existing.socket.try_clone().map(|socket| BoundListener {
-                            configured: spec.bind,
-                            local: existing.local,
-                            socket,
-                            stop: watch::channel(false).0,
-                            connections: Arc::new(AtomicUsize::new(0)),
-                        }),
+                        Some(existing) if spec.bind.port() != 0 => {
+                            existing.socket.try_clone().map(|socket| BoundListener {
+                                configured: spec.bind,
+                                local: existing.local,
+                                socket,
+                                stop: watch::channel(false).0,
+                                connections: Arc::new(AtomicUsize::new(0)),
+                            })
+                        }
                         _ => Err(error),
                     }
                 });
@@ -271,7 +286,11 @@ impl Gateway {
         let mut waiting = Vec::new();
         for worker in &self.workers {
             let (done, finished) = oneshot::channel();
-            if worker.commands.send(WorkerCommand::Drain { deadline, done }).is_ok() {
+            if worker
+                .commands
+                .send(WorkerCommand::Drain { deadline, done })
+                .is_ok()
+            {
                 waiting.push(finished);
             }
         }

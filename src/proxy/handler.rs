@@ -16,7 +16,10 @@ use super::{
     snapshot::{HostRewrite, Route, Snapshot},
 };
 use crate::{
-    pipeline::{Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody, UpstreamBody, X_REQUEST_ID},
+    pipeline::{
+        Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody,
+        UpstreamBody, X_REQUEST_ID,
+    },
     policy::{self, Flow},
     route::{normalize_path, request_host},
     upstream::HashKey,
@@ -33,14 +36,22 @@ pub struct ConnInfo {
 }
 
 /// Handles one request on `snapshot` (loaded once by the caller and kept for the whole request).
-pub async fn handle(request: Request<Incoming>, conn: &ConnInfo, snapshot: Arc<Snapshot>) -> Response<ResponseBody> {
+pub async fn handle(
+    request: Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: Arc<Snapshot>,
+) -> Response<ResponseBody> {
     let in_flight = InFlightGuard::enter(&conn.activity);
     let trusted_peer = forwarding::is_trusted(conn.peer.ip(), &snapshot.trusted_proxies);
     let mut ctx = RequestCtx {
         request_id: forwarding::request_id(request.headers(), trusted_peer),
         started: Instant::now(),
         peer: conn.peer,
-        client_ip: forwarding::client_ip(conn.peer.ip(), request.headers(), &snapshot.trusted_proxies),
+        client_ip: forwarding::client_ip(
+            conn.peer.ip(),
+            request.headers(),
+            &snapshot.trusted_proxies,
+        ),
         listener: conn.listener.clone(),
         tls: conn.tls,
         method: request.method().clone(),
@@ -68,7 +79,9 @@ pub async fn handle(request: Request<Incoming>, conn: &ConnInfo, snapshot: Arc<S
             error.into_response(&ctx.request_id)
         }
     };
-    response.headers_mut().insert(X_REQUEST_ID, ctx.request_id.clone());
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, ctx.request_id.clone());
     ctx.status = response.status().as_u16();
     let access_log = snapshot.access_log;
     response.map(|body| body.with_completion(Completion::new(ctx, access_log, in_flight)))
@@ -82,15 +95,24 @@ async fn proxy(
     ctx: &mut RequestCtx,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     // 1. framing: both Content-Length and Transfer-Encoding is the classic smuggling shape
-    if conn.flags.framing_conflict.swap(false, std::sync::atomic::Ordering::AcqRel) {
-        return Err(GatewayError::BadRequest("both Content-Length and Transfer-Encoding"));
+    if conn
+        .flags
+        .framing_conflict
+        .swap(false, std::sync::atomic::Ordering::AcqRel)
+    {
+        return Err(GatewayError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
     }
     let Some(listener) = snapshot.listener(&conn.listener) else {
         // the listener was removed by a reload while this connection stayed open
         return Err(GatewayError::ShuttingDown);
     };
     let (mut parts, body) = request.into_parts();
-    if parts.version == Version::HTTP_11 && !parts.headers.contains_key(header::HOST) && parts.uri.authority().is_none() {
+    if parts.version == Version::HTTP_11
+        && !parts.headers.contains_key(header::HOST)
+        && parts.uri.authority().is_none()
+    {
         return Err(GatewayError::BadRequest("missing Host header"));
     }
     if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
@@ -106,14 +128,22 @@ async fn proxy(
     // 3. route
     let route = snapshot
         .routes
-        .find(listener.index, &ctx.host, &parts.method, &ctx.path, &parts.headers)
+        .find(
+            listener.index,
+            &ctx.host,
+            &parts.method,
+            &ctx.path,
+            &parts.headers,
+        )
         .ok_or(GatewayError::NoRoute)?
         .clone();
     ctx.route = Some(route.name.clone());
     ctx.upstream = Some(route.upstream.name.clone());
 
     // 4. body limit: refuse early what is declared too large; the stream is capped as it flows
-    let max_body = route.max_body.map_or(listener.max_body, |m| m.min(listener.max_body));
+    let max_body = route
+        .max_body
+        .map_or(listener.max_body, |m| m.min(listener.max_body));
     if let Some(length) = parts.headers.get(header::CONTENT_LENGTH) {
         let length: u64 = length
             .to_str()
@@ -126,7 +156,9 @@ async fn proxy(
     }
 
     // 5. policies (authentication, authorization, limits ...) may answer before the upstream
-    if let Flow::Respond(response) = policy::run_request_phase(&route.policies, ctx, &mut parts).await? {
+    if let Flow::Respond(response) =
+        policy::run_request_phase(&route.policies, ctx, &mut parts).await?
+    {
         return Ok(response);
     }
 
@@ -137,7 +169,9 @@ async fn proxy(
             Some(query) => format!("{rewritten}?{query}"),
             None => rewritten.into_owned(),
         };
-        parts.uri = path_and_query.parse().map_err(|_| GatewayError::BadRequest("invalid request target"))?;
+        parts.uri = path_and_query
+            .parse()
+            .map_err(|_| GatewayError::BadRequest("invalid request target"))?;
     }
     let original_host = parts
         .uri
@@ -174,7 +208,11 @@ async fn proxy(
     let upstream_started = Instant::now();
     let forwarded = route
         .upstream
-        .forward(upstream_request, hash_key.as_deref(), matches!(route.host, HostRewrite::Target))
+        .forward(
+            upstream_request,
+            hash_key.as_deref(),
+            matches!(route.host, HostRewrite::Target),
+        )
         .await;
     ctx.upstream_latency = Some(upstream_started.elapsed());
     let forwarded = match forwarded {
@@ -205,12 +243,20 @@ fn rewrite_path<'p>(route: &Route, path: &'p str) -> std::borrow::Cow<'p, str> {
     if let Some(prefix) = &route.strip_prefix {
         if let Some(rest) = path.strip_prefix(&**prefix) {
             if rest.is_empty() || rest.starts_with('/') {
-                path = std::borrow::Cow::Owned(if rest.is_empty() { "/".to_owned() } else { rest.to_owned() });
+                path = std::borrow::Cow::Owned(if rest.is_empty() {
+                    "/".to_owned()
+                } else {
+                    rest.to_owned()
+                });
             }
         }
     }
     if let Some(prefix) = &route.add_prefix {
-        path = std::borrow::Cow::Owned(if path == "/" { prefix.to_string() } else { format!("{prefix}{path}") });
+        path = std::borrow::Cow::Owned(if path == "/" {
+            prefix.to_string()
+        } else {
+            format!("{prefix}{path}")
+        });
     }
     path
 }

@@ -87,7 +87,9 @@ pub fn reload_from_file(gateway: &mut Gateway, path: &Path, trigger: &str) {
             removed = ?summary.listeners_removed,
             "config reloaded"
         ),
-        Err(error) => tracing::error!(trigger, %error, "config reload rejected; keeping the running config"),
+        Err(error) => {
+            tracing::error!(trigger, %error, "config reload rejected; keeping the running config")
+        }
     }
 }
 
@@ -120,7 +122,11 @@ pub async fn run_until_stopped(mut gateway: Gateway, path: Option<PathBuf>) -> s
         }
     };
     let deadline = gateway.snapshot().shutdown_timeout;
-    tracing::info!(signal = reason, deadline_ms = deadline.as_millis() as u64, "draining connections");
+    tracing::info!(
+        signal = reason,
+        deadline_ms = deadline.as_millis() as u64,
+        "draining connections"
+    );
     let cut = gateway.shutdown().await;
     tracing::info!(connections_cut = cut, "stopped");
     Ok(())

@@ -122,13 +122,19 @@ pub async fn accept_loop(
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, spec: Arc<ListenerSpec>, cx: AcceptContext) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    spec: Arc<ListenerSpec>,
+    cx: AcceptContext,
+) {
     let activity = Arc::new(ConnActivity::default());
     let flags = Arc::new(ConnFlags::default());
     match &spec.tls {
         Some(tls_config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.clone());
-            let tls = match tokio::time::timeout(spec.header_timeout, acceptor.accept(stream)).await {
+            let tls = match tokio::time::timeout(spec.header_timeout, acceptor.accept(stream)).await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "TLS handshake failed");
@@ -194,7 +200,10 @@ async fn serve_io<I>(
             .keep_alive_timeout(Duration::from_secs(10));
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection.as_mut(), &mut draining, |c| c.graceful_shutdown()).await;
+        drive(connection.as_mut(), &mut draining, |c| {
+            c.graceful_shutdown()
+        })
+        .await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -210,14 +219,20 @@ async fn serve_io<I>(
         }
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection.as_mut(), &mut draining, |c| c.graceful_shutdown()).await;
+        drive(connection.as_mut(), &mut draining, |c| {
+            c.graceful_shutdown()
+        })
+        .await;
     }
 }
 
 /// Polls a connection to completion; when draining starts, asks it to finish gracefully
 /// (HTTP/1.1: close after the current response; HTTP/2: GOAWAY) and keeps polling.
-async fn drive<C, E>(mut connection: std::pin::Pin<&mut C>, draining: &mut watch::Receiver<bool>, shutdown: impl FnOnce(std::pin::Pin<&mut C>))
-where
+async fn drive<C, E>(
+    mut connection: std::pin::Pin<&mut C>,
+    draining: &mut watch::Receiver<bool>,
+    shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {

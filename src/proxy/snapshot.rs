@@ -12,13 +12,15 @@ use ipnet::IpNet;
 
 use crate::{
     config::{
-        model::{HashOn, LoadBalancing, ListenerConfig, RouteConfig, UpstreamConfig, UpstreamHost},
+        model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, UpstreamConfig},
         ConfigErrors, ErrorSink, LoadedConfig,
     },
     policy::{Access, RoutePolicies},
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
     tls,
-    upstream::{Balancer, ClientSettings, HashKey, Target, TargetScheme, Upstream, UpstreamRegistry},
+    upstream::{
+        Balancer, ClientSettings, HashKey, Target, TargetScheme, Upstream, UpstreamRegistry,
+    },
 };
 
 /// The compiled, immutable config.
@@ -83,7 +85,11 @@ pub enum HostRewrite {
 }
 
 /// Compiles `loaded`. Long-lived state (target health, pools) comes from `registry`.
-pub fn compile(loaded: &LoadedConfig, registry: &UpstreamRegistry, generation: u64) -> Result<Snapshot, ConfigErrors> {
+pub fn compile(
+    loaded: &LoadedConfig,
+    registry: &UpstreamRegistry,
+    generation: u64,
+) -> Result<Snapshot, ConfigErrors> {
     let mut sink = ErrorSink::new(loaded);
     let config = &loaded.config;
 
@@ -99,7 +105,8 @@ pub fn compile(loaded: &LoadedConfig, registry: &UpstreamRegistry, generation: u
         .iter()
         .enumerate()
         .filter_map(|(i, u)| {
-            compile_upstream(i, u, &loaded.base_dir, registry, &mut sink).map(|up| (u.name.as_str(), Arc::new(up)))
+            compile_upstream(i, u, &loaded.base_dir, registry, &mut sink)
+                .map(|up| (u.name.as_str(), Arc::new(up)))
         })
         .collect();
 
@@ -135,14 +142,23 @@ pub fn compile(loaded: &LoadedConfig, registry: &UpstreamRegistry, generation: u
         trusted_proxies,
         access_log: config.server.access_log,
         shutdown_timeout: config.server.shutdown_timeout.0,
-        admin_bind: config.admin.enabled.then(|| config.admin.bind.parse().ok()).flatten(),
+        admin_bind: config
+            .admin
+            .enabled
+            .then(|| config.admin.bind.parse().ok())
+            .flatten(),
         workers: config.server.workers,
         watch_config: config.server.watch_config,
         effective_config: crate::config::redacted_json(loaded),
     })
 }
 
-fn compile_listener(i: usize, listener: &ListenerConfig, base: &Path, sink: &mut ErrorSink<'_>) -> Option<ListenerSpec> {
+fn compile_listener(
+    i: usize,
+    listener: &ListenerConfig,
+    base: &Path,
+    sink: &mut ErrorSink<'_>,
+) -> Option<ListenerSpec> {
     let path = format!("listeners[{i}]");
     let bind: SocketAddr = listener.bind.parse().ok()?;
     let tls = match &listener.tls {
@@ -152,7 +168,9 @@ fn compile_listener(i: usize, listener: &ListenerConfig, base: &Path, sink: &mut
             for (c, cert) in tls_config.certificates.iter().enumerate() {
                 match tls::certified_key(&base.join(&cert.cert), &base.join(&cert.key)) {
                     Ok(key) => keys.push((cert, key)),
-                    Err(error) => sink.error(format!("{path}.tls.certificates[{c}]"), error.to_string()),
+                    Err(error) => {
+                        sink.error(format!("{path}.tls.certificates[{c}]"), error.to_string())
+                    }
                 }
             }
             let (_, default) = keys.first()?.clone();
@@ -222,7 +240,12 @@ fn compile_upstream(
         .zip(tls_settings.client_key.as_ref())
         .map(|(c, k)| (base.join(c), base.join(k)));
     let ca = tls_settings.ca.as_ref().map(|ca| base.join(ca));
-    let tls_config = match tls::client_config(ca.as_deref(), client_pair.as_ref().map(|(c, k)| (c.as_path(), k.as_path()))) {
+    let tls_config = match tls::client_config(
+        ca.as_deref(),
+        client_pair
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    ) {
         Ok(config) => Arc::new(config),
         Err(error) => {
             sink.error(format!("{path}.tls"), error.to_string());
@@ -243,7 +266,9 @@ fn compile_upstream(
         LoadBalancing::LeastRequest => (Balancer::LeastRequest, None),
         LoadBalancing::ConsistentHash { hash_on } => {
             let key = match hash_on {
-                HashOn::Header(name) => HashKey::Header(HeaderName::from_bytes(name.as_bytes()).ok()?),
+                HashOn::Header(name) => {
+                    HashKey::Header(HeaderName::from_bytes(name.as_bytes()).ok()?)
+                }
                 HashOn::Cookie(name) => HashKey::Cookie(name.as_str().into()),
                 HashOn::ClientIp => HashKey::ClientIp,
             };
@@ -260,7 +285,11 @@ fn compile_upstream(
         per_try_timeout: upstream.timeouts.per_try.0,
         total_timeout: upstream.timeouts.total.0,
         max_retries: upstream.retries.max_retries,
-        budget: registry.retry_budget(&upstream.name, upstream.retries.budget_percent, upstream.retries.min_retries_per_second),
+        budget: registry.retry_budget(
+            &upstream.name,
+            upstream.retries.budget_percent,
+            upstream.retries.min_retries_per_second,
+        ),
         outlier: upstream.outlier_detection.clone(),
         health_check: upstream.health_check.clone(),
         clients: registry.clients(&upstream.name, settings),
@@ -278,7 +307,11 @@ fn compile_route(
     let path = format!("routes[{i}]");
     let upstream = upstreams.get(route.upstream.as_str())?.clone();
     let matcher = &route.matcher;
-    let hosts = matcher.hosts.iter().filter_map(|h| HostPattern::parse(h).ok()).collect();
+    let hosts = matcher
+        .hosts
+        .iter()
+        .filter_map(|h| HostPattern::parse(h).ok())
+        .collect();
     let path_pattern = PathPattern::parse(&matcher.path).ok()?;
     let methods = matcher
         .methods
@@ -308,9 +341,9 @@ fn compile_route(
     };
     let rewrite = route.rewrite.clone().unwrap_or_default();
     let host = match &rewrite.host {
+        None if rewrite.host_from_target => HostRewrite::Target,
         None => HostRewrite::Keep,
-        Some(UpstreamHost::Target) => HostRewrite::Target,
-        Some(UpstreamHost::Value(value)) => match HeaderValue::from_str(value) {
+        Some(value) => match HeaderValue::from_str(value) {
             Ok(value) => HostRewrite::Value(value),
             Err(_) => {
                 sink.error(format!("{path}.rewrite.host"), "not a valid header value");
@@ -325,7 +358,9 @@ fn compile_route(
     let compiled = Route {
         name: route.name.as_str().into(),
         upstream,
-        policies: RoutePolicies { access: Access::Public },
+        policies: RoutePolicies {
+            access: Access::Public,
+        },
         strip_prefix: rewrite.strip_prefix.map(Into::into),
         add_prefix: rewrite.add_prefix.map(Into::into),
         host,

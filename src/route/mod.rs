@@ -31,7 +31,14 @@ pub struct RouteMatch {
 }
 
 impl RouteMatch {
-    fn matches(&self, listener: usize, host: &str, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    fn matches(
+        &self,
+        listener: usize,
+        host: &str,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> bool {
         (self.listeners >> listener) & 1 == 1
             && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host)))
             && (self.methods.is_empty() || self.methods.contains(method))
@@ -44,7 +51,13 @@ impl RouteMatch {
 
     /// Most specific first; see the module docs for the rule.
     fn precedence_cmp(&self, other: &Self) -> Ordering {
-        let host_rank = |m: &Self| m.hosts.iter().map(HostPattern::rank).max().unwrap_or((0, 0));
+        let host_rank = |m: &Self| {
+            m.hosts
+                .iter()
+                .map(HostPattern::rank)
+                .max()
+                .unwrap_or((0, 0))
+        };
         host_rank(self)
             .cmp(&host_rank(other))
             .then_with(|| self.path.specificity_cmp(&other.path))
@@ -81,7 +94,14 @@ impl<R> RouteTable<R> {
     }
 
     /// The route for a request. `host` is lower-case without port; `path` is normalised.
-    pub fn find(&self, listener: usize, host: &str, method: &Method, path: &str, headers: &HeaderMap) -> Option<&R> {
+    pub fn find(
+        &self,
+        listener: usize,
+        host: &str,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&R> {
         self.entries
             .iter()
             .find(|(m, _)| m.matches(listener, host, method, path, headers))
@@ -117,7 +137,10 @@ pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> std::borr
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
-        return host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host);
+        return host
+            .split_once(']')
+            .map(|(h, _)| &host[..h.len() + 1])
+            .unwrap_or(host);
     }
     host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
 }
@@ -128,7 +151,10 @@ mod tests {
 
     fn route(hosts: &[&str], path: &str, methods: &[&str]) -> RouteMatch {
         RouteMatch {
-            hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
             path: PathPattern::parse(path).unwrap(),
             methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
             headers: Vec::new(),
@@ -136,7 +162,12 @@ mod tests {
         }
     }
 
-    fn find<'t>(table: &'t RouteTable<&'static str>, host: &str, method: &str, path: &str) -> Option<&'t str> {
+    fn find<'t>(
+        table: &'t RouteTable<&'static str>,
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> Option<&'t str> {
         table
             .find(0, host, &method.parse().unwrap(), path, &HeaderMap::new())
             .copied()
@@ -158,32 +189,66 @@ mod tests {
         assert_eq!(find(&table, "other", "POST", "/users/7"), Some("user-post"));
         assert_eq!(find(&table, "other", "GET", "/users/7/x"), Some("users"));
         assert_eq!(find(&table, "other", "GET", "/nope"), Some("catch-all"));
-        assert_eq!(find(&table, "api.example.com", "GET", "/users/me"), Some("exact-host"));
-        assert_eq!(find(&table, "www.example.com", "GET", "/users/me"), Some("wild"));
+        assert_eq!(
+            find(&table, "api.example.com", "GET", "/users/me"),
+            Some("exact-host")
+        );
+        assert_eq!(
+            find(&table, "www.example.com", "GET", "/users/me"),
+            Some("wild")
+        );
     }
 
     #[test]
     fn header_conditions_and_listeners_restrict_matches() {
         let mut canary = route(&[], "/**", &[]);
-        canary.headers.push((HeaderName::from_static("x-canary"), Some(HeaderValue::from_static("1"))));
+        canary.headers.push((
+            HeaderName::from_static("x-canary"),
+            Some(HeaderValue::from_static("1")),
+        ));
         let mut internal = route(&[], "/internal/**", &[]);
         internal.listeners = 0b10;
-        let table = RouteTable::new(vec![(route(&[], "/**", &[]), "stable"), (canary, "canary"), (internal, "internal")]);
+        let table = RouteTable::new(vec![
+            (route(&[], "/**", &[]), "stable"),
+            (canary, "canary"),
+            (internal, "internal"),
+        ]);
         let mut headers = HeaderMap::new();
-        assert_eq!(table.find(0, "h", &Method::GET, "/x", &headers), Some(&"stable"));
+        assert_eq!(
+            table.find(0, "h", &Method::GET, "/x", &headers),
+            Some(&"stable")
+        );
         headers.insert("x-canary", HeaderValue::from_static("1"));
-        assert_eq!(table.find(0, "h", &Method::GET, "/x", &headers), Some(&"canary"));
-        assert_eq!(table.find(0, "h", &Method::GET, "/internal/x", &HeaderMap::new()), Some(&"stable"));
-        assert_eq!(table.find(1, "h", &Method::GET, "/internal/x", &HeaderMap::new()), Some(&"internal"));
+        assert_eq!(
+            table.find(0, "h", &Method::GET, "/x", &headers),
+            Some(&"canary")
+        );
+        assert_eq!(
+            table.find(0, "h", &Method::GET, "/internal/x", &HeaderMap::new()),
+            Some(&"stable")
+        );
+        assert_eq!(
+            table.find(1, "h", &Method::GET, "/internal/x", &HeaderMap::new()),
+            Some(&"internal")
+        );
     }
 
     #[test]
     fn host_is_lowercased_and_port_stripped() {
         let mut headers = HeaderMap::new();
-        headers.insert(http::header::HOST, HeaderValue::from_static("API.Example.com:8443"));
-        assert_eq!(request_host(&"/x".parse().unwrap(), &headers), "api.example.com");
+        headers.insert(
+            http::header::HOST,
+            HeaderValue::from_static("API.Example.com:8443"),
+        );
+        assert_eq!(
+            request_host(&"/x".parse().unwrap(), &headers),
+            "api.example.com"
+        );
         headers.insert(http::header::HOST, HeaderValue::from_static("[::1]:8080"));
         assert_eq!(request_host(&"/x".parse().unwrap(), &headers), "[::1]");
-        assert_eq!(request_host(&"http://h2.example/x".parse().unwrap(), &HeaderMap::new()), "h2.example");
+        assert_eq!(
+            request_host(&"http://h2.example/x".parse().unwrap(), &HeaderMap::new()),
+            "h2.example"
+        );
     }
 }

@@ -164,7 +164,10 @@ mod tests {
     #[test]
     fn normal_paths_are_borrowed_unchanged() {
         for path in ["/", "/a", "/a/b/", "/a.b/c..d/.e", "/users/42/orders"] {
-            assert!(matches!(normalize_path(path), Ok(Cow::Borrowed(p)) if p == path), "{path}");
+            assert!(
+                matches!(normalize_path(path), Ok(Cow::Borrowed(p)) if p == path),
+                "{path}"
+            );
         }
     }
 
@@ -200,7 +203,12 @@ mod tests {
 
     #[test]
     fn normalisation_is_idempotent() {
-        for path in ["/x/../admin", "//a//b/", "/%61/./%2e%2e/c", "/a%20b/../c%7e"] {
+        for path in [
+            "/x/../admin",
+            "//a//b/",
+            "/%61/./%2e%2e/c",
+            "/a%20b/../c%7e",
+        ] {
             let once = norm(path).unwrap();
             assert_eq!(norm(&once).unwrap(), once, "{path}");
         }

@@ -35,18 +35,33 @@ impl PathPattern {
             let last = i + 1 == parts.len();
             match *part {
                 "" if last => {}
-                "" => return Err(format!("path pattern `{pattern}` has an empty segment (`//`)")),
+                "" => {
+                    return Err(format!(
+                        "path pattern `{pattern}` has an empty segment (`//`)"
+                    ))
+                }
                 "**" if last => prefix = true,
                 "**" => return Err(format!("`**` may only end a path pattern (in `{pattern}`)")),
                 "*" => segments.push(Segment::Any),
-                "." | ".." => return Err(format!("path pattern `{pattern}` has a dot segment; patterns match normalised paths")),
+                "." | ".." => {
+                    return Err(format!(
+                    "path pattern `{pattern}` has a dot segment; patterns match normalised paths"
+                ))
+                }
                 part if part.starts_with('{') && part.ends_with('}') => {
                     let name = &part[1..part.len() - 1];
-                    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    if name.is_empty()
+                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
                         return Err(format!("parameter `{part}` in `{pattern}` needs a name of letters, digits and `_`"));
                     }
-                    if segments.iter().any(|s| matches!(s, Segment::Param(n) if &**n == name)) {
-                        return Err(format!("parameter `{{{name}}}` appears twice in `{pattern}`"));
+                    if segments
+                        .iter()
+                        .any(|s| matches!(s, Segment::Param(n) if &**n == name))
+                    {
+                        return Err(format!(
+                            "parameter `{{{name}}}` appears twice in `{pattern}`"
+                        ));
                     }
                     segments.push(Segment::Param(name.into()));
                 }
@@ -74,7 +89,11 @@ impl PathPattern {
             .then_some(params)
     }
 
-    fn match_with<'s, 'p>(&'s self, path: &'p str, mut on_param: impl FnMut(&'s str, &'p str)) -> bool {
+    fn match_with<'s, 'p>(
+        &'s self,
+        path: &'p str,
+        mut on_param: impl FnMut(&'s str, &'p str),
+    ) -> bool {
         let mut parts = path.split('/').filter(|s| !s.is_empty());
         for segment in self.segments.iter() {
             let Some(part) = parts.next() else {
@@ -135,9 +154,10 @@ impl HostPattern {
         let lower = pattern.to_ascii_lowercase();
         let valid = |name: &str| {
             !name.is_empty()
-                && name
-                    .split('.')
-                    .all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
         };
         if let Some(suffix) = lower.strip_prefix("*.") {
             if valid(suffix) {
@@ -194,13 +214,23 @@ mod tests {
 
     #[test]
     fn captures_report_named_parameters() {
-        let caps = p("/tenants/{tenant}/users/{id}").captures("/tenants/acme/users/9").unwrap();
+        let pattern = p("/tenants/{tenant}/users/{id}");
+        let caps = pattern.captures("/tenants/acme/users/9").unwrap();
         assert_eq!(caps, vec![("tenant", "acme"), ("id", "9")]);
     }
 
     #[test]
     fn malformed_patterns_are_rejected() {
-        for bad in ["health", "/a//b", "/a/**/b", "/a/{}", "/a/{x}/{x}", "/a/x{y}", "/a/../b", "/a%2f"] {
+        for bad in [
+            "health",
+            "/a//b",
+            "/a/**/b",
+            "/a/{}",
+            "/a/{x}/{x}",
+            "/a/x{y}",
+            "/a/../b",
+            "/a%2f",
+        ] {
             assert!(PathPattern::parse(bad).is_err(), "{bad}");
         }
     }
@@ -222,7 +252,9 @@ mod tests {
         assert!(wild.matches("a.b.example.com"));
         assert!(!wild.matches("example.com"));
         assert!(!wild.matches("badexample.com"));
-        assert!(HostPattern::parse("api.example.com").unwrap().matches("api.example.com"));
+        assert!(HostPattern::parse("api.example.com")
+            .unwrap()
+            .matches("api.example.com"));
         assert!(HostPattern::parse("api.example.com:80").is_err());
         assert!(HostPattern::parse("*").is_err());
     }

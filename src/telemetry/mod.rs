@@ -18,9 +18,17 @@ pub fn init(format: LogFormat, level: &str) {
         let registry = tracing_subscriber::registry().with(filter);
         let result = match format {
             LogFormat::Json => registry
-                .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stdout))
+                .with(
+                    fmt::layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false)
+                        .with_writer(std::io::stdout),
+                )
                 .try_init(),
-            LogFormat::Human => registry.with(fmt::layer().with_writer(std::io::stdout)).try_init(),
+            LogFormat::Human => registry
+                .with(fmt::layer().with_writer(std::io::stdout))
+                .try_init(),
         };
         // a test harness may have installed one already; that is fine
         let _ = result;

@@ -9,7 +9,10 @@ use super::Target;
 #[derive(Debug)]
 pub enum Balancer {
     /// Targets repeated by weight and interleaved, walked by a shared counter.
-    RoundRobin { order: Box<[usize]>, next: AtomicUsize },
+    RoundRobin {
+        order: Box<[usize]>,
+        next: AtomicUsize,
+    },
     /// Two random candidates; the one with fewer requests in flight per unit of weight wins.
     LeastRequest,
     /// Points on a hash ring (`weight × 100` per target), sorted by hash.
@@ -52,24 +55,36 @@ impl Balancer {
 
     /// Picks an available target, avoiding `exclude` (the one a retry is moving away from) when
     /// another is available. `hash_key` is used only by consistent hashing.
-    pub fn pick(&self, targets: &[Target], exclude: Option<usize>, hash_key: Option<&[u8]>, now_ms: u64) -> Option<usize> {
+    pub fn pick(
+        &self,
+        targets: &[Target],
+        exclude: Option<usize>,
+        hash_key: Option<&[u8]>,
+        now_ms: u64,
+    ) -> Option<usize> {
         let usable = |i: usize| targets[i].is_available(now_ms) && Some(i) != exclude;
         let picked = match self {
             Self::RoundRobin { order, next } => {
                 let start = next.fetch_add(1, Ordering::Relaxed);
-                (0..order.len()).map(|k| order[(start + k) % order.len()]).find(|&i| usable(i))
+                (0..order.len())
+                    .map(|k| order[(start + k) % order.len()])
+                    .find(|&i| usable(i))
             }
             Self::LeastRequest => pick_least_request(targets, &usable),
             Self::ConsistentHash { ring } => match hash_key {
                 None => {
                     // no key in this request: spread by a random start on the ring
                     let start = fastrand::usize(..ring.len().max(1));
-                    (0..ring.len()).map(|k| ring[(start + k) % ring.len()].1).find(|&i| usable(i))
+                    (0..ring.len())
+                        .map(|k| ring[(start + k) % ring.len()].1)
+                        .find(|&i| usable(i))
                 }
                 Some(key) => {
                     let hash = fnv1a(key);
                     let start = ring.partition_point(|(point, _)| *point < hash);
-                    (0..ring.len()).map(|k| ring[(start + k) % ring.len()].1).find(|&i| usable(i))
+                    (0..ring.len())
+                        .map(|k| ring[(start + k) % ring.len()].1)
+                        .find(|&i| usable(i))
                 }
             },
         };
@@ -80,7 +95,8 @@ impl Balancer {
 
 fn pick_least_request(targets: &[Target], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
     let n = targets.len();
-    let load = |i: usize| u64::from(targets[i].in_flight()) * 1000 / u64::from(targets[i].weight.max(1));
+    let load =
+        |i: usize| u64::from(targets[i].in_flight()) * 1000 / u64::from(targets[i].weight.max(1));
     if n >= 2 {
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
@@ -94,14 +110,20 @@ fn pick_least_request(targets: &[Target], usable: &dyn Fn(usize) -> bool) -> Opt
     (0..n).filter(|&i| usable(i)).min_by_key(|&i| load(i))
 }
 
-/// FNV-1a: a stable (same in every process and replica) non-cryptographic hash for the ring.
+/// FNV-1a with a final avalanche step: a stable (same in every process and replica)
+/// non-cryptographic hash, so similar keys (`user-1`, `user-2`) land far apart on the ring.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    hash
+    // MurmurHash3's 64-bit finaliser
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
 }
 
 #[cfg(test)]
@@ -113,10 +135,16 @@ mod tests {
     fn round_robin_follows_weights_and_interleaves() {
         let targets = test_targets(&[3, 1]);
         let balancer = Balancer::round_robin(&targets);
-        let picks: Vec<usize> = (0..8).map(|_| balancer.pick(&targets, None, None, 0).unwrap()).collect();
+        let picks: Vec<usize> = (0..8)
+            .map(|_| balancer.pick(&targets, None, None, 0).unwrap())
+            .collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 6);
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 2);
-        assert_ne!(&picks[..3], &[0, 0, 0], "weights are interleaved, not bunched: {picks:?}");
+        assert_ne!(
+            &picks[..3],
+            &[0, 0, 0],
+            "weights are interleaved, not bunched: {picks:?}"
+        );
     }
 
     #[test]
@@ -138,13 +166,32 @@ mod tests {
         let targets = test_targets(&[1, 1, 1, 1]);
         let balancer = Balancer::consistent_hash(&targets);
         let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
-        let before: Vec<usize> = keys.iter().map(|k| balancer.pick(&targets, None, Some(k.as_bytes()), 0).unwrap()).collect();
-        let again: Vec<usize> = keys.iter().map(|k| balancer.pick(&targets, None, Some(k.as_bytes()), 0).unwrap()).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                balancer
+                    .pick(&targets, None, Some(k.as_bytes()), 0)
+                    .unwrap()
+            })
+            .collect();
+        let again: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                balancer
+                    .pick(&targets, None, Some(k.as_bytes()), 0)
+                    .unwrap()
+            })
+            .collect();
         assert_eq!(before, again);
-        assert!((0..4).all(|t| before.contains(&t)), "keys spread over all targets");
+        assert!(
+            (0..4).all(|t| before.contains(&t)),
+            "keys spread over all targets"
+        );
         targets[2].state.set_healthy(false);
         for (key, &was) in keys.iter().zip(&before) {
-            let now = balancer.pick(&targets, None, Some(key.as_bytes()), 0).unwrap();
+            let now = balancer
+                .pick(&targets, None, Some(key.as_bytes()), 0)
+                .unwrap();
             if was != 2 {
                 assert_eq!(now, was, "keys on healthy targets stay put");
             } else {

@@ -96,7 +96,9 @@ impl ClientSettings {
             .https_or_http();
         let builder = match &self.server_name {
             Some(name) => match rustls_pki_types::ServerName::try_from(name.clone()) {
-                Ok(server_name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(server_name)),
+                Ok(server_name) => builder.with_server_name_resolver(
+                    hyper_rustls::FixedServerNameResolver::new(server_name),
+                ),
                 Err(_) => builder,
             },
             None => builder,

@@ -43,7 +43,9 @@ impl HealthChecks {
 }
 
 async fn check_target(upstream: Arc<Upstream>, index: usize) {
-    let Some(config) = upstream.health_check.clone() else { return };
+    let Some(config) = upstream.health_check.clone() else {
+        return;
+    };
     let target = &upstream.targets[index];
     let path: http::uri::PathAndQuery = match config.path.parse() {
         Ok(path) => path,
@@ -60,12 +62,15 @@ async fn check_target(upstream: Arc<Upstream>, index: usize) {
         if let Some(host) = &host {
             request.headers_mut().insert(header::HOST, host.clone());
         }
-        request
-            .headers_mut()
-            .insert(header::USER_AGENT, HeaderValue::from_static("portcullis-health-check"));
+        request.headers_mut().insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("portcullis-health-check"),
+        );
         let client = upstream.clients.get();
         let passed = match tokio::time::timeout(config.timeout.0, client.request(request)).await {
-            Ok(Ok(response)) => response.status().is_success() || response.status().is_redirection(),
+            Ok(Ok(response)) => {
+                response.status().is_success() || response.status().is_redirection()
+            }
             _ => false,
         };
         let state = &target.state;
@@ -74,14 +79,23 @@ async fn check_target(upstream: Arc<Upstream>, index: usize) {
             passes = passes.saturating_add(1);
             if !state.is_healthy() && passes >= config.healthy_threshold {
                 state.set_healthy(true);
-                tracing::info!(upstream = &*upstream.name, target = &*target.label, "target is healthy again");
+                tracing::info!(
+                    upstream = &*upstream.name,
+                    target = &*target.label,
+                    "target is healthy again"
+                );
             }
         } else {
             passes = 0;
             failures = failures.saturating_add(1);
             if state.is_healthy() && failures >= config.unhealthy_threshold {
                 state.set_healthy(false);
-                tracing::warn!(upstream = &*upstream.name, target = &*target.label, failures, "target failed health checks");
+                tracing::warn!(
+                    upstream = &*upstream.name,
+                    target = &*target.label,
+                    failures,
+                    "target failed health checks"
+                );
             }
         }
     }

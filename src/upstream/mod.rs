@@ -107,8 +107,11 @@ pub struct UpstreamRegistry {
 struct SharedUpstream {
     targets: Mutex<HashMap<String, Arc<TargetState>>>,
     clients: Mutex<HashMap<ClientSettings, Arc<WorkerClients>>>,
-    budget: Mutex<Option<((u32, u32), Arc<RetryBudget>)>>,
+    /// The budget with the `(percent, min_per_second)` it was made for.
+    budget: Mutex<Option<(BudgetParams, Arc<RetryBudget>)>>,
 }
+
+type BudgetParams = (u32, u32);
 
 impl UpstreamRegistry {
     /// `workers`: number of worker threads, each of which gets its own connection pools.
@@ -147,7 +150,12 @@ impl UpstreamRegistry {
             .clone()
     }
 
-    pub fn retry_budget(&self, upstream: &str, percent: u32, min_per_second: u32) -> Arc<RetryBudget> {
+    pub fn retry_budget(
+        &self,
+        upstream: &str,
+        percent: u32,
+        min_per_second: u32,
+    ) -> Arc<RetryBudget> {
         let shared = self.shared(upstream);
         let mut budget = shared.budget.lock().unwrap_or_else(|e| e.into_inner());
         match &*budget {
@@ -233,7 +241,10 @@ impl Upstream {
         let mut retries = 0;
         let mut previous: Option<usize> = None;
         loop {
-            let Some(index) = self.balancer.pick(&self.targets, previous, hash_key, self.now_ms()) else {
+            let Some(index) = self
+                .balancer
+                .pick(&self.targets, previous, hash_key, self.now_ms())
+            else {
                 return Err(ForwardFailure {
                     error: GatewayError::NoHealthyTarget,
                     target: previous.map(|i| self.targets[i].label.clone()),
@@ -251,7 +262,9 @@ impl Upstream {
                 }
             }
             let now = Instant::now();
-            let try_timeout = self.per_try_timeout.min(deadline.saturating_duration_since(now));
+            let try_timeout = self
+                .per_try_timeout
+                .min(deadline.saturating_duration_since(now));
             target.state.begin_request();
             let result = tokio::time::timeout(try_timeout, client.request(request)).await;
             target.state.end_request();
@@ -262,7 +275,12 @@ impl Upstream {
                     let retry_status = status == 502 || status == 503;
                     match spare {
                         Some(spare) if retry_status && self.budget.try_withdraw() => {
-                            tracing::debug!(upstream = &*self.name, target = &*target.label, status, "retrying");
+                            tracing::debug!(
+                                upstream = &*self.name,
+                                target = &*target.label,
+                                status,
+                                "retrying"
+                            );
                             request = spare;
                             retries += 1;
                             previous = Some(index);
@@ -297,7 +315,12 @@ impl Upstream {
                 }
                 Err(_elapsed) => {
                     self.record_outcome(target, false);
-                    tracing::warn!(upstream = &*self.name, target = &*target.label, timeout_ms = try_timeout.as_millis() as u64, "upstream timed out");
+                    tracing::warn!(
+                        upstream = &*self.name,
+                        target = &*target.label,
+                        timeout_ms = try_timeout.as_millis() as u64,
+                        "upstream timed out"
+                    );
                     GatewayError::UpstreamTimeout
                 }
             };
@@ -324,15 +347,20 @@ impl Upstream {
             return;
         }
         let now = self.now_ms();
-        let ejected = self.targets.iter().filter(|t| t.state.is_ejected(now)).count();
+        let ejected = self
+            .targets
+            .iter()
+            .filter(|t| t.state.is_ejected(now))
+            .count();
         let allowed = self.targets.len() * outlier.max_ejection_percent as usize / 100;
         if ejected >= allowed.max(usize::from(outlier.max_ejection_percent > 0)) {
             return;
         }
         state.consecutive_failures.store(0, Ordering::Relaxed);
-        state
-            .ejected_until_ms
-            .store(now + outlier.ejection_time.0.as_millis() as u64, Ordering::Relaxed);
+        state.ejected_until_ms.store(
+            now + outlier.ejection_time.0.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         tracing::warn!(
             upstream = &*self.name,
             target = &*target.label,
@@ -343,7 +371,11 @@ impl Upstream {
     }
 }
 
-fn target_uri(scheme: TargetScheme, authority: &Authority, path_and_query: &http::uri::PathAndQuery) -> Uri {
+fn target_uri(
+    scheme: TargetScheme,
+    authority: &Authority,
+    path_and_query: &http::uri::PathAndQuery,
+) -> Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(scheme.uri_scheme());
     parts.authority = Some(authority.clone());

@@ -20,9 +20,12 @@ pub struct RetryBudget {
 
 impl RetryBudget {
     pub fn new(percent: u32, min_per_second: u32) -> Self {
-        let cap_milli = (i64::from(min_per_second) + 10) * 1000;
+        // at most ~10 s worth of the floor (or 100 retries) can be saved up; a fresh budget holds
+        // one second's floor plus a few, so a cold gateway can still retry
+        let cap_milli = (i64::from(min_per_second) * 10).max(100) * 1000;
+        let initial_milli = (i64::from(min_per_second) + 10) * 1000;
         Self {
-            balance_milli: AtomicI64::new(cap_milli),
+            balance_milli: AtomicI64::new(initial_milli.min(cap_milli)),
             last_refill_ms: AtomicU64::new(0),
             deposit_milli: i64::from(percent) * 10,
             min_per_second: i64::from(min_per_second),
@@ -36,9 +39,12 @@ impl RetryBudget {
         if self.deposit_milli == 0 {
             return;
         }
-        let previous = self.balance_milli.fetch_add(self.deposit_milli, Ordering::Relaxed);
+        let previous = self
+            .balance_milli
+            .fetch_add(self.deposit_milli, Ordering::Relaxed);
         if previous + self.deposit_milli > self.cap_milli {
-            self.balance_milli.fetch_min(self.cap_milli, Ordering::Relaxed);
+            self.balance_milli
+                .fetch_min(self.cap_milli, Ordering::Relaxed);
         }
     }
 
@@ -71,7 +77,8 @@ impl RetryBudget {
             let add = (now_ms - last) as i64 * self.min_per_second;
             let previous = self.balance_milli.fetch_add(add, Ordering::Relaxed);
             if previous + add > self.cap_milli {
-                self.balance_milli.fetch_min(self.cap_milli, Ordering::Relaxed);
+                self.balance_milli
+                    .fetch_min(self.cap_milli, Ordering::Relaxed);
             }
         }
     }

@@ -72,6 +72,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Text printed once the gateway is up (the demo's instructions).
+type Banner = Box<dyn FnOnce(&Gateway) -> String>;
+
 fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<()> {
     let loaded = config::load_file(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))?;
     serve(loaded, workers, Some(path.to_owned()), None)
@@ -83,7 +86,7 @@ fn serve(
     loaded: LoadedConfig,
     workers: Option<usize>,
     watch: Option<PathBuf>,
-    banner: Option<Box<dyn FnOnce(&Gateway) -> String>>,
+    banner: Option<Banner>,
 ) -> anyhow::Result<()> {
     let server = &loaded.config.server;
     telemetry::init(server.log.format, &server.log.level);
@@ -142,23 +145,30 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     // the backend runs on its own thread and runtime, like any other upstream would
     let (backend_tx, backend_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("demo-backend".into()).spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-        let Ok(runtime) = runtime else { return };
-        runtime.block_on(async move {
-            match portcullis::demo::start_backend("127.0.0.1:0".parse().expect("valid address")).await {
-                Ok((addr, task)) => {
-                    let _ = backend_tx.send(Ok(addr));
-                    let _ = task.await;
+    std::thread::Builder::new()
+        .name("demo-backend".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let Ok(runtime) = runtime else { return };
+            runtime.block_on(async move {
+                match portcullis::demo::start_backend("127.0.0.1:0".parse().expect("valid address"))
+                    .await
+                {
+                    Ok((addr, task)) => {
+                        let _ = backend_tx.send(Ok(addr));
+                        let _ = task.await;
+                    }
+                    Err(error) => {
+                        let _ = backend_tx.send(Err(error));
+                    }
                 }
-                Err(error) => {
-                    let _ = backend_tx.send(Err(error));
-                }
-            }
-        });
-    })?;
+            });
+        })?;
     let backend = backend_rx.recv().context("demo backend thread ended")??;
-    let loaded = portcullis::demo::load_config(backend, listen, admin).map_err(|errors| anyhow!("demo config:\n{errors}"))?;
+    let loaded = portcullis::demo::load_config(backend, listen, admin)
+        .map_err(|errors| anyhow!("demo config:\n{errors}"))?;
     serve(
         loaded,
         None,

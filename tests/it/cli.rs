@@ -1,0 +1,220 @@
+//! The command line: `validate` output and exit codes, `schema`, every shipped example, `demo`.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use http::Request;
+use http_body_util::Full;
+
+use crate::support::*;
+
+fn validate(yaml: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let output = Command::new(binary())
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&output.stdout).replace(&path.display().to_string(), "gw.yaml");
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn validate_prints_every_error_with_file_line_column_and_field() {
+    let yaml = "\
+listeners:
+  - name: main
+    bind: 127.0.0.1:99999
+upstreams:
+  - name: app
+    targets:
+      - url: ftp://x
+routes:
+  - name: open
+    upstream: app
+  - name: r2
+    public: true
+    upstream: missing
+    match:
+      path: /a/**/b
+      methods: [get]
+  - name: r3
+    public: true
+    upstream: app
+    bogus: 1
+";
+    let (code, out) = validate(yaml);
+    assert_eq!(code, 1, "{out}");
+    for expected in [
+        "gw.yaml:3:11: listeners[0].bind: `127.0.0.1:99999` is not an address",
+        "gw.yaml:7:14: upstreams[0].targets[0].url: target scheme `ftp`",
+        "gw.yaml:9:5: routes[0].public: route `open` declares no authentication",
+        "gw.yaml:13:15: routes[1].upstream: unknown upstream `missing`",
+        "gw.yaml:15:13: routes[1].match.path: `**` may only end a path pattern",
+        "gw.yaml:16:17: routes[1].match.methods[0]: `get` is not an upper-case HTTP method",
+        "gw.yaml:20:5: routes[2].bogus: unknown field `bogus`",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn validate_accepts_a_good_config_and_checks_tls_files() {
+    let good = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets: [{ url: http://127.0.0.1:9 }]\nroutes:\n  - name: all\n    public: true\n    upstream: app\n";
+    let (code, out) = validate(good);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("gw.yaml: ok"), "{out}");
+
+    let bad_tls = good.replace(
+        "    bind: 127.0.0.1:0\n",
+        "    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        - { cert: missing.pem, key: missing.key }\n",
+    );
+    let (code, out) = validate(&bad_tls);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("listeners[0].tls.certificates[0]: cannot read"),
+        "{out}"
+    );
+}
+
+#[test]
+fn duplicate_names_bad_cidrs_and_unreachable_routes_are_errors() {
+    let yaml = "\
+server:
+  trusted_proxies: [10.0.0.0/33]
+listeners:
+  - name: main
+    bind: 127.0.0.1:0
+  - name: main
+    bind: 127.0.0.1:0
+upstreams:
+  - name: app
+    targets: [{ url: http://127.0.0.1:9 }]
+routes:
+  - name: a
+    public: true
+    upstream: app
+    match: { path: /x, methods: [GET] }
+  - name: b
+    public: true
+    upstream: app
+    match: { path: /x, methods: [GET] }
+";
+    let (code, out) = validate(yaml);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("server.trusted_proxies[0]: `10.0.0.0/33` is not a CIDR"),
+        "{out}"
+    );
+    assert!(
+        out.contains("listeners[1].name: duplicate listener name `main`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("routes[1].match: route `b` is unreachable"),
+        "{out}"
+    );
+}
+
+#[test]
+fn schema_is_generated_from_the_config_types() {
+    let output = Command::new(binary()).arg("schema").output().unwrap();
+    assert!(output.status.success());
+    let schema: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for section in ["listeners", "upstreams", "routes", "server", "admin"] {
+        assert!(schema["properties"][section].is_object(), "{section}");
+    }
+    assert!(schema["definitions"]["RouteConfig"]["properties"]["public"].is_object());
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let output = Command::new(binary())
+                .arg("validate")
+                .arg(&path)
+                .env("DEMO_UPSTREAM", "127.0.0.1:9")
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{} is invalid:\n{}",
+                path.display(),
+                String::from_utf8_lossy(&output.stdout)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "examples were found");
+}
+
+#[tokio::test]
+async fn demo_serves_the_curl_commands_it_prints() {
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(binary())
+        .args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        let done = line.contains("Stop with Ctrl-C");
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    assert!(
+        text.contains(&format!("curl -s http://127.0.0.1:{port}/api/hello")),
+        "{text}"
+    );
+    let hello = send(
+        Request::get(format!("http://127.0.0.1:{port}/api/hello"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(hello.status, 200);
+    assert_eq!(hello.json()["path"], "/hello");
+    let missing = send(
+        Request::get(format!("http://127.0.0.1:{port}/nope"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+    let ready = send(
+        Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ready.status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real gateway on loopback, real upstreams, real sockets.
+//! One test binary (faster to build and link than one per file).
+
+mod support;
+
+mod cli;
+mod hardening;
+mod lifecycle;
+mod routing;
+mod tls;
+mod upstreams;

@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::Completion;
+use crate::upstream::UpstreamResponseBody;
 
 /// Errors crossing body boundaries (hyper's, or ours for the size limit).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -28,7 +29,7 @@ pub struct ResponseBody {
 
 enum ResponseKind {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(UpstreamResponseBody),
 }
 
 impl ResponseBody {
@@ -46,7 +47,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(body: Incoming) -> Self {
+    pub fn upstream(body: UpstreamResponseBody) -> Self {
         Self {
             kind: ResponseKind::Upstream(body),
             completion: None,

@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -30,9 +30,6 @@ use tokio::{
 use crate::pipeline::ConnActivity;
 
 const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 67\r\nconnection: close\r\n\r\n{\"error\":\"request_timeout\",\"message\":\"request head took too long\"}";
-
-/// How often a connection with a request in flight re-checks whether it has become idle.
-const BUSY_RECHECK: Duration = Duration::from_secs(1);
 
 /// Per-connection flags the handler reads.
 #[derive(Debug, Default)]
@@ -54,39 +51,54 @@ enum Phase {
 /// Wraps a client connection's stream; see the module docs.
 pub struct ConnIo<T> {
     inner: T,
+    /// The physical timer. It is re-armed lazily (at most once per `horizon`), never per request:
+    /// it fires at or before `deadline`, and on firing the logical deadline decides.
     timer: Pin<Box<Sleep>>,
+    /// When the current phase times out.
+    deadline: Instant,
     activity: Arc<ConnActivity>,
     flags: Arc<ConnFlags>,
     phase: Phase,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// The longest the physical timer is armed ahead: `min(header_timeout, idle_timeout)` for
+    /// HTTP/1.1, so a new phase's deadline is never earlier than the armed timer.
+    horizon: Duration,
     // `None` for HTTP/2, where heads are frames and the framing checks do not apply
     scanner: Option<HeadScanner>,
 }
 
-struct Projection<'a, T> {
-    inner: Pin<&'a mut T>,
-    timer: &'a mut Pin<Box<Sleep>>,
-    activity: &'a Arc<ConnActivity>,
-    flags: &'a Arc<ConnFlags>,
-    phase: &'a mut Phase,
-    header_timeout: &'a Duration,
-    idle_timeout: &'a Duration,
-    scanner: &'a mut Option<HeadScanner>,
-}
+impl<T> ConnIo<T> {
+    /// Enters `phase` and sets its logical deadline (no timer-wheel update unless it moves earlier).
+    fn enter(&mut self, phase: Phase, now: Instant) {
+        self.phase = phase;
+        self.deadline = match phase {
+            Phase::Head { .. } => now + self.header_timeout,
+            Phase::Idle => now + self.idle_timeout,
+            // a request in flight has no deadline here (upstream timeouts bound it); re-check
+            // for idleness once per horizon in case no read notices it first
+            Phase::Busy => now + self.horizon,
+        };
+        if self.deadline < self.timer.deadline() {
+            self.timer.as_mut().reset(self.deadline);
+        }
+    }
 
-impl<T: Unpin> ConnIo<T> {
-    fn project(self: Pin<&mut Self>) -> Projection<'_, T> {
-        let this = self.get_mut();
-        Projection {
-            inner: Pin::new(&mut this.inner),
-            timer: &mut this.timer,
-            activity: &this.activity,
-            flags: &this.flags,
-            phase: &mut this.phase,
-            header_timeout: &this.header_timeout,
-            idle_timeout: &this.idle_timeout,
-            scanner: &mut this.scanner,
+    /// Moves Head → Busy once the handler has the request, and Busy → Idle once nothing is in flight.
+    fn refresh_phase(&mut self) {
+        let in_flight = self.activity.in_flight();
+        match self.phase {
+            Phase::Idle if in_flight > 0 => self.enter(Phase::Busy, Instant::now()),
+            Phase::Head { started } if self.activity.started() != started => {
+                let next = if in_flight > 0 {
+                    Phase::Busy
+                } else {
+                    Phase::Idle
+                };
+                self.enter(next, Instant::now());
+            }
+            Phase::Busy if in_flight == 0 => self.enter(Phase::Idle, Instant::now()),
+            _ => {}
         }
     }
 }
@@ -101,19 +113,27 @@ impl<T> ConnIo<T> {
         idle_timeout: Duration,
         http1: bool,
     ) -> Self {
-        let (phase, deadline) = if http1 {
+        let (phase, first) = if http1 {
             (Phase::Head { started: 0 }, header_timeout)
         } else {
             (Phase::Idle, idle_timeout)
         };
+        let horizon = if http1 {
+            header_timeout.min(idle_timeout)
+        } else {
+            idle_timeout
+        };
+        let deadline = Instant::now() + first;
         Self {
             inner,
-            timer: Box::pin(tokio::time::sleep(deadline)),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            deadline,
             activity,
             flags,
             phase,
             header_timeout,
             idle_timeout,
+            horizon,
             scanner: http1.then(HeadScanner::default),
         }
     }
@@ -125,99 +145,65 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut this = self.project();
-        refresh_phase(
-            this.phase,
-            this.activity,
-            this.timer.as_mut(),
-            *this.idle_timeout,
-        );
+        let this = self.get_mut();
+        this.refresh_phase();
         let before = buf.filled().len();
-        match this.inner.as_mut().poll_read(cx, buf) {
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let read = &buf.filled()[before..];
                 if read.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                if *this.phase == Phase::Idle && this.scanner.is_some() {
-                    // first bytes of a new request head: the clock starts now
-                    *this.phase = Phase::Head {
-                        started: this.activity.started(),
-                    };
-                    this.timer
-                        .as_mut()
-                        .reset(Instant::now() + *this.header_timeout);
-                    if let Some(scanner) = this.scanner.as_mut() {
-                        *scanner = HeadScanner::default();
+                if this.scanner.is_some() {
+                    if this.phase == Phase::Idle {
+                        // first bytes of a new request head: the clock starts now
+                        let started = this.activity.started();
+                        this.enter(Phase::Head { started }, Instant::now());
+                        this.scanner = Some(HeadScanner::default());
                     }
-                }
-                if let (Phase::Head { .. }, Some(scanner)) = (*this.phase, this.scanner.as_mut()) {
-                    if scanner.feed(read) {
-                        this.flags.framing_conflict.store(true, Ordering::Release);
+                    if let (Phase::Head { .. }, Some(scanner)) = (this.phase, this.scanner.as_mut())
+                    {
+                        if scanner.feed(read) {
+                            this.flags.framing_conflict.store(true, Ordering::Release);
+                        }
                     }
-                }
-                if *this.phase == Phase::Idle {
-                    // HTTP/2 frames while idle: just push the idle deadline out
-                    this.timer
-                        .as_mut()
-                        .reset(Instant::now() + *this.idle_timeout);
+                } else if this.phase == Phase::Idle {
+                    // HTTP/2 frames while idle (pings, settings): push the idle deadline out
+                    this.deadline = Instant::now() + this.idle_timeout;
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => {
                 while this.timer.as_mut().poll(cx).is_ready() {
-                    match *this.phase {
+                    this.refresh_phase();
+                    let now = Instant::now();
+                    if now < this.deadline {
+                        // fired early (lazy re-arming): arm again, at most one horizon ahead
+                        let next = this.deadline.min(now + this.horizon);
+                        this.timer.as_mut().reset(next);
+                        continue;
+                    }
+                    match this.phase {
                         Phase::Head { .. } => {
                             // best effort: the socket is writable in all but pathological cases
-                            let _ = this.inner.as_mut().poll_write(cx, RESPONSE_408);
-                            let _ = this.inner.as_mut().poll_flush(cx);
+                            let mut inner = Pin::new(&mut this.inner);
+                            let _ = inner.as_mut().poll_write(cx, RESPONSE_408);
+                            let _ = inner.poll_flush(cx);
                             return Poll::Ready(Err(io::Error::new(
                                 io::ErrorKind::TimedOut,
                                 "request head timeout",
                             )));
                         }
                         Phase::Idle => return Poll::Ready(Ok(())),
-                        Phase::Busy => {
-                            let recheck = BUSY_RECHECK.min(*this.idle_timeout);
-                            this.timer.as_mut().reset(Instant::now() + recheck);
-                            refresh_phase(
-                                this.phase,
-                                this.activity,
-                                this.timer.as_mut(),
-                                *this.idle_timeout,
-                            );
-                        }
+                        Phase::Busy => this.enter(Phase::Busy, now),
                     }
+                    let next = this.deadline.min(now + this.horizon);
+                    this.timer.as_mut().reset(next);
                 }
                 Poll::Pending
             }
         }
-    }
-}
-
-/// Moves Head → Busy once the handler has the request, and Busy → Idle once nothing is in flight.
-fn refresh_phase(
-    phase: &mut Phase,
-    activity: &ConnActivity,
-    timer: Pin<&mut Sleep>,
-    idle_timeout: Duration,
-) {
-    if *phase == Phase::Idle && activity.in_flight() > 0 {
-        // HTTP/2 streams (or a pipelined request) are in flight
-        *phase = Phase::Busy;
-    }
-    if let Phase::Head { started } = *phase {
-        if activity.started() != started {
-            *phase = Phase::Busy;
-        }
-    }
-    if *phase == Phase::Busy && activity.in_flight() == 0 {
-        *phase = Phase::Idle;
-        timer.reset(Instant::now() + idle_timeout);
-    } else if *phase == Phase::Busy && timer.deadline() > Instant::now() + BUSY_RECHECK {
-        // entered Busy: re-check for idleness periodically instead of at the head deadline
-        timer.reset(Instant::now() + BUSY_RECHECK.min(idle_timeout));
     }
 }
 
@@ -227,7 +213,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -235,7 +221,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -243,12 +229,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.project().inner.poll_shutdown(cx))?;
-        Poll::Ready(Ok(()))
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

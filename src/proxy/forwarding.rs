@@ -93,9 +93,32 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     client
 }
 
+/// The direct peer's address, formatted once per connection for the forwarding headers.
+#[derive(Debug, Clone)]
+pub struct PeerAddress {
+    /// `X-Forwarded-For` value naming only this peer.
+    xff: HeaderValue,
+    /// The `for=` parameter of `Forwarded` (RFC 7239 quotes and brackets IPv6).
+    forwarded_for: Box<str>,
+}
+
+impl PeerAddress {
+    pub fn new(ip: IpAddr) -> Self {
+        let forwarded_for = match ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        Self {
+            xff: HeaderValue::from_str(&ip.to_string())
+                .expect("an IP address is a valid header value"),
+            forwarded_for: forwarded_for.into(),
+        }
+    }
+}
+
 /// What the upstream is told about the original request.
 pub struct ForwardedFor<'a> {
-    pub peer: IpAddr,
+    pub peer: &'a PeerAddress,
     pub trusted_peer: bool,
     pub tls: bool,
     /// The `Host` the client asked for (authority or header).
@@ -106,25 +129,18 @@ pub struct ForwardedFor<'a> {
 /// from trusted proxies, replaced otherwise.
 pub fn set_forwarding_headers(headers: &mut HeaderMap, info: &ForwardedFor<'_>) {
     let proto = if info.tls { "https" } else { "http" };
-    let mut peer_text = String::with_capacity(40);
-    let _ = write!(peer_text, "{}", info.peer);
 
-    // X-Forwarded-For
+    // X-Forwarded-For: from an untrusted peer, just the peer (pre-formatted, no allocation)
     let xff = if info.trusted_peer {
-        let existing: Vec<&str> = headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if existing.is_empty() {
-            peer_text.clone()
-        } else {
-            format!("{}, {peer_text}", existing.join(", "))
-        }
+        append_to_list(
+            headers,
+            X_FORWARDED_FOR,
+            info.peer.xff.to_str().unwrap_or_default(),
+        )
     } else {
-        peer_text.clone()
+        Some(info.peer.xff.clone())
     };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
+    if let Some(value) = xff {
         headers.insert(X_FORWARDED_FOR, value);
     }
 
@@ -142,42 +158,42 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, info: &ForwardedFor<'_>) 
         }
     }
 
-    // Forwarded (RFC 7239): IPv6 addresses are quoted and bracketed
-    let mut element = String::with_capacity(64);
-    match info.peer {
-        IpAddr::V4(v4) => {
-            let _ = write!(element, "for={v4}");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(element, "for=\"[{v6}]\"");
-        }
-    }
-    let _ = write!(element, ";proto={proto}");
-    if let Some(host) = info.host.and_then(|h| h.to_str().ok()) {
-        if host
-            .bytes()
+    // Forwarded (RFC 7239)
+    let host = info.host.and_then(|h| h.to_str().ok()).filter(|host| {
+        host.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
-        {
-            let _ = write!(element, ";host=\"{host}\"");
-        }
+    });
+    let mut element =
+        String::with_capacity(info.peer.forwarded_for.len() + 20 + host.map_or(0, str::len));
+    element.push_str(&info.peer.forwarded_for);
+    element.push_str(";proto=");
+    element.push_str(proto);
+    if let Some(host) = host {
+        let _ = write!(element, ";host=\"{host}\"");
     }
     let forwarded = if info.trusted_peer {
-        let existing: Vec<&str> = headers
-            .get_all(FORWARDED)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if existing.is_empty() {
-            element
-        } else {
-            format!("{}, {element}", existing.join(", "))
-        }
+        append_to_list(headers, FORWARDED, &element)
     } else {
-        element
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(element)).ok()
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+    if let Some(value) = forwarded {
         headers.insert(FORWARDED, value);
     }
+}
+
+/// `existing values, item` for list headers extended by a proxy.
+fn append_to_list(headers: &HeaderMap, name: HeaderName, item: &str) -> Option<HeaderValue> {
+    let mut joined = String::new();
+    for value in headers
+        .get_all(&name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        joined.push_str(value);
+        joined.push_str(", ");
+    }
+    joined.push_str(item);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
 }
 
 /// The request id: a trusted proxy's (if well-formed), otherwise a fresh random one.
@@ -250,7 +266,7 @@ mod tests {
         set_forwarding_headers(
             &mut headers,
             &ForwardedFor {
-                peer,
+                peer: &PeerAddress::new(peer),
                 trusted_peer: false,
                 tls: false,
                 host: Some(&host),
@@ -282,7 +298,7 @@ mod tests {
         set_forwarding_headers(
             &mut headers,
             &ForwardedFor {
-                peer,
+                peer: &PeerAddress::new(peer),
                 trusted_peer: true,
                 tls: true,
                 host: None,

@@ -29,6 +29,8 @@ use crate::{
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's address pre-formatted for the forwarding headers.
+    pub peer_address: forwarding::PeerAddress,
     pub listener: Arc<str>,
     pub tls: bool,
     pub activity: Arc<ConnActivity>,
@@ -182,7 +184,7 @@ async fn proxy(
     forwarding::set_forwarding_headers(
         &mut parts.headers,
         &forwarding::ForwardedFor {
-            peer: conn.peer.ip(),
+            peer: &conn.peer_address,
             trusted_peer,
             tls: conn.tls,
             host: original_host.as_ref(),

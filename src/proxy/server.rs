@@ -178,6 +178,7 @@ async fn serve_io<I>(
     ));
     let info = Arc::new(ConnInfo {
         peer,
+        peer_address: super::forwarding::PeerAddress::new(peer.ip()),
         listener: spec.name.clone(),
         tls,
         activity,
@@ -208,8 +209,9 @@ async fn serve_io<I>(
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            // our I/O wrapper answers slow heads with 408 first; this is the backstop
-            .header_read_timeout(spec.header_timeout + Duration::from_secs(1))
+            // the I/O wrapper enforces the head timeout (with a 408); hyper's own would cost a
+            // timer per request and close silently
+            .header_read_timeout(None)
             .max_buf_size(spec.max_header_bytes.max(8192))
             .max_header_size(spec.max_header_bytes)
             .keep_alive(true);

@@ -292,7 +292,7 @@ fn compile_upstream(
         ),
         outlier: upstream.outlier_detection.clone(),
         health_check: upstream.health_check.clone(),
-        clients: registry.clients(&upstream.name, settings),
+        pool: registry.pool(&upstream.name, settings),
         epoch: registry.epoch(),
     })
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::{header, HeaderValue, Request};
 use tokio::task::JoinHandle;
 
-use super::{target_uri, Upstream};
+use super::Upstream;
 use crate::pipeline::UpstreamBody;
 
 /// The running checks of one snapshot; dropping it stops them (a reload starts a new set, while
@@ -58,7 +58,7 @@ async fn check_target(upstream: Arc<Upstream>, index: usize) {
     loop {
         interval.tick().await;
         let mut request = Request::new(UpstreamBody::Empty);
-        *request.uri_mut() = target_uri(upstream.scheme, &target.authority, &path);
+        *request.uri_mut() = http::Uri::from(path.clone());
         if let Some(host) = &host {
             request.headers_mut().insert(header::HOST, host.clone());
         }
@@ -66,8 +66,12 @@ async fn check_target(upstream: Arc<Upstream>, index: usize) {
             header::USER_AGENT,
             HeaderValue::from_static("portcullis-health-check"),
         );
-        let client = upstream.clients.get();
-        let passed = match tokio::time::timeout(config.timeout.0, client.request(request)).await {
+        let passed = match tokio::time::timeout(
+            config.timeout.0,
+            upstream.pool.send(&target.authority, request),
+        )
+        .await
+        {
             Ok(Ok(response)) => {
                 response.status().is_success() || response.status().is_redirection()
             }

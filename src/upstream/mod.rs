@@ -19,11 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{uri::Authority, HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
+use http::{uri::Authority, HeaderValue, Request, Response};
 
 pub use balance::Balancer;
-pub use client::{set_worker_slot, ClientSettings, HttpClient, TargetScheme, WorkerClients};
+pub use client::{
+    set_worker_slot, ClientSettings, ConnectionPool, TargetScheme, UpstreamError,
+    UpstreamResponseBody,
+};
 pub use retry::RetryBudget;
 
 use crate::{
@@ -106,7 +108,7 @@ pub struct UpstreamRegistry {
 #[derive(Debug, Default)]
 struct SharedUpstream {
     targets: Mutex<HashMap<String, Arc<TargetState>>>,
-    clients: Mutex<HashMap<ClientSettings, Arc<WorkerClients>>>,
+    pools: Mutex<HashMap<ClientSettings, Arc<ConnectionPool>>>,
     /// The budget with the `(percent, min_per_second)` it was made for.
     budget: Mutex<Option<(BudgetParams, Arc<RetryBudget>)>>,
 }
@@ -140,13 +142,13 @@ impl UpstreamRegistry {
         targets.entry(url.to_owned()).or_default().clone()
     }
 
-    /// Connection pools for these settings (kept across reloads while the settings are unchanged).
-    pub fn clients(&self, upstream: &str, settings: ClientSettings) -> Arc<WorkerClients> {
+    /// The connection pool for these settings (kept across reloads while the settings are unchanged).
+    pub fn pool(&self, upstream: &str, settings: ClientSettings) -> Arc<ConnectionPool> {
         let shared = self.shared(upstream);
-        let mut clients = shared.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients
+        let mut pools = shared.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
             .entry(settings.clone())
-            .or_insert_with(|| Arc::new(WorkerClients::new(settings, self.workers + 1)))
+            .or_insert_with(|| Arc::new(ConnectionPool::new(settings, self.workers + 1)))
             .clone()
     }
 
@@ -184,7 +186,7 @@ pub struct Upstream {
     pub budget: Arc<RetryBudget>,
     pub outlier: Option<OutlierDetectionConfig>,
     pub health_check: Option<HealthCheckConfig>,
-    pub clients: Arc<WorkerClients>,
+    pub pool: Arc<ConnectionPool>,
     pub epoch: Instant,
 }
 
@@ -198,7 +200,7 @@ pub enum HashKey {
 
 /// The outcome of forwarding: the upstream's response, plus what the access log wants to know.
 pub struct Forwarded {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamResponseBody>,
     pub target: Arc<str>,
     pub retries: u32,
 }
@@ -222,7 +224,7 @@ impl Upstream {
         &self,
         mut request: Request<UpstreamBody>,
         hash_key: Option<&[u8]>,
-        set_host_to_target: bool,
+        mut set_host_to_target: bool,
     ) -> Result<Forwarded, ForwardFailure> {
         let started = Instant::now();
         let deadline = started + self.total_timeout;
@@ -232,14 +234,11 @@ impl Upstream {
         if retryable {
             self.budget.deposit();
         }
-        let path_and_query = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let client = self.clients.get();
         let mut retries = 0;
         let mut previous: Option<usize> = None;
+        if !request.headers().contains_key(http::header::HOST) {
+            set_host_to_target = true;
+        }
         loop {
             let Some(index) = self
                 .balancer
@@ -253,28 +252,30 @@ impl Upstream {
             };
             let target = &self.targets[index];
             let can_retry = retryable && retries < self.max_retries;
-            // keep a copy only when a retry may need it
-            let spare = can_retry.then(|| clone_bodiless(&request));
-            *request.uri_mut() = target_uri(self.scheme, &target.authority, &path_and_query);
             if set_host_to_target {
                 if let Ok(host) = HeaderValue::from_str(target.authority.as_str()) {
                     request.headers_mut().insert(http::header::HOST, host);
                 }
             }
+            // a retry after a 502/503 needs a copy: the original is consumed by sending it
+            // (after a connect failure the pool hands the unsent request back)
+            let spare = can_retry.then(|| clone_bodiless(&request));
             let now = Instant::now();
             let try_timeout = self
                 .per_try_timeout
                 .min(deadline.saturating_duration_since(now));
             target.state.begin_request();
-            let result = tokio::time::timeout(try_timeout, client.request(request)).await;
+            let result =
+                tokio::time::timeout(try_timeout, self.pool.send(&target.authority, request)).await;
             target.state.end_request();
             let failure = match result {
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     self.record_outcome(target, status < 500);
-                    let retry_status = status == 502 || status == 503;
                     match spare {
-                        Some(spare) if retry_status && self.budget.try_withdraw() => {
+                        Some(spare)
+                            if (status == 502 || status == 503) && self.budget.try_withdraw() =>
+                        {
                             tracing::debug!(
                                 upstream = &*self.name,
                                 target = &*target.label,
@@ -295,19 +296,21 @@ impl Upstream {
                         }
                     }
                 }
-                Ok(Err(error)) => {
-                    let connect = error.is_connect();
+                Ok(Err(failure)) => {
                     self.record_outcome(target, false);
-                    tracing::warn!(upstream = &*self.name, target = &*target.label, error = %error_chain(&error), "upstream request failed");
-                    if connect {
-                        if let Some(spare) = spare.filter(|_| self.budget.try_withdraw()) {
-                            request = spare;
+                    tracing::warn!(upstream = &*self.name, target = &*target.label, error = %error_chain(&failure.error), "upstream request failed");
+                    if failure.error.is_connect() {
+                        let again = failure.request.or(spare);
+                        if let Some(again) =
+                            again.filter(|_| can_retry && self.budget.try_withdraw())
+                        {
+                            request = again;
                             retries += 1;
                             previous = Some(index);
                             continue;
                         }
                         GatewayError::UpstreamConnect
-                    } else if is_body_too_large(&error) {
+                    } else if is_body_too_large(&failure.error) {
                         GatewayError::PayloadTooLarge
                     } else {
                         GatewayError::UpstreamProtocol
@@ -369,18 +372,6 @@ impl Upstream {
             "target ejected after consecutive failures"
         );
     }
-}
-
-fn target_uri(
-    scheme: TargetScheme,
-    authority: &Authority,
-    path_and_query: &http::uri::PathAndQuery,
-) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(scheme.uri_scheme());
-    parts.authority = Some(authority.clone());
-    parts.path_and_query = Some(path_and_query.clone());
-    Uri::from_parts(parts).expect("scheme, authority and path form a valid URI")
 }
 
 fn clone_bodiless(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {

@@ -28,8 +28,9 @@ pub struct LoadedConfig {
     pub file: PathBuf,
     pub config: Config,
     pub index: SpanIndex,
-    /// Values substituted from the environment: redacted wherever the config is shown.
-    pub secrets: Vec<String>,
+    /// Paths of values that took something from the environment: redacted wherever the config
+    /// is shown.
+    pub secret_paths: Vec<String>,
     /// Directory that relative paths in the config are resolved against.
     pub base_dir: PathBuf,
     /// Findings that do not stop the config from loading (e.g. an unused upstream).
@@ -39,29 +40,32 @@ pub struct LoadedConfig {
 /// The effective config as JSON for display: values that came from the environment, and fields
 /// whose names say they hold secrets, are replaced by `[redacted]`.
 pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
-    fn walk(value: &mut serde_json::Value, secrets: &[String]) {
+    fn walk(value: &mut serde_json::Value, path: &str, secret_paths: &[String]) {
+        if secret_paths.iter().any(|p| p == path) {
+            *value = serde_json::Value::String("[redacted]".into());
+            return;
+        }
         match value {
-            serde_json::Value::String(text) => {
-                for secret in secrets {
-                    if text.contains(secret.as_str()) {
-                        *text = text.replace(secret.as_str(), "[redacted]");
-                    }
-                }
-            }
             serde_json::Value::Array(items) => {
-                items.iter_mut().for_each(|item| walk(item, secrets))
+                for (i, item) in items.iter_mut().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), secret_paths);
+                }
             }
             serde_json::Value::Object(map) => {
                 for (key, item) in map.iter_mut() {
-                    let key = key.to_ascii_lowercase();
-                    if ["secret", "password", "token", "credential"]
+                    let lower = key.to_ascii_lowercase();
+                    let secret_name = ["secret", "password", "token", "credential"]
                         .iter()
-                        .any(|word| key.contains(word))
-                        && !item.is_null()
-                    {
+                        .any(|w| lower.contains(w));
+                    if secret_name && !item.is_null() {
                         *item = serde_json::Value::String("[redacted]".into());
                     } else {
-                        walk(item, secrets);
+                        let child = if path.is_empty() {
+                            key.clone()
+                        } else {
+                            format!("{path}.{key}")
+                        };
+                        walk(item, &child, secret_paths);
                     }
                 }
             }
@@ -69,7 +73,7 @@ pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
         }
     }
     let mut value = serde_json::to_value(&loaded.config).unwrap_or_default();
-    walk(&mut value, &loaded.secrets);
+    walk(&mut value, "", &loaded.secret_paths);
     value
 }
 
@@ -77,6 +81,9 @@ pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
 pub struct ErrorSink<'a> {
     file: &'a Path,
     index: &'a SpanIndex,
+    /// For lists where some items failed to parse: the original index of each parsed item, so
+    /// that errors about `routes[1]` of the parsed list point at the right item in the file.
+    remap: Vec<(&'static str, Vec<usize>)>,
     pub errors: Vec<ConfigError>,
     pub warnings: Vec<ConfigWarning>,
 }
@@ -86,12 +93,15 @@ impl<'a> ErrorSink<'a> {
         Self {
             file: &loaded.file,
             index: &loaded.index,
+            remap: Vec::new(),
             errors: Vec::new(),
             warnings: Vec::new(),
         }
     }
 
     fn make(&self, path: &str, message: String, at_key: bool) -> ConfigError {
+        let remapped = self.original_path(path);
+        let path = remapped.as_deref().unwrap_or(path);
         let (line, column) = if at_key {
             self.index.locate_key(path)
         } else {
@@ -104,6 +114,18 @@ impl<'a> ErrorSink<'a> {
             path: path.to_owned(),
             message,
         }
+    }
+
+    fn original_path(&self, path: &str) -> Option<String> {
+        for (section, originals) in &self.remap {
+            let Some(rest) = path.strip_prefix(section).and_then(|r| r.strip_prefix('[')) else {
+                continue;
+            };
+            let (number, tail) = rest.split_once(']')?;
+            let original = originals.get(number.parse::<usize>().ok()?)?;
+            return Some(format!("{section}[{original}]{tail}"));
+        }
+        None
     }
 
     /// Records an error at the value of `path`.
@@ -179,21 +201,16 @@ pub fn load_str(
         file: file.to_owned(),
         config: Config::default(),
         index,
-        secrets: Vec::new(),
+        secret_paths: Vec::new(),
         base_dir,
         warnings: Vec::new(),
     };
-    let mut interpolation_errors = Vec::new();
-    source::interpolate_env(
-        &mut root,
-        "",
-        lookup,
-        &mut loaded.secrets,
-        &mut interpolation_errors,
-    );
+    let mut interpolation = source::Interpolation::default();
+    source::interpolate_env(&mut root, "", lookup, &loaded.index, &mut interpolation);
+    loaded.secret_paths = interpolation.secret_paths;
 
     let mut sink = ErrorSink::new(&loaded);
-    for (path, message) in interpolation_errors {
+    for (path, message) in interpolation.errors {
         sink.error(path, message);
     }
     let declared = validate::Declared::from_raw(&root);
@@ -248,16 +265,26 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
 
 fn typed_list<T: DeserializeOwned>(
     value: Option<Value>,
-    path: &str,
+    path: &'static str,
     sink: &mut ErrorSink<'_>,
 ) -> Vec<T> {
     match value {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Sequence(items)) => items
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, item)| typed(item, &format!("{path}[{i}]"), sink))
-            .collect(),
+        Some(Value::Sequence(items)) => {
+            let total = items.len();
+            let mut parsed = Vec::with_capacity(total);
+            let mut originals = Vec::with_capacity(total);
+            for (i, item) in items.into_iter().enumerate() {
+                if let Some(typed) = typed(item, &format!("{path}[{i}]"), sink) {
+                    parsed.push(typed);
+                    originals.push(i);
+                }
+            }
+            if originals.len() != total {
+                sink.remap.push((path, originals));
+            }
+            parsed
+        }
         Some(_) => {
             sink.error(path, "expected a list");
             Vec::new()
@@ -369,6 +396,48 @@ routes:
     }
 
     #[test]
+    fn errors_after_an_unparsable_item_point_at_the_right_item() {
+        let text = VALID.replace(
+            "routes:\n",
+            "routes:\n  - name: broken\n    public: maybe\n    upstream: app\n  - name: second\n    public: true\n    upstream: nowhere\n",
+        );
+        let errors = load(&text).unwrap_err().0;
+        let unknown = errors
+            .iter()
+            .find(|e| e.message.contains("unknown upstream"))
+            .expect("reported");
+        assert_eq!(unknown.path, "routes[1].upstream");
+        assert_eq!(unknown.line, 14, "{errors:?}");
+    }
+
+    #[test]
+    fn unquoted_whole_references_are_typed_and_quoted_ones_stay_strings() {
+        let lookup = |name: &str| match name {
+            "WORKERS" => Some("3".to_owned()),
+            "KEY" => Some("12345".to_owned()),
+            _ => None,
+        };
+        let text = format!(
+            "server:\n  workers: ${{WORKERS}}\n{}",
+            VALID.replace(
+                "    public: true",
+                "    public: true\n    match:\n      headers: [{ name: x-key, value: \"${KEY}\" }]"
+            )
+        );
+        let loaded = load_str(&text, Path::new("t.yaml"), PathBuf::new(), &lookup).unwrap();
+        assert_eq!(loaded.config.server.workers, Some(3));
+        assert_eq!(
+            loaded.config.routes[0].matcher.headers[0].value.as_deref(),
+            Some("12345")
+        );
+        // defaults written in the file are not secrets
+        let defaults = VALID.replace("127.0.0.1:0", "${BIND:-127.0.0.1:0}");
+        let loaded = load_str(&defaults, Path::new("t.yaml"), PathBuf::new(), &lookup).unwrap();
+        assert!(loaded.secret_paths.is_empty());
+        assert!(redacted_json(&loaded).to_string().contains("127.0.0.1:0"));
+    }
+
+    #[test]
     fn env_values_are_substituted_and_remembered_as_secrets() {
         let text = VALID.replace(
             "    public: true",
@@ -381,10 +450,13 @@ routes:
         );
         let shown = redacted_json(&loaded).to_string();
         assert!(
-            !shown.contains("tok-123") && shown.contains("k-[redacted]"),
+            !shown.contains("tok-123") && shown.contains("\"value\":\"[redacted]\""),
             "{shown}"
         );
-        assert_eq!(loaded.secrets, vec!["tok-123".to_owned()]);
+        assert_eq!(
+            loaded.secret_paths,
+            vec!["routes[0].match.headers[0].value".to_owned()]
+        );
         let missing = VALID.replace("app\n    targets", "${NOPE}\n    targets");
         let errors = load(&missing).unwrap_err().0;
         assert!(

@@ -244,14 +244,16 @@ pub struct TargetConfig {
 }
 
 /// Load-balancing policy.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+///
+/// The field-less policies are written as empty structs so that serde rejects unknown fields
+/// next to `policy:` (a unit variant would silently ignore them).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, tag = "policy", rename_all = "snake_case")]
 pub enum LoadBalancing {
     /// Weighted round robin.
-    #[default]
-    RoundRobin,
+    RoundRobin {},
     /// Power of two random choices, preferring the target with fewer requests in flight per weight.
-    LeastRequest,
+    LeastRequest {},
     /// A ring of target points; the same key goes to the same target while it is healthy.
     ConsistentHash {
         /// What to hash: `{header: NAME}`, `{cookie: NAME}` or `client_ip`.
@@ -303,11 +305,12 @@ impl Default for HealthCheckConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutlierDetectionConfig {
-    /// Consecutive connect failures or 5xx answers that eject a target.
+    /// Consecutive failures (connect errors, timeouts, protocol errors or 5xx answers) that eject a target.
     pub consecutive_failures: u32,
     /// How long an ejected target gets no traffic.
     pub ejection_time: HumanDuration,
-    /// Never eject more than this share of an upstream's targets (percent).
+    /// Never eject more than this share of an upstream's targets (percent, rounded down: with
+    /// one target and 50%, nothing is ever ejected).
     pub max_ejection_percent: u32,
 }
 
@@ -325,7 +328,7 @@ impl Default for OutlierDetectionConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
-    /// Establishing a TCP (and TLS) connection.
+    /// Establishing a TCP connection (and, separately, its TLS handshake).
     pub connect: HumanDuration,
     /// One attempt, until the response head arrives; exceeded gives 504.
     pub per_try: HumanDuration,
@@ -349,7 +352,7 @@ impl Default for TimeoutsConfig {
 pub struct RetryConfig {
     /// Retries after the first attempt (0 disables retries).
     pub max_retries: u32,
-    /// Retries may add at most this share of the upstream's requests (percent) ...
+    /// Retries may add at most this share of the upstream's retryable requests (percent) ...
     pub budget_percent: u32,
     /// ... plus this many retries per second, so low traffic can still retry.
     pub min_retries_per_second: u32,
@@ -387,7 +390,7 @@ pub struct UpstreamTlsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Unique name, used in logs and metrics.
+    /// Unique name, used in logs.
     pub name: String,
     /// What a request must look like to take this route.
     #[serde(rename = "match", default)]
@@ -463,6 +466,12 @@ pub struct RewriteConfig {
     /// Send the chosen target's `host:port` as `Host` (for upstreams that route on it).
     #[serde(default)]
     pub host_from_target: bool,
+}
+
+impl Default for LoadBalancing {
+    fn default() -> Self {
+        Self::RoundRobin {}
+    }
 }
 
 fn default_true() -> bool {

@@ -15,6 +15,8 @@ use yaml_rust2::{
 pub struct SpanIndex {
     values: HashMap<String, (usize, usize)>,
     keys: HashMap<String, (usize, usize)>,
+    /// Paths of unquoted scalar values.
+    plain: std::collections::HashSet<String>,
 }
 
 impl SpanIndex {
@@ -41,6 +43,11 @@ impl SpanIndex {
                 None => return (1, 1),
             }
         }
+    }
+
+    /// Whether the value at `path` was written without quotes.
+    pub fn is_plain(&self, path: &str) -> bool {
+        self.plain.contains(path)
     }
 
     /// Position of the key at `path` (for "unknown field" errors), else of its value.
@@ -119,8 +126,13 @@ impl IndexBuilder {
 impl MarkedEventReceiver for IndexBuilder {
     fn on_event(&mut self, event: Event, mark: Marker) {
         match event {
-            Event::Scalar(text, ..) => match self.next_path() {
-                Some(path) => self.record(path, mark),
+            Event::Scalar(text, style, ..) => match self.next_path() {
+                Some(path) => {
+                    if style == yaml_rust2::scanner::TScalarStyle::Plain {
+                        self.index.plain.insert(path.clone());
+                    }
+                    self.record(path, mark)
+                }
                 None => {
                     // a mapping key: remember it and where it stands
                     if let Some(Frame::Map {
@@ -172,24 +184,35 @@ impl MarkedEventReceiver for IndexBuilder {
     }
 }
 
-/// Replaces `${NAME}` (and `${NAME:-default}`) in every string of `value`, recording what was
-/// substituted so the effective config can be shown with those secrets redacted.
+/// Where interpolation took values from the environment (their paths are redacted on display).
+#[derive(Debug, Default)]
+pub struct Interpolation {
+    pub secret_paths: Vec<String>,
+    pub errors: Vec<(String, String)>,
+}
+
+/// Replaces `${NAME}` (and `${NAME:-default}`) in every string of `value`.
+///
+/// Like Docker Compose: an *unquoted* value that is exactly one reference (`workers: ${WORKERS}`)
+/// takes the type the expansion reads as in YAML (a number, a boolean); a quoted one
+/// (`value: "${API_KEY}"`) always stays a string.
 pub fn interpolate_env(
     value: &mut serde_yaml::Value,
     path: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
-    substituted: &mut Vec<String>,
-    errors: &mut Vec<(String, String)>,
+    index: &SpanIndex,
+    out: &mut Interpolation,
 ) {
     match value {
         serde_yaml::Value::String(text) if text.contains("${") => {
             let whole_reference =
                 text.starts_with("${") && text.ends_with('}') && text.matches("${").count() == 1;
             match expand(text, lookup) {
-                Ok((expanded, values)) => {
-                    substituted.extend(values.into_iter().filter(|v| !v.is_empty()));
-                    // `workers: ${WORKERS}` should give a number, not the string "2"
-                    let typed = whole_reference
+                Ok((expanded, from_environment)) => {
+                    if from_environment {
+                        out.secret_paths.push(path.to_owned());
+                    }
+                    let typed = (whole_reference && index.is_plain(path))
                         .then(|| serde_yaml::from_str::<serde_yaml::Value>(&expanded).ok())
                         .flatten()
                         .filter(|v| v.is_number() || v.is_bool());
@@ -198,12 +221,12 @@ pub fn interpolate_env(
                         None => *text = expanded,
                     }
                 }
-                Err(message) => errors.push((path.to_owned(), message)),
+                Err(message) => out.errors.push((path.to_owned(), message)),
             }
         }
         serde_yaml::Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                interpolate_env(item, &format!("{path}[{i}]"), lookup, substituted, errors);
+                interpolate_env(item, &format!("{path}[{i}]"), lookup, index, out);
             }
         }
         serde_yaml::Value::Mapping(map) => {
@@ -214,20 +237,18 @@ pub fn interpolate_env(
                 } else {
                     format!("{path}.{key}")
                 };
-                interpolate_env(item, &child, lookup, substituted, errors);
+                interpolate_env(item, &child, lookup, index, out);
             }
         }
         _ => {}
     }
 }
 
-/// Expands `${NAME}` / `${NAME:-default}`; `$${` escapes a literal `${`.
-fn expand(
-    text: &str,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<(String, Vec<String>), String> {
+/// Expands `${NAME}` / `${NAME:-default}`; `$${` escapes a literal `${`. Also says whether any
+/// value came from the environment (rather than from a default written in the file).
+fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(String, bool), String> {
     let mut out = String::with_capacity(text.len());
-    let mut values = Vec::new();
+    let mut from_environment = false;
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         if rest[..start].ends_with('$') {
@@ -252,16 +273,18 @@ fn expand(
             ));
         }
         let value = match (lookup(name), default) {
-            (Some(value), _) => value,
+            (Some(value), _) => {
+                from_environment = true;
+                value
+            }
             (None, Some(default)) => default.to_owned(),
             (None, None) => return Err(format!("environment variable `{name}` is not set")),
         };
         out.push_str(&value);
-        values.push(value);
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok((out, values))
+    Ok((out, from_environment))
 }
 
 #[cfg(test)]
@@ -291,8 +314,14 @@ mod tests {
     #[test]
     fn env_references_expand_and_missing_ones_are_errors() {
         let lookup = |name: &str| (name == "SECRET").then(|| "s3cr3t".to_owned());
-        assert_eq!(expand("a-${SECRET}-b", &lookup).unwrap().0, "a-s3cr3t-b");
-        assert_eq!(expand("${MISSING:-dflt}", &lookup).unwrap().0, "dflt");
+        assert_eq!(
+            expand("a-${SECRET}-b", &lookup).unwrap(),
+            ("a-s3cr3t-b".into(), true)
+        );
+        assert_eq!(
+            expand("${MISSING:-dflt}", &lookup).unwrap(),
+            ("dflt".into(), false)
+        );
         assert_eq!(expand("$${SECRET}", &lookup).unwrap().0, "${SECRET}");
         assert!(expand("${MISSING}", &lookup)
             .unwrap_err()

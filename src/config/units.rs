@@ -184,11 +184,21 @@ impl JsonSchema for ByteSize {
         "ByteSize".into()
     }
 
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        string_schema(
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        use schemars::schema::{SchemaObject, SubschemaValidation};
+        // a string with a unit, or a plain number of bytes
+        let text = string_schema(
             r"^[0-9]+\s*(B|KiB|MiB|GiB|KB|kB|MB|GB)?$",
             "A size such as `64KiB` or `1MiB`",
-        )
+        );
+        SchemaObject {
+            subschemas: Some(Box::new(SubschemaValidation {
+                any_of: Some(vec![text, generator.subschema_for::<u64>()]),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+        .into()
     }
 }
 

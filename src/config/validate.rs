@@ -17,6 +17,8 @@ use crate::route::{HostPattern, PathPattern};
 pub struct Declared {
     upstreams: HashSet<String>,
     listeners: HashSet<String>,
+    /// Listener items written, parsable or not.
+    listener_items: usize,
 }
 
 impl Declared {
@@ -37,18 +39,34 @@ impl Declared {
         Self {
             upstreams: names("upstreams"),
             listeners: names("listeners"),
+            listener_items: root
+                .get("listeners")
+                .and_then(Value::as_sequence)
+                .map_or(0, Vec::len),
         }
     }
 }
 
 pub fn check(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) {
     check_server(config, sink);
+    if declared.listener_items == 0 {
+        sink.error("listeners", "at least one listener is required");
+    }
     check_listeners(config, sink);
     check_upstreams(config, sink);
     check_routes(config, declared, sink);
 }
 
 fn check_server(config: &Config, sink: &mut ErrorSink<'_>) {
+    if tracing_subscriber::EnvFilter::try_new(&config.server.log.level).is_err() {
+        sink.error(
+            "server.log.level",
+            format!(
+                "`{}` is not a log filter such as `info` or `portcullis=debug,info`",
+                config.server.log.level
+            ),
+        );
+    }
     if config.server.workers == Some(0) {
         sink.error(
             "server.workers",
@@ -84,9 +102,6 @@ pub fn parse_cidr(text: &str) -> Option<ipnet::IpNet> {
 }
 
 fn check_listeners(config: &Config, sink: &mut ErrorSink<'_>) {
-    if config.listeners.is_empty() {
-        sink.error("listeners", "at least one listener is required");
-    }
     let mut names = HashMap::new();
     let mut binds = HashMap::new();
     for (i, listener) in config.listeners.iter().enumerate() {

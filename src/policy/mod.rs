@@ -18,7 +18,7 @@ pub enum Flow {
     /// Go on to the next phase.
     Continue,
     /// Answer the client with this response; later phases and the upstream are skipped.
-    Respond(Response<ResponseBody>),
+    Respond(Box<Response<ResponseBody>>),
 }
 
 /// Who may use a route.

@@ -105,8 +105,11 @@ impl<T> ConnIo<T> {
 
 impl<T> ConnIo<T> {
     /// `http1`: apply the head timeout and framing scan (HTTP/2 gets only the idle timeout).
+    /// `accepted`: when the connection was accepted; the first request head is due
+    /// `header_timeout` after it (time spent on a TLS handshake or protocol sniffing counts).
     pub fn new(
         inner: T,
+        accepted: Instant,
         activity: Arc<ConnActivity>,
         flags: Arc<ConnFlags>,
         header_timeout: Duration,
@@ -123,7 +126,7 @@ impl<T> ConnIo<T> {
         } else {
             idle_timeout
         };
-        let deadline = Instant::now() + first;
+        let deadline = accepted + first;
         Self {
             inner,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
@@ -167,10 +170,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                             this.flags.framing_conflict.store(true, Ordering::Release);
                         }
                     }
-                } else if this.phase == Phase::Idle {
-                    // HTTP/2 frames while idle (pings, settings): push the idle deadline out
-                    this.deadline = Instant::now() + this.idle_timeout;
                 }
+                // HTTP/2 frames while idle (pings, settings) do not count as activity: only
+                // requests do, or a client could hold a connection forever with ping answers
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),

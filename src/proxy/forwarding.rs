@@ -18,10 +18,9 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// `keep_te_trailers`: keep `TE: trailers` (gRPC needs it end to end over HTTP/2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    if let Some(connection) = headers.remove(header::CONNECTION) {
+    if headers.contains_key(header::CONNECTION) {
         let mut named = Vec::new();
-        for value in std::iter::once(&connection).chain(headers.get_all(header::CONNECTION).iter())
-        {
+        for value in headers.get_all(header::CONNECTION) {
             if let Ok(text) = value.to_str() {
                 for token in text.split(',') {
                     if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {

@@ -78,7 +78,14 @@ pub async fn handle(
             if error.status().is_server_error() {
                 tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or_default(), %error, "request failed");
             }
-            error.into_response(&ctx.request_id)
+            let mut response = error.into_response(&ctx.request_id);
+            if matches!(error, GatewayError::BadRequest(_)) && ctx.version <= Version::HTTP_11 {
+                // a client that sends malformed requests does not keep its connection
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     };
     response
@@ -122,9 +129,15 @@ async fn proxy(
     }
 
     // 2. normalise the path, so routing and policies see what the upstream will see
-    ctx.path = normalize_path(parts.uri.path())
-        .map_err(|_| GatewayError::BadRequest("invalid request path"))?
-        .into();
+    ctx.path = match normalize_path(parts.uri.path()) {
+        Ok(path) => path.into(),
+        Err(_) => {
+            // log what was asked for (bounded), then refuse
+            let raw = parts.uri.path();
+            ctx.path = raw[..raw.len().min(256)].into(); // URI paths are ASCII
+            return Err(GatewayError::BadRequest("invalid request path"));
+        }
+    };
     ctx.host = request_host(&parts.uri, &parts.headers).into();
 
     // 3. route
@@ -161,10 +174,16 @@ async fn proxy(
     if let Flow::Respond(response) =
         policy::run_request_phase(&route.policies, ctx, &mut parts).await?
     {
-        return Ok(response);
+        return Ok(*response);
     }
 
     // 6. the upstream request: path rewrite, hop-by-hop removal, forwarding headers
+    // the host the client asked for, before the URI is rewritten to the upstream's path
+    let original_host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(header::HOST).cloned());
     let rewritten = rewrite_path(&route, &ctx.path);
     if rewritten != parts.uri.path() {
         let path_and_query = match parts.uri.query() {
@@ -175,11 +194,6 @@ async fn proxy(
             .parse()
             .map_err(|_| GatewayError::BadRequest("invalid request target"))?;
     }
-    let original_host = parts
-        .uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        .or_else(|| parts.headers.get(header::HOST).cloned());
     forwarding::strip_hop_by_hop(&mut parts.headers, true);
     forwarding::set_forwarding_headers(
         &mut parts.headers,

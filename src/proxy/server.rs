@@ -128,6 +128,7 @@ async fn serve_connection(
     spec: Arc<ListenerSpec>,
     cx: AcceptContext,
 ) {
+    let accepted = tokio::time::Instant::now();
     let activity = Arc::new(ConnActivity::default());
     let flags = Arc::new(ConnFlags::default());
     match &spec.tls {
@@ -146,11 +147,14 @@ async fn serve_connection(
                 }
             };
             let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_io(tls, http2, true, peer, spec, cx, activity, flags).await;
+            serve_io(tls, http2, true, accepted, peer, spec, cx, activity, flags).await;
         }
         None => {
             let http2 = spec.http2 && sniff_h2_preface(&stream, spec.header_timeout).await;
-            serve_io(stream, http2, false, peer, spec, cx, activity, flags).await;
+            serve_io(
+                stream, http2, false, accepted, peer, spec, cx, activity, flags,
+            )
+            .await;
         }
     }
 }
@@ -160,6 +164,7 @@ async fn serve_io<I>(
     io: I,
     http2: bool,
     tls: bool,
+    accepted: tokio::time::Instant,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
     cx: AcceptContext,
@@ -170,6 +175,7 @@ async fn serve_io<I>(
 {
     let io = TokioIo::new(ConnIo::new(
         io,
+        accepted,
         activity.clone(),
         flags.clone(),
         spec.header_timeout,

@@ -255,15 +255,15 @@ fn compile_upstream(
     let settings = ClientSettings {
         scheme,
         tls: tls_config,
-        tls_fingerprint: format!("{ca:?}|{client_pair:?}"),
+        tls_fingerprint: tls_fingerprint(ca.as_deref(), client_pair.as_ref()),
         server_name: tls_settings.server_name.clone(),
         connect_timeout: upstream.timeouts.connect.0,
         max_idle: upstream.max_idle_connections,
         idle_timeout: upstream.idle_timeout.0,
     };
     let (balancer, hash_on) = match &upstream.load_balancing {
-        LoadBalancing::RoundRobin => (Balancer::round_robin(&targets), None),
-        LoadBalancing::LeastRequest => (Balancer::LeastRequest, None),
+        LoadBalancing::RoundRobin {} => (Balancer::round_robin(&targets), None),
+        LoadBalancing::LeastRequest {} => (Balancer::LeastRequest, None),
         LoadBalancing::ConsistentHash { hash_on } => {
             let key = match hash_on {
                 HashOn::Header(name) => {
@@ -376,4 +376,24 @@ fn compile_route(
         },
         Arc::new(compiled),
     ))
+}
+
+/// Identifies upstream TLS material by path *and content*, so a certificate renewed in place gets
+/// new connections on the next reload while unchanged settings keep their pooled connections.
+fn tls_fingerprint(
+    ca: Option<&Path>,
+    client: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let files = ca.into_iter().chain(
+        client
+            .into_iter()
+            .flat_map(|(c, k)| [c.as_path(), k.as_path()]),
+    );
+    for file in files {
+        file.hash(&mut hasher);
+        std::fs::read(file).unwrap_or_default().hash(&mut hasher);
+    }
+    format!("{:016x}", hasher.finish())
 }

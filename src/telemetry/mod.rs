@@ -56,7 +56,7 @@ pub fn access_log(ctx: &RequestCtx) {
         upstream_us,
         route = ctx.route.as_deref(),
         upstream = ctx.upstream.as_deref(),
-        target = ctx.target.as_deref(),
+        upstream_target = ctx.target.as_deref(),
         retries = ctx.retries,
         error = ctx.error,
         aborted = ctx.response_aborted,

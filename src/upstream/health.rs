@@ -32,6 +32,11 @@ impl HealthChecks {
         let mut tasks = Vec::new();
         for upstream in upstreams {
             if upstream.health_check.is_none() {
+                // checks were removed (or never configured): nothing will ever mark these
+                // targets healthy again, so do it now
+                for target in upstream.targets.iter() {
+                    target.state.set_healthy(true);
+                }
                 continue;
             }
             for index in 0..upstream.targets.len() {
@@ -85,7 +90,7 @@ async fn check_target(upstream: Arc<Upstream>, index: usize) {
                 state.set_healthy(true);
                 tracing::info!(
                     upstream = &*upstream.name,
-                    target = &*target.label,
+                    upstream_target = &*target.label,
                     "target is healthy again"
                 );
             }
@@ -96,7 +101,7 @@ async fn check_target(upstream: Arc<Upstream>, index: usize) {
                 state.set_healthy(false);
                 tracing::warn!(
                     upstream = &*upstream.name,
-                    target = &*target.label,
+                    upstream_target = &*target.label,
                     failures,
                     "target failed health checks"
                 );

@@ -278,7 +278,7 @@ impl Upstream {
                         {
                             tracing::debug!(
                                 upstream = &*self.name,
-                                target = &*target.label,
+                                upstream_target = &*target.label,
                                 status,
                                 "retrying"
                             );
@@ -298,7 +298,7 @@ impl Upstream {
                 }
                 Ok(Err(failure)) => {
                     self.record_outcome(target, false);
-                    tracing::warn!(upstream = &*self.name, target = &*target.label, error = %error_chain(&failure.error), "upstream request failed");
+                    tracing::warn!(upstream = &*self.name, upstream_target = &*target.label, error = %error_chain(&failure.error), "upstream request failed");
                     if failure.error.is_connect() {
                         let again = failure.request.or(spare);
                         if let Some(again) =
@@ -320,7 +320,7 @@ impl Upstream {
                     self.record_outcome(target, false);
                     tracing::warn!(
                         upstream = &*self.name,
-                        target = &*target.label,
+                        upstream_target = &*target.label,
                         timeout_ms = try_timeout.as_millis() as u64,
                         "upstream timed out"
                     );
@@ -355,8 +355,9 @@ impl Upstream {
             .iter()
             .filter(|t| t.state.is_ejected(now))
             .count();
+        // rounded down: one target at 50% is never ejected (there would be nowhere to go)
         let allowed = self.targets.len() * outlier.max_ejection_percent as usize / 100;
-        if ejected >= allowed.max(usize::from(outlier.max_ejection_percent > 0)) {
+        if ejected >= allowed {
             return;
         }
         state.consecutive_failures.store(0, Ordering::Relaxed);
@@ -366,7 +367,7 @@ impl Upstream {
         );
         tracing::warn!(
             upstream = &*self.name,
-            target = &*target.label,
+            upstream_target = &*target.label,
             failures,
             ejection_ms = outlier.ejection_time.0.as_millis() as u64,
             "target ejected after consecutive failures"

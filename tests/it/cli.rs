@@ -123,6 +123,15 @@ routes:
 }
 
 #[test]
+fn unknown_fields_next_to_a_balancing_policy_are_errors() {
+    let yaml = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets: [{ url: http://127.0.0.1:9 }]\n    load_balancing: { policy: round_robin, hash_on: client_ip }\nroutes:\n  - name: all\n    public: true\n    upstream: app\n";
+    let (code, out) = validate(yaml);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("upstreams[0].load_balancing"), "{out}");
+    assert!(out.contains("unknown field `hash_on`"), "{out}");
+}
+
+#[test]
 fn schema_is_generated_from_the_config_types() {
     let output = Command::new(binary()).arg("schema").output().unwrap();
     assert!(output.status.success());

@@ -286,3 +286,60 @@ async fn upstream_host_can_be_kept_set_or_taken_from_the_target() {
         (upstream.addr.to_string(), "public.example".into())
     );
 }
+
+#[tokio::test]
+async fn http2_clients_keep_their_host_through_a_rewrite() {
+    let upstream = TestUpstream::echo().await;
+    let gateway = TestGateway::start(&config_with(
+        &[upstream.url()],
+        "",
+        "  - name: api\n    match: { path: /api/** }\n    public: true\n    upstream: app\n    rewrite: { strip_prefix: /api }\n",
+    ))
+    .await;
+    let url = format!("http://public.example:{}/api/x//y", gateway.addr.port());
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(FixedAddress(gateway.addr));
+    let response = read(
+        client
+            .request(Request::get(url).body(Full::default()).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.path_and_query, "/x/y");
+    let expected = format!("public.example:{}", gateway.addr.port());
+    assert_eq!(seen.headers["host"], expected.as_str());
+    assert_eq!(seen.headers["x-forwarded-host"], expected.as_str());
+}
+
+/// Connects every request to one address, whatever host the URL names.
+#[derive(Clone)]
+struct FixedAddress(std::net::SocketAddr);
+
+impl tower_service::Service<http::Uri> for FixedAddress {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::TcpStream::connect(addr).await?,
+            ))
+        })
+    }
+}

@@ -293,3 +293,18 @@ async fn consecutive_failures_eject_a_target_for_a_while() {
     }
     assert!(bad.hits() > 2, "traffic returns after the ejection time");
 }
+
+#[tokio::test]
+async fn h2c_targets_are_spoken_to_over_http2() {
+    let upstream = TestUpstream::echo().await;
+    let target = format!("h2c://{}", upstream.addr);
+    let gateway =
+        TestGateway::start(&config_with(std::slice::from_ref(&target), "", CATCH_ALL)).await;
+    for _ in 0..3 {
+        let response = gateway.get("/multiplexed").await;
+        assert_eq!(response.status, 200, "{}", response.body);
+    }
+    let seen = upstream.last();
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.path_and_query, "/multiplexed");
+}

@@ -49,58 +49,27 @@ enum Phase {
 }
 
 /// Wraps a client connection's stream; see the module docs.
+///
+/// Timing without a clock read per request: a periodic tick (a quarter of the shortest timeout)
+/// counts how many whole ticks the current phase has lasted. A phase change is just a counter
+/// increment, so the request path never touches the clock or the timer wheel for these timeouts;
+/// a timeout fires between 1× and 1.25× its configured value.
 pub struct ConnIo<T> {
     inner: T,
-    /// The physical timer. It is re-armed lazily (at most once per `horizon`), never per request:
-    /// it fires at or before `deadline`, and on firing the logical deadline decides.
     timer: Pin<Box<Sleep>>,
-    /// When the current phase times out.
-    deadline: Instant,
+    tick: Duration,
     activity: Arc<ConnActivity>,
     flags: Arc<ConnFlags>,
     phase: Phase,
-    header_timeout: Duration,
-    idle_timeout: Duration,
-    /// The longest the physical timer is armed ahead: `min(header_timeout, idle_timeout)` for
-    /// HTTP/1.1, so a new phase's deadline is never earlier than the armed timer.
-    horizon: Duration,
+    /// Incremented on every phase change.
+    phase_seq: u64,
+    /// `phase_seq` at the last tick, and how many ticks in a row saw it unchanged.
+    seen_seq: u64,
+    ticks_in_phase: u32,
+    header_ticks: u32,
+    idle_ticks: u32,
     // `None` for HTTP/2, where heads are frames and the framing checks do not apply
     scanner: Option<HeadScanner>,
-}
-
-impl<T> ConnIo<T> {
-    /// Enters `phase` and sets its logical deadline (no timer-wheel update unless it moves earlier).
-    fn enter(&mut self, phase: Phase, now: Instant) {
-        self.phase = phase;
-        self.deadline = match phase {
-            Phase::Head { .. } => now + self.header_timeout,
-            Phase::Idle => now + self.idle_timeout,
-            // a request in flight has no deadline here (upstream timeouts bound it); re-check
-            // for idleness once per horizon in case no read notices it first
-            Phase::Busy => now + self.horizon,
-        };
-        if self.deadline < self.timer.deadline() {
-            self.timer.as_mut().reset(self.deadline);
-        }
-    }
-
-    /// Moves Head → Busy once the handler has the request, and Busy → Idle once nothing is in flight.
-    fn refresh_phase(&mut self) {
-        let in_flight = self.activity.in_flight();
-        match self.phase {
-            Phase::Idle if in_flight > 0 => self.enter(Phase::Busy, Instant::now()),
-            Phase::Head { started } if self.activity.started() != started => {
-                let next = if in_flight > 0 {
-                    Phase::Busy
-                } else {
-                    Phase::Idle
-                };
-                self.enter(next, Instant::now());
-            }
-            Phase::Busy if in_flight == 0 => self.enter(Phase::Idle, Instant::now()),
-            _ => {}
-        }
-    }
 }
 
 impl<T> ConnIo<T> {
@@ -116,29 +85,72 @@ impl<T> ConnIo<T> {
         idle_timeout: Duration,
         http1: bool,
     ) -> Self {
-        let (phase, first) = if http1 {
-            (Phase::Head { started: 0 }, header_timeout)
-        } else {
-            (Phase::Idle, idle_timeout)
-        };
-        let horizon = if http1 {
+        let shortest = if http1 {
             header_timeout.min(idle_timeout)
         } else {
             idle_timeout
         };
-        let deadline = accepted + first;
+        let tick = (shortest / 4).max(Duration::from_millis(10));
+        let ticks =
+            |timeout: Duration| (timeout.as_nanos().div_ceil(tick.as_nanos())).max(1) as u32;
         Self {
             inner,
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
-            deadline,
+            timer: Box::pin(tokio::time::sleep_until(accepted + tick)),
+            tick,
             activity,
             flags,
-            phase,
-            header_timeout,
-            idle_timeout,
-            horizon,
+            phase: if http1 {
+                Phase::Head { started: 0 }
+            } else {
+                Phase::Idle
+            },
+            phase_seq: 0,
+            seen_seq: 0,
+            ticks_in_phase: 0,
+            header_ticks: ticks(header_timeout),
+            idle_ticks: ticks(idle_timeout),
             scanner: http1.then(HeadScanner::default),
         }
+    }
+
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.phase_seq += 1;
+    }
+
+    /// Moves Head → Busy once the handler has the request, and Busy → Idle once nothing is in flight.
+    fn refresh_phase(&mut self) {
+        let in_flight = self.activity.in_flight();
+        match self.phase {
+            Phase::Idle if in_flight > 0 => self.enter(Phase::Busy),
+            Phase::Head { started } if self.activity.started() != started => {
+                self.enter(if in_flight > 0 {
+                    Phase::Busy
+                } else {
+                    Phase::Idle
+                });
+            }
+            Phase::Busy if in_flight == 0 => self.enter(Phase::Idle),
+            _ => {}
+        }
+    }
+
+    /// One tick: has the current phase outlived its timeout?
+    fn on_tick(&mut self) -> Option<Phase> {
+        self.refresh_phase();
+        if self.phase_seq == self.seen_seq {
+            self.ticks_in_phase = self.ticks_in_phase.saturating_add(1);
+        } else {
+            // the phase began within the last tick
+            self.seen_seq = self.phase_seq;
+            self.ticks_in_phase = 0;
+        }
+        let limit = match self.phase {
+            Phase::Head { .. } => self.header_ticks,
+            Phase::Idle => self.idle_ticks,
+            Phase::Busy => return None,
+        };
+        (self.ticks_in_phase >= limit).then_some(self.phase)
     }
 }
 
@@ -159,9 +171,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                 }
                 if this.scanner.is_some() {
                     if this.phase == Phase::Idle {
-                        // first bytes of a new request head: the clock starts now
+                        // first bytes of a new request head: its clock starts now
                         let started = this.activity.started();
-                        this.enter(Phase::Head { started }, Instant::now());
+                        this.enter(Phase::Head { started });
                         this.scanner = Some(HeadScanner::default());
                     }
                     if let (Phase::Head { .. }, Some(scanner)) = (this.phase, this.scanner.as_mut())
@@ -178,16 +190,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
             Poll::Pending => {
                 while this.timer.as_mut().poll(cx).is_ready() {
-                    this.refresh_phase();
-                    let now = Instant::now();
-                    if now < this.deadline {
-                        // fired early (lazy re-arming): arm again, at most one horizon ahead
-                        let next = this.deadline.min(now + this.horizon);
-                        this.timer.as_mut().reset(next);
-                        continue;
-                    }
-                    match this.phase {
-                        Phase::Head { .. } => {
+                    let next = this.timer.deadline() + this.tick;
+                    this.timer.as_mut().reset(next);
+                    match this.on_tick() {
+                        Some(Phase::Head { .. }) => {
                             // best effort: the socket is writable in all but pathological cases
                             let mut inner = Pin::new(&mut this.inner);
                             let _ = inner.as_mut().poll_write(cx, RESPONSE_408);
@@ -197,11 +203,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                                 "request head timeout",
                             )));
                         }
-                        Phase::Idle => return Poll::Ready(Ok(())),
-                        Phase::Busy => this.enter(Phase::Busy, now),
+                        Some(Phase::Idle) => return Poll::Ready(Ok(())),
+                        Some(Phase::Busy) | None => {}
                     }
-                    let next = this.deadline.min(now + this.horizon);
-                    this.timer.as_mut().reset(next);
                 }
                 Poll::Pending
             }

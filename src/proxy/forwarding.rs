@@ -18,6 +18,20 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// `keep_te_trailers`: keep `TE: trailers` (gRPC needs it end to end over HTTP/2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // most messages carry none: one pass of cheap name comparisons instead of eight removals
+    let any = headers.keys().any(|name| {
+        name == header::CONNECTION
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::TRAILER
+            || name == header::PROXY_AUTHORIZATION
+            || name == header::TE
+    });
+    if !any {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let mut named = Vec::new();
         for value in headers.get_all(header::CONNECTION) {

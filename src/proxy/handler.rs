@@ -221,7 +221,6 @@ async fn proxy(
     let upstream_request = Request::from_parts(parts, UpstreamBody::client(body, max_body));
 
     // 7. forward
-    let upstream_started = Instant::now();
     let forwarded = route
         .upstream
         .forward(
@@ -230,15 +229,16 @@ async fn proxy(
             matches!(route.host, HostRewrite::Target),
         )
         .await;
-    ctx.upstream_latency = Some(upstream_started.elapsed());
     let forwarded = match forwarded {
         Ok(forwarded) => forwarded,
         Err(failure) => {
+            ctx.upstream_latency = Some(failure.started.elapsed());
             ctx.target = failure.target;
             ctx.retries = failure.retries;
             return Err(failure.error);
         }
     };
+    ctx.upstream_latency = Some(forwarded.started.elapsed());
     ctx.target = Some(forwarded.target);
     ctx.retries = forwarded.retries;
 

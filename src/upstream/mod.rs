@@ -203,6 +203,8 @@ pub struct Forwarded {
     pub response: Response<UpstreamResponseBody>,
     pub target: Arc<str>,
     pub retries: u32,
+    /// When forwarding began (for the upstream latency).
+    pub started: Instant,
 }
 
 /// Why forwarding failed, with the target that was tried last (if any).
@@ -210,11 +212,22 @@ pub struct ForwardFailure {
     pub error: GatewayError,
     pub target: Option<Arc<str>>,
     pub retries: u32,
+    pub started: Instant,
 }
 
 impl Upstream {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The time to compare ejection deadlines with; without outlier detection nothing is ejected
+    /// (not even targets ejected under an earlier config), and no clock is read.
+    fn ejection_clock(&self) -> u64 {
+        if self.outlier.is_some() {
+            self.now_ms()
+        } else {
+            u64::MAX
+        }
     }
 
     /// Sends a prepared request (headers already rewritten, URI holding path and query) to a
@@ -226,8 +239,10 @@ impl Upstream {
         hash_key: Option<&[u8]>,
         mut set_host_to_target: bool,
     ) -> Result<Forwarded, ForwardFailure> {
+        // one clock read serves the deadline, the first try's timeout and the latency
         let started = Instant::now();
         let deadline = started + self.total_timeout;
+        let mut now = started;
         let retryable = self.max_retries > 0
             && is_idempotent(request.method())
             && matches!(request.body(), UpstreamBody::Empty);
@@ -240,14 +255,15 @@ impl Upstream {
             set_host_to_target = true;
         }
         loop {
-            let Some(index) = self
-                .balancer
-                .pick(&self.targets, previous, hash_key, self.now_ms())
+            let Some(index) =
+                self.balancer
+                    .pick(&self.targets, previous, hash_key, self.ejection_clock())
             else {
                 return Err(ForwardFailure {
                     error: GatewayError::NoHealthyTarget,
                     target: previous.map(|i| self.targets[i].label.clone()),
                     retries,
+                    started,
                 });
             };
             let target = &self.targets[index];
@@ -260,13 +276,14 @@ impl Upstream {
             // a retry after a 502/503 needs a copy: the original is consumed by sending it
             // (after a connect failure the pool hands the unsent request back)
             let spare = can_retry.then(|| clone_bodiless(&request));
-            let now = Instant::now();
-            let try_timeout = self
-                .per_try_timeout
-                .min(deadline.saturating_duration_since(now));
+            let try_deadline = (now + self.per_try_timeout).min(deadline);
+            let try_timeout = try_deadline.saturating_duration_since(now);
             target.state.begin_request();
-            let result =
-                tokio::time::timeout(try_timeout, self.pool.send(&target.authority, request)).await;
+            let result = tokio::time::timeout_at(
+                try_deadline.into(),
+                self.pool.send(&target.authority, request),
+            )
+            .await;
             target.state.end_request();
             let failure = match result {
                 Ok(Ok(response)) => {
@@ -285,6 +302,7 @@ impl Upstream {
                             request = spare;
                             retries += 1;
                             previous = Some(index);
+                            now = Instant::now();
                             continue;
                         }
                         _ => {
@@ -292,6 +310,7 @@ impl Upstream {
                                 response,
                                 target: target.label.clone(),
                                 retries,
+                                started,
                             })
                         }
                     }
@@ -307,6 +326,7 @@ impl Upstream {
                             request = again;
                             retries += 1;
                             previous = Some(index);
+                            now = Instant::now();
                             continue;
                         }
                         GatewayError::UpstreamConnect
@@ -331,6 +351,7 @@ impl Upstream {
                 error: failure,
                 target: Some(target.label.clone()),
                 retries,
+                started,
             });
         }
     }

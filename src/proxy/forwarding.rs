@@ -18,26 +18,31 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// `keep_te_trailers`: keep `TE: trailers` (gRPC needs it end to end over HTTP/2).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // most messages carry none: one pass of cheap name comparisons instead of eight removals
-    let any = headers.keys().any(|name| {
-        name == header::CONNECTION
-            || name == KEEP_ALIVE
-            || name == PROXY_CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::TRAILER
-            || name == header::PROXY_AUTHORIZATION
-            || name == header::TE
-    });
-    if !any {
+    // one pass of cheap name comparisons finds which are present; only those are removed
+    // (most requests carry none; most upstream responses only `Connection: keep-alive`)
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(bit) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << bit;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is `Connection`: it also names headers to drop
         let mut named = Vec::new();
         for value in headers.get_all(header::CONNECTION) {
             if let Ok(text) = value.to_str() {
                 for token in text.split(',') {
-                    if let Ok(name) = HeaderName::from_bytes(token.trim().as_bytes()) {
+                    let token = token.trim();
+                    // `close` and `keep-alive` are options, not header names worth a lookup
+                    if token.eq_ignore_ascii_case("close")
+                        || token.eq_ignore_ascii_case("keep-alive")
+                    {
+                        continue;
+                    }
+                    if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                         named.push(name);
                     }
                 }
@@ -51,27 +56,37 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
             }
         }
     }
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TRAILER,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    for (bit, name) in HOP_BY_HOP.iter().enumerate().skip(1) {
+        if present & (1 << bit) == 0 {
+            continue;
+        }
+        if *name == header::TE {
+            let trailers_only = keep_te_trailers
+                && headers
+                    .get_all(header::TE)
+                    .iter()
+                    .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            if trailers_only {
+                continue;
+            }
+        }
         headers.remove(name);
     }
-    if headers.contains_key(header::TE) {
-        let trailers_only = keep_te_trailers
-            && headers
-                .get_all(header::TE)
-                .iter()
-                .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        if !trailers_only {
-            headers.remove(header::TE);
-        }
-    }
 }
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1, plus the
+/// non-standard `Keep-Alive`/`Proxy-Connection` and the proxy's own `Proxy-Authorization`).
+/// `Connection` must stay first.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+];
 
 /// Whether `ip` is one of the trusted proxies.
 pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {

@@ -207,8 +207,11 @@ async fn proxy(
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     match &route.host {
         HostRewrite::Keep => {
-            if let Some(host) = original_host {
-                parts.headers.insert(header::HOST, host);
+            // HTTP/1.1 carries it in `Host` already; HTTP/2 and absolute-form in the URI
+            if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
+                if let Some(host) = original_host {
+                    parts.headers.insert(header::HOST, host);
+                }
             }
         }
         HostRewrite::Value(value) => {

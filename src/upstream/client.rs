@@ -204,7 +204,9 @@ impl ConnectionPool {
                 },
             }
         }
-        let conn = match self.connect(authority).await {
+        // boxed: connecting (TCP, TLS, handshake) is the rare path, and its large future would
+        // otherwise be part of every request's future and copied around with it
+        let conn = match Box::pin(self.connect(authority)).await {
             Ok(conn) => conn,
             Err(error) => {
                 return Err(SendFailure {
@@ -274,7 +276,9 @@ impl ConnectionPool {
             .targets
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let (_, idle) = targets.iter_mut().find(|(a, _)| a == authority)?;
+        let (_, idle) = targets
+            .iter_mut()
+            .find(|(a, _)| a.as_str() == authority.as_str())?;
         if let Some(sender) = &idle.http2 {
             if !sender.is_closed() {
                 return Some(Conn::H2(sender.clone()));
@@ -386,7 +390,10 @@ fn entry<'a>(
     targets: &'a mut Vec<(Authority, TargetIdle)>,
     authority: &Authority,
 ) -> &'a mut TargetIdle {
-    let position = match targets.iter().position(|(a, _)| a == authority) {
+    let position = match targets
+        .iter()
+        .position(|(a, _)| a.as_str() == authority.as_str())
+    {
         Some(position) => position,
         None => {
             targets.push((authority.clone(), TargetIdle::default()));

@@ -322,6 +322,13 @@ impl HeadScanner {
     }
 }
 
+/// Whether a request head, delivered in these chunks, carries both `Content-Length` and
+/// `Transfer-Encoding` (the scanner the connection wrapper runs; exposed for fuzzing).
+pub fn head_has_framing_conflict(chunks: &[&[u8]]) -> bool {
+    let mut scanner = HeadScanner::default();
+    chunks.iter().any(|chunk| scanner.feed(chunk))
+}
+
 #[cfg(test)]
 mod tests {
     use super::HeadScanner;

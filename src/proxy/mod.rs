@@ -9,6 +9,7 @@ pub mod reload;
 mod server;
 pub mod snapshot;
 
+pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;
 pub use gateway::{Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
 pub use snapshot::{compile, Snapshot};

@@ -179,6 +179,7 @@ async fn proxy(
 
     // 6. the upstream request: path rewrite, hop-by-hop removal, forwarding headers
     // the host the client asked for, before the URI is rewritten to the upstream's path
+    let absolute_form = parts.uri.authority().is_some();
     let original_host = parts
         .uri
         .authority()
@@ -208,7 +209,7 @@ async fn proxy(
     match &route.host {
         HostRewrite::Keep => {
             // HTTP/1.1 carries it in `Host` already; HTTP/2 and absolute-form in the URI
-            if parts.uri.authority().is_some() || !parts.headers.contains_key(header::HOST) {
+            if absolute_form || !parts.headers.contains_key(header::HOST) {
                 if let Some(host) = original_host {
                     parts.headers.insert(header::HOST, host);
                 }

@@ -316,7 +316,10 @@ impl Upstream {
                     }
                 }
                 Ok(Err(failure)) => {
-                    self.record_outcome(target, false);
+                    // the client's oversize body is not the target's fault
+                    if !is_body_too_large(&failure.error) {
+                        self.record_outcome(target, false);
+                    }
                     tracing::warn!(upstream = &*self.name, upstream_target = &*target.label, error = %error_chain(&failure.error), "upstream request failed");
                     if failure.error.is_connect() {
                         let again = failure.request.or(spare);

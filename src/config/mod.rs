@@ -248,6 +248,11 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
             config.admin = admin;
         }
     }
+    if let Some(value) = map.remove("authentication") {
+        if let Some(authentication) = typed(value, "authentication", sink) {
+            config.authentication = authentication;
+        }
+    }
     config.listeners = typed_list(map.remove("listeners"), "listeners", sink);
     config.upstreams = typed_list(map.remove("upstreams"), "upstreams", sink);
     config.routes = typed_list(map.remove("routes"), "routes", sink);
@@ -255,7 +260,7 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
         let key = key.as_str().unwrap_or("?").to_owned();
         let error = sink.make(
             &key,
-            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`"),
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`"),
             true,
         );
         sink.errors.push(error);
@@ -293,6 +298,15 @@ fn typed_list<T: DeserializeOwned>(
 }
 
 fn typed<T: DeserializeOwned>(value: Value, path: &str, sink: &mut ErrorSink<'_>) -> Option<T> {
+    // through JSON's data model: serde_yaml's `Value` only takes enums as YAML tags (`!secret x`),
+    // while the config writes them as one-key maps (`secret: x`), which JSON's accepts
+    let value = match serde_json::to_value(value) {
+        Ok(value) => value,
+        Err(error) => {
+            sink.error(path, format!("unsupported YAML value: {error}"));
+            return None;
+        }
+    };
     match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(typed) => Some(typed),
         Err(error) => {

@@ -30,6 +30,197 @@ pub struct Config {
     /// Which requests go where, and under which policies.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Named authentication methods that routes refer to in `auth`.
+    #[serde(default)]
+    pub authentication: AuthenticationConfig,
+}
+
+/// Authentication methods, by name, and how a verified identity reaches the upstream.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthenticationConfig {
+    /// JWT providers (signed tokens, JWS).
+    pub jwt: Vec<JwtProviderConfig>,
+    /// Sets of API keys.
+    pub api_keys: Vec<ApiKeySetConfig>,
+    /// Headers that carry the verified identity to the upstream. Whatever a client sends in
+    /// these headers is always removed first, on every route.
+    pub identity_headers: IdentityHeadersConfig,
+}
+
+/// A JWT provider: where its keys come from and what its tokens must say.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderConfig {
+    /// Unique name (shared namespace with API key sets), used by routes in `auth`.
+    pub name: String,
+    /// Required `iss` value.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (the token must name at least one). Empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Allowed algorithms. Each must fit the key it is used with (an RSA key never verifies an
+    /// HS or ES token). `none` does not exist here.
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Where the verification keys come from.
+    pub keys: JwtKeysConfig,
+    /// Clock skew tolerated for `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway: HumanDuration,
+    /// Reject tokens without `exp`.
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// Reject tokens whose lifetime (`exp - iat`) is longer, or that have no `iat`.
+    #[serde(default)]
+    pub max_lifetime: Option<HumanDuration>,
+    /// Required `typ` header value (e.g. `at+jwt`), compared case-insensitively.
+    #[serde(default)]
+    pub typ: Option<String>,
+    /// Claims that must be present with exactly these values.
+    #[serde(default)]
+    pub required_claims: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Where the token is read from. Default: `Authorization: Bearer`.
+    #[serde(default)]
+    pub token_source: TokenSourceConfig,
+    /// Also send the original token upstream (in the header or cookie it came in).
+    #[serde(default = "default_true")]
+    pub forward_token: bool,
+    /// Claims copied to upstream headers, e.g. `{tenant: x-auth-tenant}`.
+    #[serde(default)]
+    pub claim_headers: std::collections::BTreeMap<String, String>,
+    /// Where roles are read from in the claims (dotted path, e.g. `realm_access.roles`; a
+    /// string is split on spaces, as `scope` is).
+    #[serde(default)]
+    pub roles_claim: Option<String>,
+    /// Verified tokens remembered (by SHA-256 of the token, never past `exp`), so repeated
+    /// tokens skip the signature check.
+    #[serde(default = "default_verified_cache")]
+    pub cache_size: usize,
+}
+
+/// Exactly one key source.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum JwtKeysConfig {
+    /// A JWKS document on disk (read at load and at every reload).
+    JwksFile(std::path::PathBuf),
+    /// A JWKS URL, fetched at start, refreshed on a schedule and when a token names an unknown
+    /// `kid` (at most once per `min_refresh_interval`); a failed fetch keeps the last good keys.
+    JwksUrl {
+        url: String,
+        #[serde(default = "default_jwks_refresh")]
+        refresh_interval: HumanDuration,
+        #[serde(default = "default_jwks_min_refresh")]
+        min_refresh_interval: HumanDuration,
+    },
+    /// A shared secret for HS256/384/512 (use `${ENV}`; at least 32 bytes).
+    Secret(String),
+    /// A PEM public key file (RSA, EC or Ed25519).
+    PublicKeyPem(std::path::PathBuf),
+}
+
+/// Where a token is read from.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum TokenSourceConfig {
+    /// `Authorization: Bearer <token>`.
+    #[default]
+    Bearer,
+    /// The whole value of this header.
+    Header(String),
+    /// This cookie.
+    Cookie(String),
+    /// This query parameter (discouraged: URLs end up in logs). The parameter is removed from
+    /// the URL sent upstream.
+    Query(String),
+}
+
+/// A set of API keys.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySetConfig {
+    /// Unique name (shared namespace with JWT providers), used by routes in `auth`.
+    pub name: String,
+    /// Header carrying the key.
+    #[serde(default = "default_api_key_header")]
+    pub header: String,
+    /// Also accept the key in this query parameter (removed from the URL sent upstream).
+    #[serde(default)]
+    pub query: Option<String>,
+    /// The keys, stored as SHA-256 hashes (see `portcullis key generate`).
+    #[serde(default)]
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+/// One API key. Several keys may share an `id`, which is how a client rotates its key.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// The identity the key authenticates (sent upstream as the subject).
+    pub id: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Roles granted to this identity.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The key stops working at this time (RFC 3339, e.g. `2027-01-31T00:00:00Z`).
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// Names of the identity headers sent upstream.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeadersConfig {
+    pub subject: String,
+    pub issuer: String,
+    /// `jwt` or `api_key`.
+    pub method: String,
+    /// The provider's name.
+    pub provider: String,
+    /// Comma-separated roles.
+    pub roles: String,
+}
+
+impl Default for IdentityHeadersConfig {
+    fn default() -> Self {
+        Self {
+            subject: "x-auth-subject".into(),
+            issuer: "x-auth-issuer".into(),
+            method: "x-auth-method".into(),
+            provider: "x-auth-provider".into(),
+            roles: "x-auth-roles".into(),
+        }
+    }
+}
+
+fn default_jwt_algorithms() -> Vec<String> {
+    ["RS256", "PS256", "ES256", "EdDSA"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn default_leeway() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+fn default_verified_cache() -> usize {
+    10_000
+}
+
+fn default_jwks_refresh() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+
+fn default_jwks_min_refresh() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".into()
 }
 
 /// Process-wide settings.
@@ -399,6 +590,9 @@ pub struct RouteConfig {
     /// say `public: true` explicitly.
     #[serde(default)]
     pub public: bool,
+    /// Authentication methods (names from `authentication`); a request passes if any verifies it.
+    #[serde(default)]
+    pub auth: Vec<String>,
     /// The upstream (by name) that receives the request.
     pub upstream: String,
     /// Changes to the request before it is forwarded.

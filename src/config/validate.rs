@@ -16,6 +16,8 @@ use crate::route::{HostPattern, PathPattern};
 #[derive(Debug, Default)]
 pub struct Declared {
     upstreams: HashSet<String>,
+    /// Names under `authentication.jwt` and `authentication.api_keys`.
+    auth_methods: HashSet<String>,
     listeners: HashSet<String>,
     /// Listener items written, parsable or not.
     listener_items: usize,
@@ -36,7 +38,25 @@ impl Declared {
                 })
                 .unwrap_or_default()
         };
+        let auth_names = |kind: &str| -> Vec<String> {
+            root.get("authentication")
+                .and_then(|a| a.get(kind))
+                .and_then(Value::as_sequence)
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter_map(|item| {
+                            item.get("name").and_then(Value::as_str).map(str::to_owned)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         Self {
+            auth_methods: auth_names("jwt")
+                .into_iter()
+                .chain(auth_names("api_keys"))
+                .collect(),
             upstreams: names("upstreams"),
             listeners: names("listeners"),
             listener_items: root
@@ -49,12 +69,70 @@ impl Declared {
 
 pub fn check(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) {
     check_server(config, sink);
+    check_authentication(config, sink);
     if declared.listener_items == 0 {
         sink.error("listeners", "at least one listener is required");
     }
     check_listeners(config, sink);
     check_upstreams(config, sink);
     check_routes(config, declared, sink);
+}
+
+fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
+    let section = &config.authentication;
+    let mut names: HashMap<&str, String> = HashMap::new();
+    let jwt = section
+        .jwt
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.as_str(), format!("authentication.jwt[{i}]")));
+    let keys = section
+        .api_keys
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), format!("authentication.api_keys[{i}]")));
+    for (name, path) in jwt.chain(keys) {
+        if let Some(first) = names.insert(name, path.clone()) {
+            sink.error(
+                format!("{path}.name"),
+                format!("duplicate authentication method name `{name}` (first at {first})"),
+            );
+        }
+    }
+    for (i, provider) in section.jwt.iter().enumerate() {
+        if provider.algorithms.is_empty() {
+            sink.error(
+                format!("authentication.jwt[{i}].algorithms"),
+                "at least one algorithm is required",
+            );
+        }
+        if let crate::config::model::TokenSourceConfig::Header(name)
+        | crate::config::model::TokenSourceConfig::Cookie(name) = &provider.token_source
+        {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() && name.is_empty() {
+                sink.error(
+                    format!("authentication.jwt[{i}].token_source"),
+                    "needs a name",
+                );
+            }
+        }
+        for header in provider.claim_headers.values() {
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                sink.error(
+                    format!("authentication.jwt[{i}].claim_headers"),
+                    format!("`{header}` is not a valid header name"),
+                );
+            }
+        }
+    }
+    for (i, set) in section.api_keys.iter().enumerate() {
+        if set.keys.is_empty() {
+            sink.warn(
+                format!("authentication.api_keys[{i}].keys"),
+                "this key set has no keys: it accepts nothing",
+            );
+        }
+    }
 }
 
 fn check_server(config: &Config, sink: &mut ErrorSink<'_>) {
@@ -348,15 +426,28 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
                 format!("unknown upstream `{}`", route.upstream),
             );
         }
-        if !route.public {
-            sink.error(
+        match (route.public, route.auth.is_empty()) {
+            (false, true) => sink.error(
                 format!("{path}.public"),
                 format!(
-                    "route `{}` declares no authentication: zero trust requires authentication on every route, \
-                     or `public: true` to serve it to anyone",
+                    "route `{}` declares no authentication: zero trust requires authentication on every route \
+                     (`auth: [...]`), or `public: true` to serve it to anyone",
                     route.name
                 ),
-            );
+            ),
+            (true, false) => sink.error(
+                format!("{path}.auth"),
+                "a route is either `public: true` or has `auth`, not both",
+            ),
+            _ => {}
+        }
+        for (a, name) in route.auth.iter().enumerate() {
+            if !declared.auth_methods.contains(name) {
+                sink.error(
+                    format!("{path}.auth[{a}]"),
+                    format!("unknown authentication method `{name}` (define it under `authentication.jwt` or `authentication.api_keys`)"),
+                );
+            }
         }
         if let Err(message) = PathPattern::parse(&route.matcher.path) {
             sink.error(format!("{path}.match.path"), message);

@@ -38,6 +38,10 @@ pub struct RequestCtx {
     /// The response body ended with an error (upstream reset, client gone).
     pub response_aborted: bool,
     pub user_agent: Option<HeaderValue>,
+    /// Who the request was authenticated as.
+    pub identity: Option<Arc<crate::policy::authn::Identity>>,
+    /// Why authentication failed (for the log; the client sees only the challenge).
+    pub auth_failure: Option<&'static str>,
 }
 
 /// Finishes a request when the response body ends: writes the access-log line and releases the

@@ -27,6 +27,30 @@ pub enum GatewayError {
     UpstreamProtocol,
     #[error("gateway is shutting down")]
     ShuttingDown,
+    #[error("not authenticated")]
+    Unauthorized(Challenge),
+}
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 6750 style). Deliberately coarse: a client
+/// learns that its credential was missing or not accepted, never why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// No credential: `Bearer realm="portcullis"`.
+    Bearer,
+    /// A bearer token that did not verify: `error="invalid_token"`.
+    BearerInvalidToken,
+    /// API-key-only routes.
+    ApiKey,
+}
+
+impl Challenge {
+    fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::Bearer => "Bearer realm=\"portcullis\"",
+            Self::BearerInvalidToken => "Bearer realm=\"portcullis\", error=\"invalid_token\"",
+            Self::ApiKey => "ApiKey realm=\"portcullis\"",
+        })
+    }
 }
 
 impl GatewayError {
@@ -38,6 +62,7 @@ impl GatewayError {
             Self::NoHealthyTarget | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -52,6 +77,7 @@ impl GatewayError {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamProtocol => "upstream_protocol_error",
             Self::ShuttingDown => "shutting_down",
+            Self::Unauthorized(_) => "unauthorized",
         }
     }
 
@@ -67,17 +93,24 @@ impl GatewayError {
             }
             Self::UpstreamTimeout => "the upstream service did not answer in time",
             Self::ShuttingDown => "the gateway is restarting; retry",
+            Self::Unauthorized(_) => "authentication is required",
         }
     }
 
     /// The response for this error, carrying the request id.
     pub fn into_response(self, request_id: &HeaderValue) -> Response<ResponseBody> {
-        error_response(
+        let mut response = error_response(
             self.status(),
             self.code(),
             self.public_message(),
             request_id,
-        )
+        );
+        if let Self::Unauthorized(challenge) = self {
+            response
+                .headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, challenge.header_value());
+        }
+        response
     }
 }
 
@@ -121,6 +154,7 @@ mod tests {
             (GatewayError::UpstreamTimeout, 504),
             (GatewayError::UpstreamProtocol, 502),
             (GatewayError::ShuttingDown, 503),
+            (GatewayError::Unauthorized(Challenge::Bearer), 401),
         ] {
             let response = error.into_response(&id);
             assert_eq!(response.status().as_u16(), status, "{error:?}");

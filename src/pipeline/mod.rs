@@ -7,7 +7,7 @@ mod error;
 
 pub use body::{BodyTooLarge, BoxError, ResponseBody, UpstreamBody};
 pub use ctx::{Completion, ConnActivity, InFlightGuard, RequestCtx};
-pub use error::{error_response, GatewayError};
+pub use error::{error_response, Challenge, GatewayError};
 
 use http::HeaderName;
 

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     config::{ConfigErrors, LoadedConfig},
+    policy::authn::KeyRefreshers,
     upstream::{health::HealthChecks, set_worker_slot, UpstreamRegistry},
 };
 
@@ -109,6 +110,7 @@ pub struct Gateway {
     listeners: HashMap<Arc<str>, BoundListener>,
     draining: watch::Sender<bool>,
     health: HealthChecks,
+    key_refreshers: KeyRefreshers,
     generation: u64,
     worker_count: usize,
 }
@@ -133,6 +135,7 @@ impl Gateway {
             listeners.insert(spec.name.clone(), bound);
         }
         let health = HealthChecks::start(&snapshot.upstreams);
+        let key_refreshers = KeyRefreshers::start(&snapshot.jwt_providers);
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let (draining, draining_rx) = watch::channel(false);
         let workers = (0..worker_count)
@@ -149,6 +152,7 @@ impl Gateway {
             listeners,
             draining,
             health,
+            key_refreshers,
             generation: 1,
             worker_count,
         };
@@ -243,10 +247,12 @@ impl Gateway {
             ..ReloadSummary::default()
         };
         let health = HealthChecks::start(&snapshot.upstreams);
+        let key_refreshers = KeyRefreshers::start(&snapshot.jwt_providers);
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
         self.state.snapshot.store(Arc::new(snapshot));
         self.generation = generation;
         self.health = health;
+        self.key_refreshers = key_refreshers;
         // stop listeners that are gone or moved
         let fresh_names: Vec<Arc<str>> = fresh.iter().map(|(n, _)| n.clone()).collect();
         let stale: Vec<Arc<str>> = self

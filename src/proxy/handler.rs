@@ -70,6 +70,8 @@ pub async fn handle(
         error: None,
         response_aborted: false,
         user_agent: request.headers().get(header::USER_AGENT).cloned(),
+        identity: None,
+        auth_failure: None,
     };
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,

@@ -15,7 +15,10 @@ use crate::{
         model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, UpstreamConfig},
         ConfigErrors, ErrorSink, LoadedConfig,
     },
-    policy::{Access, RoutePolicies},
+    policy::{
+        authn::{ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, JwtProvider},
+        Access, RoutePolicies,
+    },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
     tls,
     upstream::{
@@ -27,6 +30,8 @@ use crate::{
 #[derive(Debug)]
 pub struct Snapshot {
     pub generation: u64,
+    /// JWT providers (their remote key sets are refreshed in the background).
+    pub jwt_providers: Vec<Arc<JwtProvider>>,
     pub listeners: Vec<Arc<ListenerSpec>>,
     pub routes: RouteTable<Arc<Route>>,
     pub upstreams: Vec<Arc<Upstream>>,
@@ -116,9 +121,17 @@ pub fn compile(
         .enumerate()
         .map(|(i, l)| (l.name.as_str(), i))
         .collect();
+    let authentication = compile_authentication(loaded, &mut sink);
     let mut compiled_routes = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
-        if let Some(compiled) = compile_route(i, route, &upstreams, &listener_index, &mut sink) {
+        if let Some(compiled) = compile_route(
+            i,
+            route,
+            &upstreams,
+            &listener_index,
+            &authentication,
+            &mut sink,
+        ) {
             compiled_routes.push(compiled);
         }
     }
@@ -136,6 +149,7 @@ pub fn compile(
     upstream_list.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Snapshot {
         generation,
+        jwt_providers: authentication.jwt_providers(),
         listeners,
         routes: RouteTable::new(compiled_routes),
         upstreams: upstream_list,
@@ -302,6 +316,7 @@ fn compile_route(
     route: &RouteConfig,
     upstreams: &HashMap<&str, Arc<Upstream>>,
     listener_index: &HashMap<&str, usize>,
+    authentication: &Authentication,
     sink: &mut ErrorSink<'_>,
 ) -> Option<(RouteMatch, Arc<Route>)> {
     let path = format!("routes[{i}]");
@@ -351,15 +366,31 @@ fn compile_route(
             }
         },
     };
-    if !route.public {
-        // validation has reported it; nothing to compile
-        return None;
-    }
+    let access = if route.public {
+        Access::Public
+    } else {
+        let methods: Vec<AuthMethod> = route
+            .auth
+            .iter()
+            .filter_map(|name| {
+                authentication
+                    .methods
+                    .get(name.as_str())
+                    .map(AuthMethod::share)
+            })
+            .collect();
+        if methods.is_empty() {
+            // validation has reported why; nothing to compile
+            return None;
+        }
+        Access::Authenticated(Arc::new(Authenticator { methods }))
+    };
     let compiled = Route {
         name: route.name.as_str().into(),
         upstream,
         policies: RoutePolicies {
-            access: Access::Public,
+            identity_headers: authentication.identity_headers.clone(),
+            access,
         },
         strip_prefix: rewrite.strip_prefix.map(Into::into),
         add_prefix: rewrite.add_prefix.map(Into::into),
@@ -396,4 +427,94 @@ fn tls_fingerprint(
         std::fs::read(file).unwrap_or_default().hash(&mut hasher);
     }
     format!("{:016x}", hasher.finish())
+}
+
+/// The compiled `authentication` section.
+struct Authentication {
+    identity_headers: Arc<IdentityHeaderNames>,
+    methods: HashMap<String, AuthMethod>,
+}
+
+impl Authentication {
+    fn jwt_providers(&self) -> Vec<Arc<JwtProvider>> {
+        let mut providers: Vec<Arc<JwtProvider>> = self
+            .methods
+            .values()
+            .filter_map(|m| match m {
+                AuthMethod::Jwt(provider) => Some(provider.clone()),
+                AuthMethod::ApiKey(_) => None,
+            })
+            .collect();
+        providers.sort_by(|a, b| a.name.cmp(&b.name));
+        providers
+    }
+}
+
+fn compile_authentication(loaded: &LoadedConfig, sink: &mut ErrorSink<'_>) -> Authentication {
+    let section = &loaded.config.authentication;
+    let names = &section.identity_headers;
+    let header = |field: &str, value: &str, sink: &mut ErrorSink<'_>| {
+        HeaderName::from_bytes(value.as_bytes()).unwrap_or_else(|_| {
+            sink.error(
+                format!("authentication.identity_headers.{field}"),
+                format!("`{value}` is not a valid header name"),
+            );
+            HeaderName::from_static("x-invalid")
+        })
+    };
+    let subject = header("subject", &names.subject, sink);
+    let issuer = header("issuer", &names.issuer, sink);
+    let method = header("method", &names.method, sink);
+    let provider = header("provider", &names.provider, sink);
+    let roles = header("roles", &names.roles, sink);
+    let mut all = vec![
+        subject.clone(),
+        issuer.clone(),
+        method.clone(),
+        provider.clone(),
+        roles.clone(),
+    ];
+    for jwt in &section.jwt {
+        all.extend(
+            jwt.claim_headers
+                .values()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+        );
+    }
+    all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    all.dedup();
+    let identity_headers = Arc::new(IdentityHeaderNames {
+        subject,
+        issuer,
+        method,
+        provider,
+        roles,
+        all,
+    });
+    let mut methods = HashMap::new();
+    for (i, jwt) in section.jwt.iter().enumerate() {
+        match JwtProvider::from_config(jwt, &loaded.base_dir, identity_headers.clone()) {
+            Ok(provider) => {
+                methods.insert(jwt.name.clone(), AuthMethod::Jwt(Arc::new(provider)));
+            }
+            Err(error) => sink.error(format!("authentication.jwt[{i}].keys"), error.to_string()),
+        }
+    }
+    for (i, set) in section.api_keys.iter().enumerate() {
+        match ApiKeySet::from_config(set, &identity_headers) {
+            Ok(keys) => {
+                methods.insert(set.name.clone(), AuthMethod::ApiKey(Arc::new(keys)));
+            }
+            Err((Some(k), message)) => {
+                sink.error(format!("authentication.api_keys[{i}].keys[{k}]"), message)
+            }
+            Err((None, message)) => {
+                sink.error(format!("authentication.api_keys[{i}].header"), message)
+            }
+        }
+    }
+    Authentication {
+        identity_headers,
+        methods,
+    }
 }

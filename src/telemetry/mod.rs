@@ -61,6 +61,10 @@ pub fn access_log(ctx: &RequestCtx) {
         error = ctx.error,
         aborted = ctx.response_aborted,
         user_agent = ctx.user_agent.as_ref().and_then(|v| v.to_str().ok()),
+        auth_subject = ctx.identity.as_ref().map(|i| &*i.subject),
+        auth_method = ctx.identity.as_ref().map(|i| i.method),
+        auth_provider = ctx.identity.as_ref().map(|i| &*i.provider),
+        auth_failure = ctx.auth_failure,
         "request"
     );
 }

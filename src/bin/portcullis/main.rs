@@ -53,6 +53,21 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editor completion).
     Schema,
+    /// API key helpers.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print a new random API key and the SHA-256 to put in the config.
+    Generate {
+        /// The identity the key will authenticate (shown in the config snippet).
+        #[arg(long, default_value = "client-1")]
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +77,16 @@ fn main() -> ExitCode {
         Command::Validate { files } => return validate(&files),
         Command::Demo { listen, admin } => demo(listen, admin),
         Command::Schema => schema(),
+        Command::Key {
+            command: KeyCommand::Generate { id },
+        } => {
+            let (key, digest) = portcullis::policy::authn::generate_key();
+            println!("key:    {key}");
+            println!("sha256: {digest}\n");
+            println!("# give the key to the client; put only the hash in the config:");
+            println!("authentication:\n  api_keys:\n    - name: my-keys\n      keys:\n        - id: {id}\n          sha256: {digest}");
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod tokens;
+
 use std::{
     collections::HashMap,
     convert::Infallible,

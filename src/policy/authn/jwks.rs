@@ -1,0 +1,329 @@
+//! Verification keys for a JWT provider: a JWKS document (from a file or a URL), a PEM public
+//! key, or a shared secret. A remote JWKS is refreshed on a schedule and when a token names a
+//! `kid` it does not know (rate-limited, so tokens with made-up `kid`s cannot cause a fetch
+//! storm); a failed fetch keeps the last good keys.
+
+use std::{
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, Request, Uri};
+use http_body_util::{BodyExt, Limited};
+use jsonwebtoken::{
+    jwk::{AlgorithmParameters, EllipticCurve, JwkSet},
+    Algorithm, AlgorithmFamily, DecodingKey,
+};
+
+use crate::{
+    pipeline::UpstreamBody,
+    upstream::{ClientSettings, ConnectionPool, TargetScheme},
+};
+
+/// Why keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a JWKS document: {0}")]
+    BadJwks(String),
+    #[error("not a usable public key: {0}")]
+    BadKey(String),
+    #[error("fetching the JWKS failed: {0}")]
+    Fetch(String),
+}
+
+/// One verification key and what it may verify.
+pub struct KeyEntry {
+    pub kid: Option<String>,
+    pub key: DecodingKey,
+    family: AlgorithmFamily,
+    /// EC keys verify only the algorithm of their curve.
+    curve: Option<EllipticCurve>,
+    /// The JWK's own `alg`, when it names one.
+    alg: Option<Algorithm>,
+}
+
+impl std::fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyEntry")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish()
+    }
+}
+
+impl KeyEntry {
+    /// The algorithm is bound to the key: family, curve and the JWK's declared `alg` must agree.
+    pub fn accepts(&self, alg: Algorithm) -> bool {
+        alg.family() == self.family
+            && self.alg.is_none_or(|declared| declared == alg)
+            && match (&self.curve, alg) {
+                (Some(EllipticCurve::P256), Algorithm::ES256) => true,
+                (Some(EllipticCurve::P384), Algorithm::ES384) => true,
+                (Some(EllipticCurve::Ed25519), Algorithm::EdDSA) => true,
+                (Some(_), _) => false,
+                (None, _) => true,
+            }
+    }
+}
+
+type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+
+/// A set of keys, replaced as a whole on refresh.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    pub keys: Vec<KeyEntry>,
+}
+
+impl KeySet {
+    /// Keys that may verify a token with this header.
+    pub fn candidates<'a>(
+        &'a self,
+        kid: Option<&'a str>,
+        alg: Algorithm,
+    ) -> impl Iterator<Item = &'a KeyEntry> + 'a {
+        self.keys
+            .iter()
+            .filter(move |k| kid.is_none_or(|kid| k.kid.as_deref() == Some(kid)) && k.accepts(alg))
+    }
+
+    pub fn knows(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+
+    /// Parses a JWKS document; keys of types this gateway cannot use are skipped.
+    pub fn from_jwks(json: &[u8]) -> Result<Self, KeyError> {
+        let set: JwkSet =
+            serde_json::from_slice(json).map_err(|e| KeyError::BadJwks(e.to_string()))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let Ok(key) = DecodingKey::from_jwk(jwk) else {
+                continue;
+            };
+            let (family, curve) = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => (AlgorithmFamily::Rsa, None),
+                AlgorithmParameters::EllipticCurve(ec) => {
+                    (AlgorithmFamily::Ec, Some(ec.curve.clone()))
+                }
+                AlgorithmParameters::OctetKeyPair(okp) => {
+                    (AlgorithmFamily::Ed, Some(okp.curve.clone()))
+                }
+                // symmetric keys are never taken from a key document, nor are unknown kinds
+                _ => continue,
+            };
+            let alg = jwk
+                .common
+                .key_algorithm
+                .and_then(|a| serde_json::to_value(a).ok())
+                .and_then(|v| v.as_str().and_then(|s| Algorithm::from_str(s).ok()));
+            keys.push(KeyEntry {
+                kid: jwk.common.key_id.clone(),
+                key,
+                family,
+                curve,
+                alg,
+            });
+        }
+        if keys.is_empty() {
+            return Err(KeyError::BadJwks("no usable public keys".into()));
+        }
+        Ok(Self { keys })
+    }
+
+    /// A PEM public key (RSA, EC P-256/P-384, Ed25519).
+    pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
+        let text = String::from_utf8_lossy(pem);
+        let attempts: [(PemParser, AlgorithmFamily); 3] = [
+            (DecodingKey::from_rsa_pem, AlgorithmFamily::Rsa),
+            (DecodingKey::from_ec_pem, AlgorithmFamily::Ec),
+            (DecodingKey::from_ed_pem, AlgorithmFamily::Ed),
+        ];
+        for (parse, family) in attempts {
+            if let Ok(key) = parse(pem) {
+                return Ok(Self {
+                    keys: vec![KeyEntry {
+                        kid: None,
+                        key,
+                        family,
+                        curve: None,
+                        alg: None,
+                    }],
+                });
+            }
+        }
+        Err(KeyError::BadKey(if text.contains("PRIVATE") {
+            "this is a private key; give the public key".into()
+        } else {
+            "expected a PEM public key (RSA, EC or Ed25519)".into()
+        }))
+    }
+
+    /// A shared secret for HS256/384/512.
+    pub fn from_secret(secret: &[u8]) -> Self {
+        Self {
+            keys: vec![KeyEntry {
+                kid: None,
+                key: DecodingKey::from_secret(secret),
+                family: AlgorithmFamily::Hmac,
+                curve: None,
+                alg: None,
+            }],
+        }
+    }
+}
+
+/// Keys behind a URL.
+pub struct RemoteJwks {
+    pub url: Uri,
+    pool: Arc<ConnectionPool>,
+    keys: ArcSwap<KeySet>,
+    pub refresh_interval: Duration,
+    min_refresh_interval: Duration,
+    /// Milliseconds since `epoch` of the last fetch attempt (0: never).
+    last_attempt_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for RemoteJwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteJwks")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+impl RemoteJwks {
+    pub fn new(
+        url: Uri,
+        refresh_interval: Duration,
+        min_refresh_interval: Duration,
+    ) -> Result<Self, KeyError> {
+        let scheme = match url.scheme_str() {
+            Some("https") => TargetScheme::Https,
+            Some("http") => TargetScheme::Http1,
+            _ => {
+                return Err(KeyError::Fetch(
+                    "the JWKS URL must be http:// or https://".into(),
+                ))
+            }
+        };
+        let tls =
+            crate::tls::client_config(None, None).map_err(|e| KeyError::Fetch(e.to_string()))?;
+        let settings = ClientSettings {
+            scheme,
+            tls: Arc::new(tls),
+            tls_fingerprint: String::new(),
+            server_name: None,
+            connect_timeout: Duration::from_secs(3),
+            max_idle: 1,
+            idle_timeout: Duration::from_secs(30),
+        };
+        Ok(Self {
+            url,
+            pool: Arc::new(ConnectionPool::new(settings, 1)),
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            refresh_interval,
+            min_refresh_interval,
+            last_attempt_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    pub fn current(&self) -> arc_swap::Guard<Arc<KeySet>> {
+        self.keys.load()
+    }
+
+    /// Fetches now unless a fetch was attempted within the minimum interval; returns whether a
+    /// fetch happened and succeeded.
+    pub async fn refresh_if_allowed(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last_attempt_ms.load(Ordering::Acquire);
+        if last != 0 && now < last + self.min_refresh_interval.as_millis() as u64 {
+            return false;
+        }
+        if self
+            .last_attempt_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false; // another request is fetching
+        }
+        self.refresh().await
+    }
+
+    /// Fetches and swaps in the keys; on failure the last good keys stay.
+    pub async fn refresh(&self) -> bool {
+        self.last_attempt_ms.store(
+            self.epoch.elapsed().as_millis() as u64 + 1,
+            Ordering::Release,
+        );
+        match tokio::time::timeout(Duration::from_secs(5), self.fetch()).await {
+            Ok(Ok(keys)) => {
+                tracing::info!(url = %self.url, keys = keys.keys.len(), "JWKS refreshed");
+                self.keys.store(Arc::new(keys));
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(url = %self.url, %error, "JWKS refresh failed; keeping the last good keys");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(url = %self.url, "JWKS refresh timed out; keeping the last good keys");
+                false
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, KeyError> {
+        let authority = self
+            .url
+            .authority()
+            .ok_or_else(|| KeyError::Fetch("URL has no host".into()))?;
+        let port = self
+            .url
+            .port_u16()
+            .unwrap_or(if self.url.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        let authority: http::uri::Authority = format!("{}:{port}", authority.host())
+            .parse()
+            .map_err(|_| KeyError::Fetch("bad host".into()))?;
+        let mut request = Request::new(UpstreamBody::Empty);
+        *request.uri_mut() = self.url.clone();
+        request.headers_mut().insert(
+            header::HOST,
+            http::HeaderValue::from_str(authority.as_str())
+                .map_err(|e| KeyError::Fetch(e.to_string()))?,
+        );
+        request.headers_mut().insert(
+            header::ACCEPT,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let response = self
+            .pool
+            .send(&authority, request)
+            .await
+            .map_err(|failure| KeyError::Fetch(failure.error.to_string()))?;
+        if !response.status().is_success() {
+            return Err(KeyError::Fetch(format!("status {}", response.status())));
+        }
+        let body: Bytes = Limited::new(response.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| KeyError::Fetch(e.to_string()))?
+            .to_bytes();
+        KeySet::from_jwks(&body)
+    }
+}

@@ -1,0 +1,458 @@
+//! Signed JWT (JWS) verification with `jsonwebtoken` (aws-lc-rs backend); no signature code of
+//! our own.
+//!
+//! Order of checks: token present → cache (by SHA-256, within `exp`) → header parses, `alg` is
+//! allowed, no `crit`, `typ` → a key that fits both `kid` and `alg` (refreshing a remote JWKS once,
+//! rate-limited, for an unknown `kid`) → signature and `exp`/`nbf`/`iss`/`aud` → `iat` not in the
+//! future, lifetime not above the maximum, required claims, a subject. `jwk`, `jku`, `x5u` and
+//! `x5c` headers are ignored: keys come only from the provider's configuration.
+
+use std::{path::Path, str::FromStr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use http::{header, request, HeaderName, HeaderValue};
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, Validation};
+use serde_json::{Map, Value};
+
+use super::{
+    cache::{sha256, VerifiedCache},
+    jwks::{KeySet, RemoteJwks},
+    query_param, remove_query_param, unix_now, AuthFailure, Identity, IdentityHeaderNames,
+};
+use crate::config::model::{JwtKeysConfig, JwtProviderConfig, TokenSourceConfig};
+
+/// Why a provider could not be built from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtError {
+    #[error("unknown algorithm `{0}` (one of RS256/384/512, PS256/384/512, ES256/384, EdDSA, HS256/384/512)")]
+    UnknownAlgorithm(String),
+    #[error(
+        "HS* algorithms need `keys: {{secret: ...}}`, and a secret allows only HS* algorithms"
+    )]
+    SecretMismatch,
+    #[error("the secret must be at least 32 bytes")]
+    ShortSecret,
+    #[error("{0}")]
+    Keys(#[from] super::KeyError),
+    #[error("`{0}` is not a valid URL")]
+    BadUrl(String),
+    #[error("`{0}` is not a valid header name")]
+    BadHeader(String),
+}
+
+enum Keys {
+    Static(ArcSwap<KeySet>),
+    Remote(Arc<RemoteJwks>),
+}
+
+/// A compiled JWT provider.
+pub struct JwtProvider {
+    pub name: Arc<str>,
+    keys: Keys,
+    /// One prepared validation per allowed algorithm.
+    validations: Vec<(Algorithm, Validation)>,
+    leeway: u64,
+    max_lifetime: Option<u64>,
+    typ: Option<String>,
+    required_claims: Vec<(String, Value)>,
+    source: TokenSourceConfig,
+    forward_token: bool,
+    claim_headers: Vec<(String, HeaderName)>,
+    roles_claim: Option<String>,
+    cache: VerifiedCache,
+    identity_names: Arc<IdentityHeaderNames>,
+}
+
+impl std::fmt::Debug for JwtProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtProvider")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl JwtProvider {
+    pub fn from_config(
+        config: &JwtProviderConfig,
+        base_dir: &Path,
+        identity_names: Arc<IdentityHeaderNames>,
+    ) -> Result<Self, JwtError> {
+        let algorithms = config
+            .algorithms
+            .iter()
+            .map(|a| Algorithm::from_str(a).map_err(|_| JwtError::UnknownAlgorithm(a.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let hmac =
+            |a: &Algorithm| matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
+        let keys = match &config.keys {
+            JwtKeysConfig::Secret(secret) => {
+                if !algorithms.iter().all(hmac) {
+                    return Err(JwtError::SecretMismatch);
+                }
+                if secret.len() < 32 {
+                    return Err(JwtError::ShortSecret);
+                }
+                Keys::Static(ArcSwap::from_pointee(KeySet::from_secret(
+                    secret.as_bytes(),
+                )))
+            }
+            other => {
+                if algorithms.iter().any(hmac) {
+                    return Err(JwtError::SecretMismatch);
+                }
+                match other {
+                    JwtKeysConfig::JwksFile(path) => {
+                        let path = base_dir.join(path);
+                        let bytes =
+                            std::fs::read(&path).map_err(|source| super::KeyError::Read {
+                                path: path.display().to_string(),
+                                source,
+                            })?;
+                        Keys::Static(ArcSwap::from_pointee(KeySet::from_jwks(&bytes)?))
+                    }
+                    JwtKeysConfig::PublicKeyPem(path) => {
+                        let path = base_dir.join(path);
+                        let bytes =
+                            std::fs::read(&path).map_err(|source| super::KeyError::Read {
+                                path: path.display().to_string(),
+                                source,
+                            })?;
+                        Keys::Static(ArcSwap::from_pointee(KeySet::from_pem(&bytes)?))
+                    }
+                    JwtKeysConfig::JwksUrl {
+                        url,
+                        refresh_interval,
+                        min_refresh_interval,
+                    } => {
+                        let uri: http::Uri =
+                            url.parse().map_err(|_| JwtError::BadUrl(url.clone()))?;
+                        Keys::Remote(Arc::new(RemoteJwks::new(
+                            uri,
+                            refresh_interval.0,
+                            min_refresh_interval.0,
+                        )?))
+                    }
+                    JwtKeysConfig::Secret(_) => unreachable!("handled above"),
+                }
+            }
+        };
+        let leeway = config.leeway.0.as_secs();
+        let validations = algorithms
+            .iter()
+            .map(|&alg| {
+                let mut validation = Validation::new(alg);
+                validation.leeway = leeway;
+                validation.validate_exp = true;
+                validation.validate_nbf = true;
+                let mut required: Vec<&str> = Vec::new();
+                if config.require_exp {
+                    required.push("exp");
+                }
+                if let Some(issuer) = &config.issuer {
+                    validation.set_issuer(&[issuer]);
+                    required.push("iss");
+                }
+                if config.audiences.is_empty() {
+                    validation.validate_aud = false;
+                } else {
+                    validation.set_audience(&config.audiences);
+                    required.push("aud");
+                }
+                validation.set_required_spec_claims(&required);
+                (alg, validation)
+            })
+            .collect();
+        let claim_headers = config
+            .claim_headers
+            .iter()
+            .map(|(claim, name)| {
+                HeaderName::from_bytes(name.as_bytes())
+                    .map(|h| (claim.clone(), h))
+                    .map_err(|_| JwtError::BadHeader(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            name: config.name.as_str().into(),
+            keys,
+            validations,
+            leeway,
+            max_lifetime: config.max_lifetime.map(|d| d.0.as_secs()),
+            typ: config.typ.clone(),
+            required_claims: config
+                .required_claims
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            source: config.token_source.clone(),
+            forward_token: config.forward_token,
+            claim_headers,
+            roles_claim: config.roles_claim.clone(),
+            cache: VerifiedCache::new(config.cache_size),
+            identity_names,
+        })
+    }
+
+    /// The remote key set, if this provider has one (for the background refresher).
+    pub fn remote(&self) -> Option<&Arc<RemoteJwks>> {
+        match &self.keys {
+            Keys::Remote(remote) => Some(remote),
+            Keys::Static(_) => None,
+        }
+    }
+
+    /// Finds the token, verifies it, and then keeps it from (or lets it reach) the upstream.
+    pub async fn authenticate(
+        &self,
+        request: &mut request::Parts,
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        let token = self.extract(request)?;
+        let token_text = std::str::from_utf8(token.as_bytes())
+            .map_err(|_| AuthFailure::Invalid("malformed token"))?
+            .trim();
+        let token_text = match &self.source {
+            TokenSourceConfig::Bearer => strip_bearer(token_text).ok_or(AuthFailure::Missing)?,
+            TokenSourceConfig::Cookie(name) => {
+                cookie_value(token_text, name).ok_or(AuthFailure::Missing)?
+            }
+            _ => token_text,
+        };
+        let identity = self.verify(token_text).await?;
+        if let TokenSourceConfig::Query(name) = &self.source {
+            // a token in a URL must not travel on, nor reach logs
+            remove_query_param(request, name);
+        } else if !self.forward_token {
+            match &self.source {
+                TokenSourceConfig::Bearer => {
+                    request.headers.remove(header::AUTHORIZATION);
+                }
+                TokenSourceConfig::Header(name) => {
+                    request.headers.remove(name.as_str());
+                }
+                TokenSourceConfig::Cookie(_) | TokenSourceConfig::Query(_) => {}
+            }
+        }
+        Ok(identity)
+    }
+
+    /// The raw credential carrier (header value or query value) for this provider's source.
+    fn extract(&self, request: &request::Parts) -> Result<HeaderValue, AuthFailure> {
+        let single = |name: &str| {
+            let mut values = request.headers.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (None, _) => Err(AuthFailure::Missing),
+                (Some(value), None) => Ok(value.clone()),
+                // two credentials: ambiguous, refuse rather than pick one
+                (Some(_), Some(_)) => Err(AuthFailure::Invalid("more than one credential")),
+            }
+        };
+        match &self.source {
+            TokenSourceConfig::Bearer => single(header::AUTHORIZATION.as_str()),
+            TokenSourceConfig::Header(name) => single(name),
+            TokenSourceConfig::Cookie(_) => {
+                // all Cookie headers, joined, searched later by name
+                let joined: Vec<&str> = request
+                    .headers
+                    .get_all(header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                if joined.is_empty() {
+                    return Err(AuthFailure::Missing);
+                }
+                HeaderValue::from_str(&joined.join("; "))
+                    .map_err(|_| AuthFailure::Invalid("malformed cookie"))
+            }
+            TokenSourceConfig::Query(name) => query_param(request, name)
+                .filter(|v| !v.is_empty())
+                .ok_or(AuthFailure::Missing)
+                .and_then(|v| {
+                    HeaderValue::from_str(v).map_err(|_| AuthFailure::Invalid("malformed token"))
+                }),
+        }
+    }
+
+    /// Verifies a compact JWS and returns the identity it carries.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
+        let now = unix_now();
+        let digest = sha256(token.as_bytes());
+        if let Some(identity) = self.cache.get(&digest, now) {
+            return Ok(identity);
+        }
+        let header = decode_header(token).map_err(|_| AuthFailure::Invalid("malformed token"))?;
+        let Some((alg, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg)
+        else {
+            return Err(AuthFailure::Invalid("algorithm not allowed"));
+        };
+        if header.crit.is_some() {
+            // no JWS extensions are implemented, so any critical one must be refused (RFC 7515 §4.1.11)
+            return Err(AuthFailure::Invalid("unsupported critical header"));
+        }
+        if let Some(typ) = &self.typ {
+            if !header
+                .typ
+                .as_deref()
+                .is_some_and(|t| t.eq_ignore_ascii_case(typ))
+            {
+                return Err(AuthFailure::Invalid("wrong typ"));
+            }
+        }
+        let kid = header.kid.as_deref();
+        let mut outcome = self.try_keys(token, kid, *alg, validation);
+        if matches!(outcome, Err(AuthFailure::Invalid("no matching key"))) {
+            if let (Keys::Remote(remote), Some(kid)) = (&self.keys, kid) {
+                if !remote.current().knows(kid) && remote.refresh_if_allowed().await {
+                    outcome = self.try_keys(token, Some(kid), *alg, validation);
+                }
+            }
+        }
+        let claims = outcome?;
+        self.check_claims(&claims, now)?;
+        let identity = Arc::new(self.identity(&claims)?);
+        let valid_until = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .unwrap_or(now + 60);
+        self.cache
+            .insert(digest, valid_until, identity.clone(), now);
+        Ok(identity)
+    }
+
+    fn try_keys(
+        &self,
+        token: &str,
+        kid: Option<&str>,
+        alg: Algorithm,
+        validation: &Validation,
+    ) -> Result<Map<String, Value>, AuthFailure> {
+        let guard;
+        let keys: &KeySet = match &self.keys {
+            Keys::Static(keys) => {
+                guard = keys.load();
+                &guard
+            }
+            Keys::Remote(remote) => {
+                guard = remote.current();
+                &guard
+            }
+        };
+        let mut failure = AuthFailure::Invalid("no matching key");
+        for candidate in keys.candidates(kid, alg) {
+            match decode::<Map<String, Value>>(token, &candidate.key, validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(error) => {
+                    failure = AuthFailure::Invalid(reason(error.kind()));
+                    // a claim failure is final; a signature failure may still verify with another key
+                    if !matches!(error.kind(), ErrorKind::InvalidSignature) {
+                        return Err(failure);
+                    }
+                }
+            }
+        }
+        Err(failure)
+    }
+
+    fn check_claims(&self, claims: &Map<String, Value>, now: u64) -> Result<(), AuthFailure> {
+        let iat = claims.get("iat").and_then(Value::as_u64);
+        if iat.is_some_and(|iat| iat > now + self.leeway) {
+            return Err(AuthFailure::Invalid("issued in the future"));
+        }
+        if let Some(max) = self.max_lifetime {
+            let exp = claims.get("exp").and_then(Value::as_u64);
+            match (iat, exp) {
+                (Some(iat), Some(exp)) if exp.saturating_sub(iat) <= max => {}
+                _ => return Err(AuthFailure::Invalid("lifetime too long or unknown")),
+            }
+        }
+        for (name, expected) in &self.required_claims {
+            if claims.get(name) != Some(expected) {
+                return Err(AuthFailure::Invalid("required claim mismatch"));
+            }
+        }
+        Ok(())
+    }
+
+    fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, AuthFailure> {
+        let subject = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or(AuthFailure::Invalid("no subject"))?;
+        let issuer = claims.get("iss").and_then(Value::as_str);
+        let roles: Vec<Box<str>> = self
+            .roles_claim
+            .as_deref()
+            .and_then(|path| claim_at(claims, path))
+            .map(|value| match value {
+                Value::String(text) => text.split_whitespace().map(Into::into).collect(),
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(Into::into)
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .unwrap_or_default();
+        let extra = self
+            .claim_headers
+            .iter()
+            .filter_map(|(claim, name)| {
+                let text = match claim_at(claims, claim)? {
+                    Value::String(s) => s.clone(),
+                    other @ (Value::Number(_) | Value::Bool(_)) => other.to_string(),
+                    _ => return None,
+                };
+                Some((name.clone(), HeaderValue::from_str(&text).ok()?))
+            })
+            .collect();
+        let headers = self
+            .identity_names
+            .headers_for("jwt", &self.name, subject, issuer, &roles, extra);
+        Ok(Identity {
+            method: "jwt",
+            provider: self.name.clone(),
+            subject: subject.into(),
+            issuer: issuer.map(Into::into),
+            roles,
+            headers,
+        })
+    }
+}
+
+/// A claim by dotted path (`realm_access.roles`).
+fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.get(part)?;
+    }
+    Some(value)
+}
+
+fn strip_bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn cookie_value<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
+    cookies.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then_some(value).filter(|v| !v.is_empty())
+    })
+}
+
+/// A short reason for the logs (never shown to the client).
+fn reason(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "expired",
+        ErrorKind::ImmatureSignature => "not yet valid",
+        ErrorKind::InvalidIssuer => "wrong issuer",
+        ErrorKind::InvalidAudience => "wrong audience",
+        ErrorKind::InvalidSignature => "bad signature",
+        ErrorKind::MissingRequiredClaim(_) => "missing required claim",
+        ErrorKind::InvalidAlgorithm => "algorithm does not fit the key",
+        _ => "invalid token",
+    }
+}

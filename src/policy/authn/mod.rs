@@ -1,0 +1,238 @@
+//! Authentication: who is calling. Every non-public route names one or more methods; a request
+//! passes if one of them verifies it, and is otherwise refused with 401 and a
+//! `WWW-Authenticate` challenge that says nothing an attacker could use.
+//!
+//! Identity is never taken from the client: the identity headers sent upstream are removed from
+//! every request first (on public routes too) and set only from a verified identity.
+
+mod api_key;
+mod cache;
+mod jwks;
+mod jwt;
+
+use std::sync::Arc;
+
+use http::{request, HeaderName, HeaderValue};
+
+pub use api_key::{generate_key, ApiKeySet};
+pub use cache::sha256;
+pub use jwks::{KeyError, KeySet, RemoteJwks};
+pub use jwt::{JwtError, JwtProvider};
+
+use crate::pipeline::Challenge;
+
+/// A verified caller.
+#[derive(Debug)]
+pub struct Identity {
+    pub method: &'static str,
+    pub provider: Arc<str>,
+    pub subject: Box<str>,
+    pub issuer: Option<Box<str>>,
+    pub roles: Vec<Box<str>>,
+    /// Headers to send upstream, computed once at verification (cached tokens reuse them).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Identity {
+    #[cfg(test)]
+    pub(crate) fn for_test(subject: &str) -> Self {
+        Self {
+            method: "test",
+            provider: "test".into(),
+            subject: subject.into(),
+            issuer: None,
+            roles: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// The names of the identity headers (from `authentication.identity_headers`).
+#[derive(Debug, Clone)]
+pub struct IdentityHeaderNames {
+    pub subject: HeaderName,
+    pub issuer: HeaderName,
+    pub method: HeaderName,
+    pub provider: HeaderName,
+    pub roles: HeaderName,
+    /// Every header an identity may set, including configured claim headers: all are stripped
+    /// from client requests.
+    pub all: Vec<HeaderName>,
+}
+
+impl IdentityHeaderNames {
+    /// Builds the upstream headers for an identity.
+    pub fn headers_for(
+        &self,
+        method: &'static str,
+        provider: &str,
+        subject: &str,
+        issuer: Option<&str>,
+        roles: &[Box<str>],
+        extra: Vec<(HeaderName, HeaderValue)>,
+    ) -> Vec<(HeaderName, HeaderValue)> {
+        let mut headers = Vec::with_capacity(5 + extra.len());
+        let mut push = |name: &HeaderName, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.push((name.clone(), value));
+            }
+        };
+        push(&self.subject, subject);
+        push(&self.method, method);
+        push(&self.provider, provider);
+        if let Some(issuer) = issuer {
+            push(&self.issuer, issuer);
+        }
+        if !roles.is_empty() {
+            push(&self.roles, &roles.join(","));
+        }
+        headers.extend(extra);
+        headers
+    }
+
+    /// Removes every identity header the client sent.
+    pub fn strip(&self, headers: &mut http::HeaderMap) {
+        for name in &self.all {
+            if headers.contains_key(name) {
+                headers.remove(name);
+            }
+        }
+    }
+}
+
+/// One configured method.
+#[derive(Debug)]
+pub enum AuthMethod {
+    Jwt(Arc<JwtProvider>),
+    ApiKey(Arc<ApiKeySet>),
+}
+
+impl AuthMethod {
+    /// Another handle on the same method (routes share a provider and its caches).
+    pub fn share(&self) -> Self {
+        match self {
+            Self::Jwt(provider) => Self::Jwt(provider.clone()),
+            Self::ApiKey(set) => Self::ApiKey(set.clone()),
+        }
+    }
+}
+
+/// Why no method verified a request (kept for the logs; the client only sees the challenge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credential of any accepted kind was present.
+    Missing,
+    /// A credential was present and did not verify.
+    Invalid(&'static str),
+}
+
+/// A route's authentication: its methods, tried in order.
+#[derive(Debug)]
+pub struct Authenticator {
+    pub methods: Vec<AuthMethod>,
+}
+
+impl Authenticator {
+    /// The challenge for a refused request: Bearer when a JWT method is accepted.
+    pub fn challenge(&self, failure: AuthFailure) -> Challenge {
+        let bearer = self.methods.iter().any(|m| matches!(m, AuthMethod::Jwt(_)));
+        match (bearer, failure) {
+            (true, AuthFailure::Missing) => Challenge::Bearer,
+            (true, AuthFailure::Invalid(_)) => Challenge::BearerInvalidToken,
+            (false, _) => Challenge::ApiKey,
+        }
+    }
+
+    /// Tries each method; the first that verifies wins. A present-but-invalid credential is
+    /// reported over a missing one.
+    pub async fn authenticate(
+        &self,
+        request: &mut request::Parts,
+    ) -> Result<Arc<Identity>, AuthFailure> {
+        let mut failure = AuthFailure::Missing;
+        for method in &self.methods {
+            let result = match method {
+                AuthMethod::Jwt(provider) => provider.authenticate(request).await,
+                AuthMethod::ApiKey(set) => set.authenticate(request),
+            };
+            match result {
+                Ok(identity) => return Ok(identity),
+                Err(AuthFailure::Missing) => {}
+                Err(invalid) => failure = invalid,
+            }
+        }
+        Err(failure)
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Removes a query parameter (a token or key that must not travel further or into logs).
+pub fn remove_query_param(request: &mut request::Parts, name: &str) {
+    let Some(query) = request.uri.query() else {
+        return;
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split('=').next() != Some(name))
+        .collect();
+    let path = request.uri.path();
+    let path_and_query = if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    let mut parts = http::uri::Parts::from(request.uri.clone());
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            request.uri = uri;
+        }
+    }
+}
+
+/// The value of query parameter `name`, if present.
+pub fn query_param<'a>(request: &'a request::Parts, name: &str) -> Option<&'a str> {
+    request.uri.query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+/// Background refresh of remote JWKS for one snapshot's providers; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct KeyRefreshers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl KeyRefreshers {
+    /// Fetches each remote key set now, then every `refresh_interval`. Call inside a runtime.
+    pub fn start(providers: &[Arc<JwtProvider>]) -> Self {
+        let tasks = providers
+            .iter()
+            .filter_map(|provider| provider.remote().cloned())
+            .map(|remote| {
+                tokio::spawn(async move {
+                    loop {
+                        remote.refresh().await;
+                        tokio::time::sleep(remote.refresh_interval).await;
+                    }
+                })
+            })
+            .collect();
+        Self { tasks }
+    }
+}
+
+impl Drop for KeyRefreshers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

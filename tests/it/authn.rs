@@ -1,0 +1,522 @@
+//! Authentication through the real gateway: every check with a token or key that must fail and
+//! one that must pass; identity headers; JWKS rotation against a real local JWKS server.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use serde_json::{json, Value};
+
+use crate::support::{tokens::*, *};
+
+const ROUTES: &str = "  - name: jwt
+    match: { path: /jwt/** }
+    auth: [corp]
+    upstream: app
+  - name: key
+    match: { path: /key/** }
+    auth: [partners]
+    upstream: app
+  - name: either
+    match: { path: /either/** }
+    auth: [corp, partners]
+    upstream: app
+  - name: open
+    match: { path: /public/** }
+    public: true
+    upstream: app
+";
+
+/// `partners` keys: `key-a1`/`key-a2` (id partner-a, rotation), `key-old` (expired).
+fn authentication(keys_yaml: &str) -> String {
+    let digest = |key: &str| {
+        portcullis::policy::authn::sha256(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    format!(
+        "authentication:
+  jwt:
+    - name: corp
+      issuer: https://idp.test
+      audiences: [api]
+      algorithms: [RS256, ES256, EdDSA]
+      keys: {keys_yaml}
+      max_lifetime: 1h
+      leeway: 5s
+      roles_claim: roles
+      claim_headers: {{ tenant: x-auth-tenant }}
+  api_keys:
+    - name: partners
+      keys:
+        - {{ id: partner-a, sha256: {}, roles: [writer] }}
+        - {{ id: partner-a, sha256: {} }}
+        - {{ id: partner-b, sha256: {}, expires: \"2020-01-01T00:00:00Z\" }}
+",
+        digest("key-a1"),
+        digest("key-a2"),
+        digest("key-old")
+    )
+}
+
+struct Setup {
+    upstream: TestUpstream,
+    gateway: TestGateway,
+    ec: Signer,
+    rsa: Signer,
+    ed: Signer,
+}
+
+async fn setup() -> Setup {
+    let (ec, rsa, ed) = (Signer::ec("ec-1"), Signer::rsa("rsa-1"), Signer::ed("ed-1"));
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec, &rsa, &ed])).unwrap();
+    let yaml = format!(
+        "{}{}",
+        config_with(&[upstream.url()], "", ROUTES),
+        authentication("{ jwks_file: jwks.json }")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    Setup {
+        upstream,
+        gateway: TestGateway {
+            gateway: Some(gateway),
+            addr,
+            dir,
+        },
+        ec,
+        rsa,
+        ed,
+    }
+}
+
+async fn call(gateway: &TestGateway, path: &str, headers: &[(&str, &str)]) -> TestResponse {
+    let mut request = Request::get(gateway.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(request.body(Full::<Bytes>::default()).unwrap()).await
+}
+
+async fn bearer(gateway: &TestGateway, token: &str) -> TestResponse {
+    call(
+        gateway,
+        "/jwt/x",
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn valid_tokens_of_every_key_type_pass_and_carry_the_identity_upstream() {
+    let s = setup().await;
+    for signer in [&s.ec, &s.rsa, &s.ed] {
+        let token = signer.sign(&claims("alice"));
+        let response = bearer(&s.gateway, &token).await;
+        assert_eq!(response.status, 200, "{:?}: {}", signer.alg, response.body);
+        let seen = s.upstream.last().headers;
+        assert_eq!(seen["x-auth-subject"], "alice");
+        assert_eq!(seen["x-auth-method"], "jwt");
+        assert_eq!(seen["x-auth-provider"], "corp");
+        assert_eq!(seen["x-auth-issuer"], "https://idp.test");
+        assert_eq!(seen["x-auth-roles"], "reader");
+        assert_eq!(seen["x-auth-tenant"], "acme");
+        assert!(
+            seen.contains_key("authorization"),
+            "the token is forwarded by default"
+        );
+    }
+    // the same token again (served from the verification cache) still passes
+    let token = s.ec.sign(&claims("bob"));
+    for _ in 0..3 {
+        assert_eq!(bearer(&s.gateway, &token).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn requests_without_credentials_get_401_with_a_challenge_and_never_reach_the_upstream() {
+    let s = setup().await;
+    for headers in [
+        vec![],
+        vec![("authorization", "Basic dXNlcjpwYXNz")],
+        vec![("authorization", "Bearer ")],
+    ] {
+        let response = call(&s.gateway, "/jwt/x", &headers).await;
+        assert_eq!(response.status, 401, "{headers:?}");
+        assert_eq!(
+            response.headers["www-authenticate"],
+            "Bearer realm=\"portcullis\""
+        );
+        assert_eq!(response.json()["error"], "unauthorized");
+    }
+    let response = call(&s.gateway, "/key/x", &[]).await;
+    assert_eq!(response.status, 401);
+    assert_eq!(
+        response.headers["www-authenticate"],
+        "ApiKey realm=\"portcullis\""
+    );
+    assert_eq!(s.upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_token_is_refused() {
+    let s = setup().await;
+    let good = claims("mallory");
+    let now = now();
+    let attacker = Signer::ec("ec-1"); // same kid, different key
+    let ec_header = json!({"alg": "ES256", "typ": "JWT", "kid": "ec-1"});
+    let valid = s.ec.sign(&good);
+    let parts: Vec<&str> = valid.split('.').collect();
+    let with = |changes: Value| {
+        let mut c = good.clone();
+        for (k, v) in changes.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c
+    };
+    let mut tampered_claims = good.clone();
+    tampered_claims["sub"] = json!("admin");
+    let cases: Vec<(&str, String)> = vec![
+        ("forged signature", attacker.sign(&good)),
+        (
+            "alg none",
+            handmade(&json!({"alg": "none", "typ": "JWT"}), &good, b""),
+        ),
+        ("alg None", handmade(&json!({"alg": "None"}), &good, b"")),
+        (
+            "alg NONE",
+            handmade(&json!({"alg": "NONE", "kid": "ec-1"}), &good, b""),
+        ),
+        ("alg nOnE", handmade(&json!({"alg": "nOnE"}), &good, b"sig")),
+        (
+            "HS256 with the RSA public key as secret",
+            hs256(
+                &json!({"alg": "HS256", "kid": "rsa-1"}),
+                &good,
+                s.rsa.public_pem.as_bytes(),
+            ),
+        ),
+        (
+            "HS256 with the EC public key as secret",
+            hs256(
+                &json!({"alg": "HS256", "kid": "ec-1"}),
+                &good,
+                s.ec.public_pem.as_bytes(),
+            ),
+        ),
+        ("embedded jwk", {
+            let mut header = attacker.header();
+            header.kid = None;
+            header.jwk = Some(serde_json::from_value(attacker.jwk.clone()).unwrap());
+            attacker.sign_with(header, &good)
+        }),
+        ("jku to an attacker's keys", {
+            let mut header = attacker.header();
+            header.jku = Some("https://attacker.example/jwks.json".into());
+            attacker.sign_with(header, &good)
+        }),
+        ("x5u header", {
+            let mut header = attacker.header();
+            header.x5u = Some("https://attacker.example/cert.pem".into());
+            attacker.sign_with(header, &good)
+        }),
+        ("unknown kid", {
+            let mut header = s.ec.header();
+            header.kid = Some("no-such-key".into());
+            s.ec.sign_with(header, &good)
+        }),
+        ("kid path trick", {
+            let mut header = attacker.header();
+            header.kid = Some("../../../../dev/null".into());
+            attacker.sign_with(header, &good)
+        }),
+        (
+            "EC key used for RS256",
+            handmade(&json!({"alg": "RS256", "kid": "ec-1"}), &good, b"x"),
+        ),
+        ("RS token claiming the EC kid", {
+            let mut header = s.rsa.header();
+            header.kid = Some("ec-1".into());
+            s.rsa.sign_with(header, &good)
+        }),
+        (
+            "expired",
+            s.ec.sign(&with(json!({"exp": now - 60, "iat": now - 600}))),
+        ),
+        ("not yet valid", s.ec.sign(&with(json!({"nbf": now + 300})))),
+        (
+            "issued in the future",
+            s.ec.sign(&with(json!({"iat": now + 300, "exp": now + 900}))),
+        ),
+        (
+            "wrong issuer",
+            s.ec.sign(&with(json!({"iss": "https://evil.test"}))),
+        ),
+        (
+            "wrong audience",
+            s.ec.sign(&with(json!({"aud": "other-api"}))),
+        ),
+        (
+            "no exp",
+            s.ec.sign(&{
+                let mut c = good.clone();
+                c.as_object_mut().unwrap().remove("exp");
+                c
+            }),
+        ),
+        (
+            "lifetime above the maximum",
+            s.ec.sign(&with(json!({"iat": now, "exp": now + 7200}))),
+        ),
+        (
+            "no subject",
+            s.ec.sign(&{
+                let mut c = good.clone();
+                c.as_object_mut().unwrap().remove("sub");
+                c
+            }),
+        ),
+        (
+            "tampered payload",
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                b64(tampered_claims.to_string().as_bytes()),
+                parts[2]
+            ),
+        ),
+        ("truncated", format!("{}.{}", parts[0], parts[1])),
+        ("extra segment", format!("{valid}.{}", parts[2])),
+        (
+            "bad base64",
+            format!("{}.{}!!.{}", parts[0], parts[1], parts[2]),
+        ),
+        ("garbage", "not-a-token".into()),
+        ("unknown critical header", {
+            let mut header = ec_header.clone();
+            header["crit"] = json!(["exp-ext"]);
+            header["exp-ext"] = json!(true);
+            handmade(&header, &good, b"sig")
+        }),
+    ];
+    for (name, token) in &cases {
+        let response = bearer(&s.gateway, token).await;
+        assert_eq!(response.status, 401, "{name} must be refused");
+        assert_eq!(
+            response.headers["www-authenticate"],
+            "Bearer realm=\"portcullis\", error=\"invalid_token\"",
+            "{name}"
+        );
+        assert!(
+            !response.body.contains("expired") && !response.body.contains("signature"),
+            "no detail leaks: {}",
+            response.body
+        );
+    }
+    // the crit case signed for real is refused too
+    let mut crit = s.ec.header();
+    crit.crit = Some(vec!["b64".into()]);
+    assert_eq!(
+        bearer(&s.gateway, &s.ec.sign_with(crit, &good))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(s.upstream.hits(), 0, "no bad token reached the upstream");
+    // two Authorization headers are ambiguous
+    let response = call(
+        &s.gateway,
+        "/jwt/x",
+        &[
+            ("authorization", &format!("Bearer {valid}")),
+            ("authorization", &format!("Bearer {valid}")),
+        ],
+    )
+    .await;
+    assert_eq!(response.status, 401);
+    // and the good one passes
+    assert_eq!(bearer(&s.gateway, &valid).await.status, 200);
+}
+
+#[tokio::test]
+async fn identity_headers_from_clients_are_always_stripped() {
+    let s = setup().await;
+    let spoof = [
+        ("x-auth-subject", "admin"),
+        ("x-auth-roles", "admin"),
+        ("x-auth-tenant", "evil"),
+        ("x-auth-method", "jwt"),
+    ];
+    let response = call(&s.gateway, "/public/x", &spoof).await;
+    assert_eq!(response.status, 200);
+    let seen = s.upstream.last().headers;
+    for (name, _) in spoof {
+        assert!(
+            !seen.contains_key(name),
+            "{name} reached the upstream of a public route"
+        );
+    }
+    let token = s.ec.sign(&claims("alice"));
+    let mut headers = spoof.to_vec();
+    let auth = format!("Bearer {token}");
+    headers.push(("authorization", &auth));
+    assert_eq!(call(&s.gateway, "/jwt/x", &headers).await.status, 200);
+    let seen = s.upstream.last().headers;
+    assert_eq!(seen["x-auth-subject"], "alice");
+    assert_eq!(seen["x-auth-tenant"], "acme");
+    assert_eq!(seen.get_all("x-auth-subject").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn api_keys_authenticate_rotate_expire_and_never_reach_the_upstream() {
+    let s = setup().await;
+    for key in ["key-a1", "key-a2"] {
+        let response = call(&s.gateway, "/key/x", &[("x-api-key", key)]).await;
+        assert_eq!(response.status, 200, "{key}");
+        let seen = s.upstream.last().headers;
+        assert_eq!(seen["x-auth-subject"], "partner-a");
+        assert_eq!(seen["x-auth-method"], "api_key");
+        assert!(
+            !seen.contains_key("x-api-key"),
+            "the key itself is not forwarded"
+        );
+    }
+    assert_eq!(
+        s.upstream.last().headers.get("x-auth-roles"),
+        None,
+        "key-a2 has no roles"
+    );
+    for (key, why) in [("key-old", "expired"), ("nope", "unknown"), ("", "empty")] {
+        let response = call(&s.gateway, "/key/x", &[("x-api-key", key)]).await;
+        assert_eq!(response.status, 401, "{why}");
+        assert_eq!(
+            response.headers["www-authenticate"],
+            "ApiKey realm=\"portcullis\""
+        );
+    }
+    // a route accepting either method takes either
+    assert_eq!(
+        call(&s.gateway, "/either/x", &[("x-api-key", "key-a1")])
+            .await
+            .status,
+        200
+    );
+    let token = s.ed.sign(&claims("carol"));
+    assert_eq!(
+        call(
+            &s.gateway,
+            "/either/x",
+            &[("authorization", &format!("Bearer {token}"))]
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        call(&s.gateway, "/either/x", &[("x-api-key", "nope")])
+            .await
+            .status,
+        401
+    );
+}
+
+#[tokio::test]
+async fn jwks_rotation_and_unknown_kids_are_handled_without_a_restart() {
+    let old = Signer::ec("old");
+    let new = Signer::ec("new");
+    let document = std::sync::Arc::new(std::sync::Mutex::new((200u16, jwks(&[&old]))));
+    let served = document.clone();
+    let idp = TestUpstream::start(move |_| {
+        let (status, body) = served.lock().unwrap().clone();
+        Reply {
+            status,
+            body: Bytes::from(body),
+            delay: Duration::ZERO,
+            headers: vec![("content-type", "application/json".into())],
+        }
+    })
+    .await;
+    let upstream = TestUpstream::echo().await;
+    let keys = format!("{{ jwks_url: {{ url: \"http://{}/jwks.json\", refresh_interval: 400ms, min_refresh_interval: 200ms }} }}", idp.addr);
+    let yaml = format!(
+        "{}{}",
+        config_with(&[upstream.url()], "", ROUTES),
+        authentication(&keys)
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let fetches = || idp.received().len();
+    assert!(
+        eventually(Duration::from_secs(5), || fetches() >= 1).await,
+        "fetched at start"
+    );
+    assert_eq!(bearer(&gateway, &old.sign(&claims("a"))).await.status, 200);
+
+    // the IdP starts signing with a new key: its unknown kid triggers a refresh right away
+    *document.lock().unwrap() = (200, jwks(&[&old, &new]));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(bearer(&gateway, &new.sign(&claims("b"))).await.status, 200);
+    assert_eq!(
+        bearer(&gateway, &old.sign(&claims("c"))).await.status,
+        200,
+        "old and new overlap"
+    );
+
+    // a failing IdP keeps the last good keys
+    *document.lock().unwrap() = (500, String::new());
+    let before = fetches();
+    assert!(eventually(Duration::from_secs(5), || fetches() >= before + 2).await);
+    assert_eq!(bearer(&gateway, &new.sign(&claims("d"))).await.status, 200);
+
+    // the old key is retired: after the next scheduled refresh its tokens fail
+    *document.lock().unwrap() = (200, jwks(&[&new]));
+    let before = fetches();
+    assert!(eventually(Duration::from_secs(5), || fetches() >= before + 2).await);
+    assert_eq!(bearer(&gateway, &old.sign(&claims("e"))).await.status, 401);
+    assert_eq!(bearer(&gateway, &new.sign(&claims("f"))).await.status, 200);
+
+    // made-up kids cannot force a fetch storm
+    let before = fetches();
+    for i in 0..40 {
+        let mut header = new.header();
+        header.kid = Some(format!("random-{i}"));
+        assert_eq!(
+            bearer(&gateway, &new.sign_with(header, &claims("g")))
+                .await
+                .status,
+            401
+        );
+    }
+    let extra = fetches() - before;
+    assert!(extra <= 4, "{extra} fetches for 40 unknown kids");
+}
+
+#[tokio::test]
+async fn tokens_in_a_query_parameter_are_removed_before_forwarding() {
+    let ec = Signer::ec("q");
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
+    let yaml = format!(
+        "{}{}",
+        config_with(&[upstream.url()], "", ROUTES),
+        authentication("{ jwks_file: jwks.json }\n      token_source: { query: access_token }\n      forward_token: false")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let token = ec.sign(&claims("dave"));
+    let response = send(
+        Request::get(format!("http://{addr}/jwt/x?a=1&access_token={token}&b=2"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(upstream.last().path_and_query, "/jwt/x?a=1&b=2");
+    drop(gateway);
+}

@@ -42,9 +42,51 @@ pub fn load_config(
     Ok(loaded)
 }
 
+/// The demo's identity provider: a P-256 key made at start, its public JWKS, and a token.
+pub struct DemoIdentity {
+    pub jwks: String,
+    /// A token for `demo-user` (roles `reader`), valid for one hour.
+    pub token: String,
+}
+
+impl DemoIdentity {
+    pub fn generate() -> Self {
+        use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let pair =
+            EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("key generation works");
+        let pkcs8 = pair.to_pkcs8v1().expect("a fresh key serialises");
+        let point = pair.public_key().as_ref();
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "demo-1", "alg": "ES256", "use": "sig",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        }]})
+        .to_string();
+        let now = crate::policy::authn::unix_now();
+        let claims = serde_json::json!({
+            "sub": "demo-user", "iss": "portcullis-demo", "aud": "demo-api",
+            "iat": now, "nbf": now, "exp": now + 3600, "roles": ["reader"],
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("demo-1".into());
+        let token = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+        )
+        .expect("signing works");
+        Self { jwks, token }
+    }
+}
+
 /// Starts the demo backend: it answers every request with a JSON echo of what it received
-/// (method, path, headers), which shows what the gateway forwards. `/healthz` answers `ok`.
-pub async fn start_backend(addr: SocketAddr) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+/// (method, path, headers), which shows what the gateway forwards. `/healthz` answers `ok`;
+/// `/.well-known/jwks.json` publishes the demo identity provider's keys.
+pub async fn start_backend(
+    addr: SocketAddr,
+    jwks: String,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -52,9 +94,21 @@ pub async fn start_backend(addr: SocketAddr) -> std::io::Result<(SocketAddr, Joi
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            let jwks = jwks.clone();
             tokio::spawn(async move {
-                let service = service_fn(|request: Request<Incoming>| async move {
-                    Ok::<_, Infallible>(echo(&request))
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let jwks = jwks.clone();
+                    async move {
+                        if request.uri().path() == "/.well-known/jwks.json" {
+                            let mut response = Response::new(Full::new(Bytes::from(jwks)));
+                            response.headers_mut().insert(
+                                header::CONTENT_TYPE,
+                                HeaderValue::from_static("application/json"),
+                            );
+                            return Ok::<_, Infallible>(response);
+                        }
+                        Ok::<_, Infallible>(echo(&request))
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -99,14 +153,26 @@ fn echo(request: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// The curl commands printed at start, all of which work against the running demo.
-pub fn instructions(public: SocketAddr, admin: Option<SocketAddr>) -> String {
+pub fn instructions(
+    public: SocketAddr,
+    admin: Option<SocketAddr>,
+    backend: SocketAddr,
+    token: &str,
+) -> String {
     let mut text = format!(
         "\nPortcullis demo is running. Try:\n\n\
          \x20 curl -s http://{public}/api/hello                # proxied: the backend echoes what it received\n\
          \x20 curl -s http://{public}/health                   # a GET-only public route\n\
          \x20 curl -s -i http://{public}/nope                  # 404 with a JSON error and a request id\n\
          \x20 curl -s --path-as-is http://{public}/api/x/../../api/y  # normalised before routing: the backend sees /y\n\
-         \x20 curl -s -i --path-as-is 'http://{public}/api/a%2Fb'     # encoded slash: refused with 400\n"
+         \x20 curl -s -i --path-as-is 'http://{public}/api/a%2Fb'     # encoded slash: refused with 400\n\n\
+         Zero trust: /secure/** needs a token from the demo identity provider, whose keys are\n\
+         published at http://{backend}/.well-known/jwks.json. A token valid for an hour:\n\n\
+         \x20 export TOKEN={token}\n\
+         \x20 curl -s -H \"Authorization: Bearer $TOKEN\" http://{public}/secure/orders   # allowed: the backend sees x-auth-subject\n\
+         \x20 curl -s -i http://{public}/secure/orders                                  # no token: 401 with WWW-Authenticate\n\
+         \x20 curl -s -i -H \"Authorization: Bearer ${{TOKEN}}x\" http://{public}/secure/orders  # tampered token: 401\n\
+         \x20 curl -s -H 'x-auth-subject: admin' http://{public}/api/whoami              # a forged identity header is stripped\n"
     );
     if let Some(admin) = admin {
         text.push_str(&format!(

@@ -224,6 +224,27 @@ async fn demo_serves_the_curl_commands_it_prints() {
     )
     .await;
     assert_eq!(ready.status, 200);
+    // the printed token opens /secure; without it, or tampered, the gateway says 401
+    let token = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export TOKEN="))
+        .expect("a token is printed")
+        .to_owned();
+    let secure = |auth: Option<String>| {
+        let mut request = Request::get(format!("http://127.0.0.1:{port}/secure/orders"));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        send(request.body(Full::default()).unwrap())
+    };
+    let allowed = secure(Some(format!("Bearer {token}"))).await;
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    assert_eq!(
+        allowed.json()["headers_received"]["x-auth-subject"],
+        "demo-user"
+    );
+    assert_eq!(secure(None).await.status, 401);
+    assert_eq!(secure(Some(format!("Bearer {token}x"))).await.status, 401);
     let _ = child.kill();
     let _ = child.wait();
 }

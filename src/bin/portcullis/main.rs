@@ -168,8 +168,11 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 }
 
 fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
-    // the backend runs on its own thread and runtime, like any other upstream would
+    let identity = portcullis::demo::DemoIdentity::generate();
+    // the backend (and the demo's identity provider) runs on its own thread and runtime, like any
+    // other upstream would
     let (backend_tx, backend_rx) = std::sync::mpsc::channel();
+    let jwks = identity.jwks.clone();
     std::thread::Builder::new()
         .name("demo-backend".into())
         .spawn(move || {
@@ -178,8 +181,11 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
                 .build();
             let Ok(runtime) = runtime else { return };
             runtime.block_on(async move {
-                match portcullis::demo::start_backend("127.0.0.1:0".parse().expect("valid address"))
-                    .await
+                match portcullis::demo::start_backend(
+                    "127.0.0.1:0".parse().expect("valid address"),
+                    jwks,
+                )
+                .await
                 {
                     Ok((addr, task)) => {
                         let _ = backend_tx.send(Ok(addr));
@@ -194,13 +200,14 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     let backend = backend_rx.recv().context("demo backend thread ended")??;
     let loaded = portcullis::demo::load_config(backend, listen, admin)
         .map_err(|errors| anyhow!("demo config:\n{errors}"))?;
+    let token = identity.token;
     serve(
         loaded,
         None,
         None,
         Some(Box::new(move |gateway: &Gateway| {
             let public = gateway.local_addr("public").unwrap_or(listen);
-            portcullis::demo::instructions(public, gateway.snapshot().admin_bind)
+            portcullis::demo::instructions(public, gateway.snapshot().admin_bind, backend, &token)
         })),
     )
 }

@@ -520,3 +520,99 @@ async fn tokens_in_a_query_parameter_are_removed_before_forwarding() {
     assert_eq!(upstream.last().path_and_query, "/jwt/x?a=1&b=2");
     drop(gateway);
 }
+
+#[tokio::test]
+async fn hs256_secrets_pem_keys_and_cookie_tokens_work() {
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ec = Signer::ec("ignored");
+    std::fs::write(dir.path().join("public.pem"), &ec.public_pem).unwrap();
+    let secret = "a-shared-secret-of-at-least-32-bytes!!";
+    let yaml = format!(
+        "{}authentication:
+  jwt:
+    - name: hs
+      algorithms: [HS256]
+      keys: {{ secret: \"{secret}\" }}
+    - name: pem
+      algorithms: [ES256]
+      keys: {{ public_key_pem: public.pem }}
+      token_source: {{ cookie: session }}
+",
+        config_with(
+            &[upstream.url()],
+            "",
+            "  - name: hs\n    match: { path: /hs }\n    auth: [hs]\n    upstream: app\n  - name: pem\n    match: { path: /pem }\n    auth: [pem]\n    upstream: app\n"
+        )
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let get = |path: &str, header: (&str, String)| {
+        send(
+            Request::get(format!("http://{addr}{path}"))
+                .header(header.0, header.1)
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    let mut good = claims("erin");
+    good.as_object_mut().unwrap().remove("aud");
+    let hs_token = hs256(
+        &json!({"alg": "HS256", "typ": "JWT"}),
+        &good,
+        secret.as_bytes(),
+    );
+    assert_eq!(
+        get("/hs", ("authorization", format!("Bearer {hs_token}")))
+            .await
+            .status,
+        200
+    );
+    let wrong = hs256(
+        &json!({"alg": "HS256"}),
+        &good,
+        b"another-secret-that-is-also-32-bytes-long",
+    );
+    assert_eq!(
+        get("/hs", ("authorization", format!("Bearer {wrong}")))
+            .await
+            .status,
+        401
+    );
+    // an ES token cannot pass an HS-only provider, and the other way round
+    assert_eq!(
+        get(
+            "/hs",
+            ("authorization", format!("Bearer {}", ec.sign(&good)))
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        get("/pem", ("cookie", format!("session={hs_token}")))
+            .await
+            .status,
+        401
+    );
+
+    let pem_token = ec.sign(&good);
+    assert_eq!(
+        get(
+            "/pem",
+            ("cookie", format!("theme=dark; session={pem_token}"))
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        get("/pem", ("authorization", format!("Bearer {pem_token}")))
+            .await
+            .status,
+        401,
+        "only the cookie counts"
+    );
+    drop(gateway);
+}

@@ -248,3 +248,59 @@ async fn demo_serves_the_curl_commands_it_prints() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn authentication_mistakes_are_config_errors() {
+    let yaml = "\
+listeners:
+  - name: main
+    bind: 127.0.0.1:0
+upstreams:
+  - name: app
+    targets: [{ url: http://127.0.0.1:9 }]
+authentication:
+  jwt:
+    - name: corp
+      algorithms: [HS256, RS256]
+      keys: { secret: short }
+  api_keys:
+    - name: corp
+      keys:
+        - { id: a, sha256: nothex }
+routes:
+  - name: both
+    public: true
+    auth: [corp]
+    upstream: app
+  - name: unknown
+    auth: [nobody]
+    upstream: app
+";
+    let (code, out) = validate(yaml);
+    assert_eq!(code, 1, "{out}");
+    for expected in [
+        "authentication.api_keys[0].name: duplicate authentication method name `corp`",
+        "routes[0].auth: a route is either `public: true` or has `auth`, not both",
+        "routes[1].auth[0]: unknown authentication method `nobody`",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    // key material is checked when the config compiles (after the structural checks pass)
+    let cut = yaml.find("routes:").unwrap();
+    let compiles = format!(
+        "{}routes:\n  - name: ok\n    auth: [corp]\n    upstream: app\n",
+        &yaml[..cut].replace(
+            "  api_keys:\n    - name: corp",
+            "  api_keys:\n    - name: keys"
+        )
+    );
+    let (_, out) = validate(&compiles);
+    assert!(
+        out.contains("authentication.jwt[0].keys: HS* algorithms need"),
+        "{out}"
+    );
+    assert!(
+        out.contains("authentication.api_keys[0].keys[0]: `sha256` must be 64 hex digits"),
+        "{out}"
+    );
+}

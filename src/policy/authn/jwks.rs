@@ -13,6 +13,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, Request, Uri};
 use http_body_util::{BodyExt, Limited};
@@ -77,8 +78,6 @@ impl KeyEntry {
     }
 }
 
-type PemParser = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
-
 /// A set of keys, replaced as a whole on refresh.
 #[derive(Debug, Default)]
 pub struct KeySet {
@@ -86,15 +85,16 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// Keys that may verify a token with this header.
+    /// Keys that may verify a token with this header: the key its `kid` names, and keys that have
+    /// no `kid` (a PEM key or a secret is the provider's one key, whatever the token calls it).
     pub fn candidates<'a>(
         &'a self,
         kid: Option<&'a str>,
         alg: Algorithm,
     ) -> impl Iterator<Item = &'a KeyEntry> + 'a {
-        self.keys
-            .iter()
-            .filter(move |k| kid.is_none_or(|kid| k.kid.as_deref() == Some(kid)) && k.accepts(alg))
+        self.keys.iter().filter(move |k| {
+            (k.kid.is_none() || kid.is_none() || k.kid.as_deref() == kid) && k.accepts(alg)
+        })
     }
 
     pub fn knows(&self, kid: &str) -> bool {
@@ -140,32 +140,69 @@ impl KeySet {
         Ok(Self { keys })
     }
 
-    /// A PEM public key (RSA, EC P-256/P-384, Ed25519).
+    /// A PEM public key (RSA, EC P-256/P-384, Ed25519). The key type (and curve) is read from
+    /// the key's own algorithm identifier, so the key can only verify its own kind of signature.
     pub fn from_pem(pem: &[u8]) -> Result<Self, KeyError> {
         let text = String::from_utf8_lossy(pem);
-        let attempts: [(PemParser, AlgorithmFamily); 3] = [
-            (DecodingKey::from_rsa_pem, AlgorithmFamily::Rsa),
-            (DecodingKey::from_ec_pem, AlgorithmFamily::Ec),
-            (DecodingKey::from_ed_pem, AlgorithmFamily::Ed),
-        ];
-        for (parse, family) in attempts {
-            if let Ok(key) = parse(pem) {
-                return Ok(Self {
-                    keys: vec![KeyEntry {
-                        kid: None,
-                        key,
-                        family,
-                        curve: None,
-                        alg: None,
-                    }],
-                });
-            }
+        if text.contains("PRIVATE KEY") {
+            return Err(KeyError::BadKey(
+                "this is a private key; give the public key".into(),
+            ));
         }
-        Err(KeyError::BadKey(if text.contains("PRIVATE") {
-            "this is a private key; give the public key".into()
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(body.trim())
+            .map_err(|_| KeyError::BadKey("not PEM".into()))?;
+        let has = |oid: &[u8]| der.windows(oid.len()).any(|w| w == oid);
+        const RSA: &[u8] = &[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+        ];
+        const EC: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+        const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+        const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+        let bad = |e: jsonwebtoken::errors::Error| KeyError::BadKey(e.to_string());
+        let (key, family, curve) = if has(RSA) {
+            (
+                DecodingKey::from_rsa_pem(pem).map_err(bad)?,
+                AlgorithmFamily::Rsa,
+                None,
+            )
+        } else if has(EC) {
+            let curve = if has(P256) {
+                EllipticCurve::P256
+            } else if has(P384) {
+                EllipticCurve::P384
+            } else {
+                return Err(KeyError::BadKey(
+                    "only P-256 and P-384 EC keys are supported".into(),
+                ));
+            };
+            (
+                DecodingKey::from_ec_pem(pem).map_err(bad)?,
+                AlgorithmFamily::Ec,
+                Some(curve),
+            )
+        } else if has(ED25519) {
+            (
+                DecodingKey::from_ed_pem(pem).map_err(bad)?,
+                AlgorithmFamily::Ed,
+                Some(EllipticCurve::Ed25519),
+            )
         } else {
-            "expected a PEM public key (RSA, EC or Ed25519)".into()
-        }))
+            return Err(KeyError::BadKey(
+                "expected a PEM public key (RSA, EC or Ed25519)".into(),
+            ));
+        };
+        Ok(Self {
+            keys: vec![KeyEntry {
+                kid: None,
+                key,
+                family,
+                curve,
+                alg: None,
+            }],
+        })
     }
 
     /// A shared secret for HS256/384/512.

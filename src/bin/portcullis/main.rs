@@ -53,6 +53,12 @@ enum Command {
     },
     /// Print the JSON Schema of the config file (for editor completion).
     Schema,
+    /// Benchmark helper: writes a JWKS and a token per algorithm (ES256, RS256) to a directory.
+    #[command(hide = true)]
+    BenchTokens {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// API key helpers.
     Key {
         #[command(subcommand)]
@@ -77,6 +83,7 @@ fn main() -> ExitCode {
         Command::Validate { files } => return validate(&files),
         Command::Demo { listen, admin } => demo(listen, admin),
         Command::Schema => schema(),
+        Command::BenchTokens { dir } => bench_tokens(&dir),
         Command::Key {
             command: KeyCommand::Generate { id },
         } => {
@@ -210,6 +217,48 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
             portcullis::demo::instructions(public, gateway.snapshot().admin_bind, backend, &token)
         })),
     )
+}
+
+fn bench_tokens(dir: &Path) -> anyhow::Result<()> {
+    use aws_lc_rs::{
+        encoding::AsDer,
+        rsa::KeySize,
+        signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+    };
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    std::fs::create_dir_all(dir)?;
+    let now = portcullis::policy::authn::unix_now();
+    let claims = serde_json::json!({"sub": "bench", "iss": "bench", "aud": "bench", "iat": now, "exp": now + 86_400});
+    let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(|_| anyhow!("EC key"))?;
+    let point = ec.public_key().as_ref().to_vec();
+    let rsa = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).map_err(|_| anyhow!("RSA key"))?;
+    let rsa_pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'static>>::as_der(&rsa).map_err(|_| anyhow!("RSA der"))?;
+    let rsa_pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(rsa_pkcs8.as_ref())
+    );
+    let public = rsa.public_key();
+    let jwks = serde_json::json!({"keys": [
+        {"kty": "EC", "crv": "P-256", "kid": "es", "alg": "ES256", "x": b64(&point[1..33]), "y": b64(&point[33..65])},
+        {"kty": "RSA", "kid": "rs", "alg": "RS256", "n": b64(public.modulus().big_endian_without_leading_zero()),
+         "e": b64(public.exponent().big_endian_without_leading_zero())},
+    ]});
+    std::fs::write(dir.join("jwks.json"), jwks.to_string())?;
+    let sign = |alg, kid: &str, key: &jsonwebtoken::EncodingKey| -> anyhow::Result<String> {
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some(kid.into());
+        Ok(jsonwebtoken::encode(&header, &claims, key)?)
+    };
+    let es = sign(
+        jsonwebtoken::Algorithm::ES256,
+        "es",
+        &jsonwebtoken::EncodingKey::from_ec_der(ec.to_pkcs8v1().map_err(|_| anyhow!("EC der"))?.as_ref()),
+    )?;
+    let rs = sign(jsonwebtoken::Algorithm::RS256, "rs", &jsonwebtoken::EncodingKey::from_rsa_pem(rsa_pem.as_bytes())?)?;
+    std::fs::write(dir.join("es256.token"), es)?;
+    std::fs::write(dir.join("rs256.token"), rs)?;
+    Ok(())
 }
 
 fn schema() -> anyhow::Result<()> {

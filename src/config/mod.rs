@@ -57,7 +57,8 @@ pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
                     let secret_name = ["secret", "password", "token", "credential"]
                         .iter()
                         .any(|w| lower.contains(w));
-                    if secret_name && !item.is_null() {
+                    // only strings hold secrets (`forward_token: true` is not one)
+                    if secret_name && item.is_string() {
                         *item = serde_json::Value::String("[redacted]".into());
                     } else {
                         let child = if path.is_empty() {

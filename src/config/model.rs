@@ -98,6 +98,10 @@ pub struct JwtProviderConfig {
     /// tokens skip the signature check.
     #[serde(default = "default_verified_cache")]
     pub cache_size: usize,
+    /// Accept each token (`jti`) only once, until it expires: replay defence for one-time tokens.
+    /// Tokens without `jti` are refused. Remembered in this process's memory.
+    #[serde(default)]
+    pub one_time_use: bool,
 }
 
 /// Exactly one key source.

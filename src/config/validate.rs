@@ -106,13 +106,38 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
                 "at least one algorithm is required",
             );
         }
-        if let crate::config::model::TokenSourceConfig::Header(name)
-        | crate::config::model::TokenSourceConfig::Cookie(name) = &provider.token_source
-        {
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() && name.is_empty() {
+        match &provider.token_source {
+            crate::config::model::TokenSourceConfig::Header(name)
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() =>
+            {
+                sink.error(
+                    format!("authentication.jwt[{i}].token_source.header"),
+                    format!("`{name}` is not a valid header name"),
+                );
+            }
+            crate::config::model::TokenSourceConfig::Cookie(name)
+            | crate::config::model::TokenSourceConfig::Query(name)
+                if name.is_empty() || name.contains([';', '=', '&', ' ']) =>
+            {
                 sink.error(
                     format!("authentication.jwt[{i}].token_source"),
-                    "needs a name",
+                    format!("`{name}` is not a usable cookie or parameter name"),
+                );
+            }
+            _ => {}
+        }
+        if let crate::config::model::JwtKeysConfig::JwksUrl {
+            refresh_interval,
+            min_refresh_interval,
+            ..
+        } = &provider.keys
+        {
+            if refresh_interval.0 < std::time::Duration::from_millis(100)
+                || min_refresh_interval.0 < std::time::Duration::from_millis(100)
+            {
+                sink.error(
+                    format!("authentication.jwt[{i}].keys.jwks_url"),
+                    "`refresh_interval` and `min_refresh_interval` must be at least 100ms",
                 );
             }
         }

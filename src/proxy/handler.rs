@@ -172,14 +172,18 @@ async fn proxy(
         }
     }
 
-    // 5. policies (authentication, authorization, limits ...) may answer before the upstream
+    // 5. hop-by-hop headers go before any policy runs: a client's `Connection` header must not be
+    //    able to remove what a policy sets (identity headers), nor hide what a policy reads
+    forwarding::strip_hop_by_hop(&mut parts.headers, true);
+
+    // 6. policies (authentication, authorization, limits ...) may answer before the upstream
     if let Flow::Respond(response) =
         policy::run_request_phase(&route.policies, ctx, &mut parts).await?
     {
         return Ok(*response);
     }
 
-    // 6. the upstream request: path rewrite, hop-by-hop removal, forwarding headers
+    // 7. the upstream request: path rewrite, forwarding headers
     // the host the client asked for, before the URI is rewritten to the upstream's path
     let absolute_form = parts.uri.authority().is_some();
     let original_host = parts
@@ -197,7 +201,6 @@ async fn proxy(
             .parse()
             .map_err(|_| GatewayError::BadRequest("invalid request target"))?;
     }
-    forwarding::strip_hop_by_hop(&mut parts.headers, true);
     forwarding::set_forwarding_headers(
         &mut parts.headers,
         &forwarding::ForwardedFor {
@@ -226,7 +229,7 @@ async fn proxy(
     let hash_key = hash_key(&route, &parts.headers, ctx);
     let upstream_request = Request::from_parts(parts, UpstreamBody::client(body, max_body));
 
-    // 7. forward
+    // 8. forward
     let forwarded = route
         .upstream
         .forward(
@@ -248,7 +251,7 @@ async fn proxy(
     ctx.target = Some(forwarded.target);
     ctx.retries = forwarded.retries;
 
-    // 8. the response, minus hop-by-hop headers
+    // 9. the response, minus hop-by-hop headers
     let (mut parts, body) = forwarded.response.into_parts();
     forwarding::strip_hop_by_hop(&mut parts.headers, false);
     parts.version = Version::HTTP_11;

@@ -93,12 +93,37 @@ pub fn reload_from_file(gateway: &mut Gateway, path: &Path, trigger: &str) {
     }
 }
 
+/// The process signals the gateway answers. Install them before binding listeners: a SIGHUP
+/// that arrives before its handler exists would kill the process (its default action).
+pub struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Must run inside a tokio runtime.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP and on file changes, then drains.
-pub async fn run_until_stopped(mut gateway: Gateway, path: Option<PathBuf>) -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+pub async fn run_until_stopped(
+    mut gateway: Gateway,
+    path: Option<PathBuf>,
+    signals: Signals,
+) -> std::io::Result<()> {
+    let Signals {
+        mut hangup,
+        mut terminate,
+        mut interrupt,
+    } = signals;
     let mut watcher = path.as_deref().map(FileWatcher::new);
     let mut ticker = tokio::time::interval(POLL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

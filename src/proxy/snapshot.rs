@@ -16,7 +16,7 @@ use crate::{
         ConfigErrors, ErrorSink, LoadedConfig,
     },
     policy::{
-        authn::{ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, JwtProvider},
+        authn::{ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, JwtError, JwtProvider},
         Access, RoutePolicies,
     },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
@@ -497,7 +497,17 @@ fn compile_authentication(loaded: &LoadedConfig, sink: &mut ErrorSink<'_>) -> Au
             Ok(provider) => {
                 methods.insert(jwt.name.clone(), AuthMethod::Jwt(Arc::new(provider)));
             }
-            Err(error) => sink.error(format!("authentication.jwt[{i}].keys"), error.to_string()),
+            Err(error) => {
+                let field = match &error {
+                    JwtError::UnknownAlgorithm(_) | JwtError::SecretMismatch => "algorithms",
+                    JwtError::BadHeader(_) => "claim_headers",
+                    JwtError::ShortSecret | JwtError::Keys(_) | JwtError::BadUrl(_) => "keys",
+                };
+                sink.error(
+                    format!("authentication.jwt[{i}].{field}"),
+                    error.to_string(),
+                )
+            }
         }
     }
     for (i, set) in section.api_keys.iter().enumerate() {

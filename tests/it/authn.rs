@@ -370,6 +370,46 @@ async fn identity_headers_from_clients_are_always_stripped() {
     assert_eq!(seen["x-auth-subject"], "alice");
     assert_eq!(seen["x-auth-tenant"], "acme");
     assert_eq!(seen.get_all("x-auth-subject").iter().count(), 1);
+
+    // a `Connection` header naming identity headers cannot remove them either
+    let auth = format!("Bearer {token}");
+    let response = call(
+        &s.gateway,
+        "/jwt/x",
+        &[
+            ("authorization", &auth),
+            ("connection", "x-auth-subject, x-auth-roles, x-auth-tenant"),
+        ],
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = s.upstream.last().headers;
+    assert_eq!(seen["x-auth-subject"], "alice");
+    assert_eq!(seen["x-auth-roles"], "reader");
+    assert_eq!(seen["x-auth-tenant"], "acme");
+}
+
+#[tokio::test]
+async fn credentials_of_a_routes_other_methods_do_not_travel_upstream() {
+    let s = setup().await;
+    let token = s.ec.sign(&claims("gina"));
+    let auth = format!("Bearer {token}");
+    let response = call(
+        &s.gateway,
+        "/either/x",
+        &[("authorization", &auth), ("x-api-key", "key-a1")],
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let seen = s.upstream.last().headers;
+    assert_eq!(
+        seen["x-auth-subject"], "gina",
+        "the first method (JWT) decided"
+    );
+    assert!(
+        !seen.contains_key("x-api-key"),
+        "the API key never travels on"
+    );
 }
 
 #[tokio::test]
@@ -614,5 +654,73 @@ async fn hs256_secrets_pem_keys_and_cookie_tokens_work() {
         401,
         "only the cookie counts"
     );
+    drop(gateway);
+}
+
+#[tokio::test]
+async fn one_time_tokens_cannot_be_replayed() {
+    let ec = Signer::ec("once");
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      one_time_use: true\n",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let get = |token: String| {
+        send(
+            Request::get(format!("http://{addr}/jwt/x"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    let mut once = claims("frank");
+    once["jti"] = json!("a6f1c2d0");
+    let token = ec.sign(&once);
+    assert_eq!(get(token.clone()).await.status, 200, "first use");
+    let replay = get(token).await;
+    assert_eq!(replay.status, 401, "second use is a replay");
+    assert_eq!(
+        replay.headers["www-authenticate"],
+        "Bearer realm=\"portcullis\", error=\"invalid_token\""
+    );
+    once["jti"] = json!("b7e2d3e1");
+    assert_eq!(get(ec.sign(&once)).await.status, 200, "a new jti is fine");
+    assert_eq!(
+        get(ec.sign(&claims("no-jti"))).await.status,
+        401,
+        "no jti, no one-time use"
+    );
+    assert_eq!(upstream.hits(), 2);
+    drop(gateway);
+}
+
+#[tokio::test]
+async fn a_cookie_token_not_to_be_forwarded_is_removed_and_other_cookies_stay() {
+    let ec = Signer::ec("c");
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      token_source: {{ cookie: session }}\n      forward_token: false\n",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let token = ec.sign(&claims("hank"));
+    let response = send(
+        Request::get(format!("http://{addr}/jwt/x"))
+            .header("cookie", format!("theme=dark; session={token}; lang=en"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(upstream.last().headers["cookie"], "theme=dark; lang=en");
     drop(gateway);
 }

@@ -296,7 +296,7 @@ routes:
     );
     let (_, out) = validate(&compiles);
     assert!(
-        out.contains("authentication.jwt[0].keys: HS* algorithms need"),
+        out.contains("authentication.jwt[0].algorithms: HS* algorithms need"),
         "{out}"
     );
     assert!(

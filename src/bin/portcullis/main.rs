@@ -130,6 +130,7 @@ fn serve(
         .build()
         .context("cannot build the control runtime")?;
     runtime.block_on(async move {
+        let signals = reload::Signals::install().context("cannot install signal handlers")?;
         let gateway = Gateway::start(&loaded, workers)?;
         if let Some(admin) = gateway.snapshot().admin_bind {
             let listener = tokio::net::TcpListener::bind(admin)
@@ -142,7 +143,7 @@ fn serve(
         if let Some(banner) = banner {
             println!("{}", banner(&gateway));
         }
-        reload::run_until_stopped(gateway, watch).await?;
+        reload::run_until_stopped(gateway, watch, signals).await?;
         Ok(())
     })
 }
@@ -230,10 +231,13 @@ fn bench_tokens(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let now = portcullis::policy::authn::unix_now();
     let claims = serde_json::json!({"sub": "bench", "iss": "bench", "aud": "bench", "iat": now, "exp": now + 86_400});
-    let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(|_| anyhow!("EC key"))?;
+    let ec =
+        EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(|_| anyhow!("EC key"))?;
     let point = ec.public_key().as_ref().to_vec();
-    let rsa = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).map_err(|_| anyhow!("RSA key"))?;
-    let rsa_pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'static>>::as_der(&rsa).map_err(|_| anyhow!("RSA der"))?;
+    let rsa =
+        aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048).map_err(|_| anyhow!("RSA key"))?;
+    let rsa_pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'static>>::as_der(&rsa)
+        .map_err(|_| anyhow!("RSA der"))?;
     let rsa_pem = format!(
         "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
         base64::engine::general_purpose::STANDARD.encode(rsa_pkcs8.as_ref())
@@ -253,9 +257,15 @@ fn bench_tokens(dir: &Path) -> anyhow::Result<()> {
     let es = sign(
         jsonwebtoken::Algorithm::ES256,
         "es",
-        &jsonwebtoken::EncodingKey::from_ec_der(ec.to_pkcs8v1().map_err(|_| anyhow!("EC der"))?.as_ref()),
+        &jsonwebtoken::EncodingKey::from_ec_der(
+            ec.to_pkcs8v1().map_err(|_| anyhow!("EC der"))?.as_ref(),
+        ),
     )?;
-    let rs = sign(jsonwebtoken::Algorithm::RS256, "rs", &jsonwebtoken::EncodingKey::from_rsa_pem(rsa_pem.as_bytes())?)?;
+    let rs = sign(
+        jsonwebtoken::Algorithm::RS256,
+        "rs",
+        &jsonwebtoken::EncodingKey::from_rsa_pem(rsa_pem.as_bytes())?,
+    )?;
     std::fs::write(dir.join("es256.token"), es)?;
     std::fs::write(dir.join("rs256.token"), rs)?;
     Ok(())

@@ -79,6 +79,8 @@ impl ApiKeySet {
                 issuer: None,
                 roles,
                 headers,
+                token_id: None,
+                expires_at,
             });
             if by_digest
                 .insert(
@@ -124,12 +126,17 @@ impl ApiKeySet {
         if entry.expires_at.is_some_and(|at| unix_now() >= at) {
             return Err(AuthFailure::Invalid("expired key"));
         }
-        // the key itself never travels further
+        self.scrub(request);
+        Ok(entry.identity.clone())
+    }
+
+    /// Removes the key from the request: a key never travels further, whichever method of the
+    /// route accepted the request.
+    pub fn scrub(&self, request: &mut request::Parts) {
         request.headers.remove(&self.header);
         if let Some(query) = &self.query {
             remove_query_param(request, query);
         }
-        Ok(entry.identity.clone())
     }
 }
 

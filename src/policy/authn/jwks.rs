@@ -229,6 +229,11 @@ pub struct RemoteJwks {
     /// Milliseconds since `epoch` of the last fetch attempt (0: never).
     last_attempt_ms: AtomicU64,
     epoch: Instant,
+    /// Held while fetching: a request that needs new keys waits for a fetch in flight instead
+    /// of failing or starting another.
+    fetching: tokio::sync::Mutex<()>,
+    /// Incremented by every successful fetch.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteJwks {
@@ -273,6 +278,8 @@ impl RemoteJwks {
             min_refresh_interval,
             last_attempt_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            fetching: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -280,26 +287,29 @@ impl RemoteJwks {
         self.keys.load()
     }
 
-    /// Fetches now unless a fetch was attempted within the minimum interval; returns whether a
-    /// fetch happened and succeeded.
+    /// For a token whose key is unknown: waits for a fetch in flight, or fetches now unless a
+    /// fetch was attempted within the minimum interval. True when new keys may have arrived.
     pub async fn refresh_if_allowed(&self) -> bool {
+        let seen = self.generation.load(Ordering::Acquire);
+        let _fetching = self.fetching.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            return true; // a fetch finished while we waited
+        }
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         let last = self.last_attempt_ms.load(Ordering::Acquire);
         if last != 0 && now < last + self.min_refresh_interval.as_millis() as u64 {
             return false;
         }
-        if self
-            .last_attempt_ms
-            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return false; // another request is fetching
-        }
-        self.refresh().await
+        self.fetch_and_store().await
     }
 
     /// Fetches and swaps in the keys; on failure the last good keys stay.
     pub async fn refresh(&self) -> bool {
+        let _fetching = self.fetching.lock().await;
+        self.fetch_and_store().await
+    }
+
+    async fn fetch_and_store(&self) -> bool {
         self.last_attempt_ms.store(
             self.epoch.elapsed().as_millis() as u64 + 1,
             Ordering::Release,
@@ -308,6 +318,7 @@ impl RemoteJwks {
             Ok(Ok(keys)) => {
                 tracing::info!(url = %self.url, keys = keys.keys.len(), "JWKS refreshed");
                 self.keys.store(Arc::new(keys));
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 true
             }
             Ok(Err(error)) => {

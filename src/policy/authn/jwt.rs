@@ -17,7 +17,9 @@ use serde_json::{Map, Value};
 use super::{
     cache::{sha256, VerifiedCache},
     jwks::{KeySet, RemoteJwks},
-    query_param, remove_query_param, unix_now, AuthFailure, Identity, IdentityHeaderNames,
+    query_param, remove_query_param,
+    replay::{ReplayError, ReplayGuard},
+    unix_now, AuthFailure, Identity, IdentityHeaderNames,
 };
 use crate::config::model::{JwtKeysConfig, JwtProviderConfig, TokenSourceConfig};
 
@@ -60,6 +62,7 @@ pub struct JwtProvider {
     claim_headers: Vec<(String, HeaderName)>,
     roles_claim: Option<String>,
     cache: VerifiedCache,
+    replay: Option<ReplayGuard>,
     identity_names: Arc<IdentityHeaderNames>,
 }
 
@@ -188,6 +191,9 @@ impl JwtProvider {
             claim_headers,
             roles_claim: config.roles_claim.clone(),
             cache: VerifiedCache::new(config.cache_size),
+            replay: config
+                .one_time_use
+                .then(|| ReplayGuard::new(config.cache_size.max(100_000))),
             identity_names,
         })
     }
@@ -217,6 +223,19 @@ impl JwtProvider {
             _ => token_text,
         };
         let identity = self.verify(token_text).await?;
+        if let Some(replay) = &self.replay {
+            // every use counts, also when the verification itself came from the cache
+            let expires_at = identity.expires_at.unwrap_or(u64::MAX);
+            replay
+                .first_use(identity.token_id.as_deref(), expires_at, unix_now())
+                .map_err(|error| {
+                    AuthFailure::Invalid(match error {
+                        ReplayError::Replayed => "replayed token",
+                        ReplayError::MissingJti => "no jti for a one-time token",
+                        ReplayError::Full => "replay memory full",
+                    })
+                })?;
+        }
         if let TokenSourceConfig::Query(name) = &self.source {
             // a token in a URL must not travel on, nor reach logs
             remove_query_param(request, name);
@@ -228,10 +247,27 @@ impl JwtProvider {
                 TokenSourceConfig::Header(name) => {
                     request.headers.remove(name.as_str());
                 }
-                TokenSourceConfig::Cookie(_) | TokenSourceConfig::Query(_) => {}
+                TokenSourceConfig::Cookie(name) => remove_cookie(request, name),
+                TokenSourceConfig::Query(_) => {}
             }
         }
         Ok(identity)
+    }
+
+    /// Removes credentials of this provider that must not reach the upstream, after another
+    /// method of the route accepted the request: a token in the URL, or a token not to forward.
+    pub fn scrub(&self, request: &mut request::Parts) {
+        match &self.source {
+            TokenSourceConfig::Query(name) => remove_query_param(request, name),
+            TokenSourceConfig::Bearer if !self.forward_token => {
+                request.headers.remove(header::AUTHORIZATION);
+            }
+            TokenSourceConfig::Header(name) if !self.forward_token => {
+                request.headers.remove(name.as_str());
+            }
+            TokenSourceConfig::Cookie(name) if !self.forward_token => remove_cookie(request, name),
+            _ => {}
+        }
     }
 
     /// The raw credential carrier (header value or query value) for this provider's source.
@@ -308,10 +344,16 @@ impl JwtProvider {
         let claims = outcome?;
         self.check_claims(&claims, now)?;
         let identity = Arc::new(self.identity(&claims)?);
+        // never past `exp` (a fractional `exp` counts down to its whole second); tokens allowed
+        // without `exp` are remembered for a minute at most
         let valid_until = claims
             .get("exp")
-            .and_then(Value::as_u64)
-            .unwrap_or(now + 60);
+            .and_then(|exp| {
+                exp.as_u64()
+                    .or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            })
+            .unwrap_or(now + 60)
+            .min(now + 86_400);
         self.cache
             .insert(digest, valid_until, identity.clone(), now);
         Ok(identity)
@@ -414,6 +456,8 @@ impl JwtProvider {
             issuer: issuer.map(Into::into),
             roles,
             headers,
+            token_id: claims.get("jti").and_then(Value::as_str).map(Into::into),
+            expires_at: claims.get("exp").and_then(Value::as_u64),
         })
     }
 }
@@ -426,6 +470,26 @@ fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value>
         value = value.get(part)?;
     }
     Some(value)
+}
+
+/// Removes one cookie from the request's `Cookie` headers, keeping the others.
+fn remove_cookie(request: &mut request::Parts, name: &str) {
+    let kept: Vec<String> = request
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(name))
+        .map(str::to_owned)
+        .collect();
+    request.headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+            request.headers.insert(header::COOKIE, value);
+        }
+    }
 }
 
 fn strip_bearer(value: &str) -> Option<&str> {

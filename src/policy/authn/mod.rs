@@ -9,6 +9,7 @@ mod api_key;
 mod cache;
 mod jwks;
 mod jwt;
+mod replay;
 
 use std::sync::Arc;
 
@@ -31,6 +32,9 @@ pub struct Identity {
     pub roles: Vec<Box<str>>,
     /// Headers to send upstream, computed once at verification (cached tokens reuse them).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The token's `jti` and `exp`, for one-time use.
+    pub token_id: Option<Box<str>>,
+    pub expires_at: Option<u64>,
 }
 
 impl Identity {
@@ -43,6 +47,8 @@ impl Identity {
             issuer: None,
             roles: Vec::new(),
             headers: Vec::new(),
+            token_id: None,
+            expires_at: None,
         }
     }
 }
@@ -156,7 +162,16 @@ impl Authenticator {
                 AuthMethod::ApiKey(set) => set.authenticate(request),
             };
             match result {
-                Ok(identity) => return Ok(identity),
+                Ok(identity) => {
+                    // credentials of the route's other methods do not travel on either
+                    for other in &self.methods {
+                        match other {
+                            AuthMethod::Jwt(provider) => provider.scrub(request),
+                            AuthMethod::ApiKey(set) => set.scrub(request),
+                        }
+                    }
+                    return Ok(identity);
+                }
                 Err(AuthFailure::Missing) => {}
                 Err(invalid) => failure = invalid,
             }

@@ -1,0 +1,102 @@
+//! One-time use of tokens: a provider with `one_time_use` accepts each `jti` once. A used `jti`
+//! is remembered until its token expires (after that the token is refused for `exp` anyway), in
+//! memory, bounded; when the memory is full of live entries, new tokens are refused rather than
+//! risking a replay (fail closed).
+
+use std::{collections::HashMap, sync::Mutex};
+
+const SHARDS: usize = 16;
+
+/// Used ids and when each may be forgotten.
+type Shard = Mutex<HashMap<Box<str>, u64>>;
+
+/// Remembers used token ids until they expire.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    shards: Box<[Shard]>,
+    per_shard: usize,
+}
+
+/// Why a token was refused as a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayError {
+    /// The `jti` was used before.
+    Replayed,
+    /// The token has no `jti`, so one-time use cannot be enforced.
+    MissingJti,
+    /// Too many live ids to remember one more.
+    Full,
+}
+
+impl ReplayGuard {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    /// Records `jti` as used until `expires_at`; refuses it if it was used already.
+    pub fn first_use(
+        &self,
+        jti: Option<&str>,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), ReplayError> {
+        let jti = jti
+            .filter(|j| !j.is_empty())
+            .ok_or(ReplayError::MissingJti)?;
+        let shard = &self.shards[super::cache::sha256(jti.as_bytes())[0] as usize % SHARDS];
+        let mut used = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&until) = used.get(jti) {
+            if until > now {
+                return Err(ReplayError::Replayed);
+            }
+        }
+        if used.len() >= self.per_shard {
+            used.retain(|_, until| *until > now);
+            if used.len() >= self.per_shard {
+                return Err(ReplayError::Full);
+            }
+        }
+        used.insert(jti.into(), expires_at);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_jti_is_accepted_once_until_it_expires() {
+        let guard = ReplayGuard::new(1000);
+        assert_eq!(guard.first_use(Some("a"), 100, 10), Ok(()));
+        assert_eq!(
+            guard.first_use(Some("a"), 100, 11),
+            Err(ReplayError::Replayed)
+        );
+        assert_eq!(guard.first_use(Some("b"), 100, 11), Ok(()));
+        assert_eq!(guard.first_use(None, 100, 11), Err(ReplayError::MissingJti));
+        assert_eq!(
+            guard.first_use(Some(""), 100, 11),
+            Err(ReplayError::MissingJti)
+        );
+        // once expired, the entry may be forgotten (the token itself is refused for exp anyway)
+        assert_eq!(guard.first_use(Some("a"), 300, 200), Ok(()));
+    }
+
+    #[test]
+    fn a_full_guard_fails_closed() {
+        let guard = ReplayGuard::new(16);
+        let mut refused = 0;
+        for i in 0..200 {
+            if guard.first_use(Some(&format!("id-{i}")), 1_000, 0) == Err(ReplayError::Full) {
+                refused += 1;
+            }
+        }
+        assert!(refused > 0);
+        // expired entries make room again
+        assert_eq!(guard.first_use(Some("late"), 5_000, 2_000), Ok(()));
+    }
+}

@@ -36,6 +36,9 @@ const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: appl
 pub struct ConnFlags {
     /// The current request head carried both `Content-Length` and `Transfer-Encoding`.
     pub framing_conflict: AtomicBool,
+    /// Request heads the scanner has seen to their end. A request numbered above this (a
+    /// pipelined one, whose head arrived behind another request's bytes) was not scanned.
+    pub heads_scanned: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +184,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<T> {
                         if scanner.feed(read) {
                             this.flags.framing_conflict.store(true, Ordering::Release);
                         }
+                        if scanner.done && !scanner.counted {
+                            scanner.counted = true;
+                            this.flags.heads_scanned.fetch_add(1, Ordering::AcqRel);
+                        }
                     }
                 }
                 // HTTP/2 frames while idle (pings, settings) do not count as activity: only
@@ -255,6 +262,8 @@ struct HeadScanner {
     saw_transfer_encoding: bool,
     first_line: bool,
     done: bool,
+    /// `done` has been reported to the connection's flags.
+    counted: bool,
 }
 
 impl Default for HeadScanner {
@@ -267,6 +276,7 @@ impl Default for HeadScanner {
             saw_transfer_encoding: false,
             first_line: true,
             done: false,
+            counted: false,
         }
     }
 }
@@ -283,7 +293,12 @@ impl HeadScanner {
             }
             match byte {
                 b'\n' => {
-                    if self.column == 0 && !self.first_line {
+                    if self.column == 0 {
+                        if self.first_line {
+                            // empty lines before the request line are skipped (as the HTTP
+                            // parser does); they neither start nor end the head
+                            continue;
+                        }
                         self.done = true;
                     }
                     self.first_line = false;
@@ -346,6 +361,15 @@ mod tests {
             b"ODING: chunked\r\ncontent-le",
             b"ngth: 5\r\n\r\n"
         ]));
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_do_not_hide_the_head() {
+        // found by fuzzing: the parser skips leading empty lines, so the scanner must too
+        assert!(scan(&[
+            b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(scan(&[b"\n\nX\ncontent-length:\ntransfer-encoding:\n"]));
     }
 
     #[test]

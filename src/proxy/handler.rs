@@ -115,6 +115,21 @@ async fn proxy(
             "both Content-Length and Transfer-Encoding",
         ));
     }
+    // a pipelined request's head was never scanned: if it uses Transfer-Encoding, a hidden
+    // Content-Length cannot be ruled out, so it is refused (clients practically never pipeline
+    // chunked uploads)
+    if request.version() <= Version::HTTP_11
+        && request.headers().contains_key(header::TRANSFER_ENCODING)
+        && conn.activity.started()
+            > conn
+                .flags
+                .heads_scanned
+                .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return Err(GatewayError::BadRequest(
+            "pipelined request with Transfer-Encoding",
+        ));
+    }
     let Some(listener) = snapshot.listener(&conn.listener) else {
         // the listener was removed by a reload while this connection stayed open
         return Err(GatewayError::ShuttingDown);
@@ -136,7 +151,11 @@ async fn proxy(
         Err(_) => {
             // log what was asked for (bounded), then refuse
             let raw = parts.uri.path();
-            ctx.path = raw[..raw.len().min(256)].into(); // URI paths are ASCII
+            let mut end = raw.len().min(256);
+            while !raw.is_char_boundary(end) {
+                end -= 1; // found by fuzzing: paths may carry UTF-8
+            }
+            ctx.path = raw[..end].into();
             return Err(GatewayError::BadRequest("invalid request path"));
         }
     };

@@ -47,7 +47,7 @@ fn is_already_normal(bytes: &[u8]) -> bool {
     let mut previous_slash = false;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' | b'\\' => return false,
+            b'%' | b'\\' | 0 => return false,
             b'/' => {
                 if previous_slash {
                     return false;
@@ -70,7 +70,8 @@ fn is_already_normal(bytes: &[u8]) -> bool {
 }
 
 fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
-    let mut out = String::with_capacity(bytes.len());
+    // bytes, not chars: a raw non-ASCII (UTF-8) byte is copied as it is, never re-encoded
+    let mut out: Vec<u8> = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -88,23 +89,23 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
                     b'/' => return Err(PathError::EncodedSlash),
                     b'\\' => return Err(PathError::Backslash),
                     0 => return Err(PathError::Nul),
-                    c if is_unreserved(c) => out.push(c as char),
-                    c => {
-                        out.push('%');
-                        out.push(HEX_UPPER[(c >> 4) as usize] as char);
-                        out.push(HEX_UPPER[(c & 0xf) as usize] as char);
-                    }
+                    c if is_unreserved(c) => out.push(c),
+                    c => out.extend_from_slice(&[
+                        b'%',
+                        HEX_UPPER[(c >> 4) as usize],
+                        HEX_UPPER[(c & 0xf) as usize],
+                    ]),
                 }
                 i += 3;
             }
             _ => {
-                // the URI parser only lets visible ASCII through; keep it as is
-                out.push(b as char);
+                out.push(b);
                 i += 1;
             }
         }
     }
-    Ok(out)
+    // only ASCII was added or replaced, so the input's UTF-8 stays intact
+    String::from_utf8(out).map_err(|_| PathError::BadEscape)
 }
 
 fn remove_dot_segments(path: &str) -> String {
@@ -199,6 +200,17 @@ mod tests {
         assert_eq!(norm("/bad%zz"), Err(PathError::BadEscape));
         assert_eq!(norm("/bad%2"), Err(PathError::BadEscape));
         assert_eq!(norm("admin"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn non_ascii_paths_keep_their_characters() {
+        // found by fuzzing: bytes above 0x7F were re-encoded one by one as Latin-1
+        assert_eq!(norm("//é").unwrap(), "/é");
+        assert_eq!(norm("/café/%7euser").unwrap(), "/café/~user");
+        let once = norm("/café/%20").unwrap();
+        assert_eq!(once, "/café/%20");
+        assert_eq!(norm(&once).unwrap(), once);
+        assert_eq!(norm("/a\0b"), Err(PathError::Nul));
     }
 
     #[test]

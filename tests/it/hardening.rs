@@ -327,3 +327,50 @@ async fn idle_http2_connections_close_even_when_the_client_answers_pings() {
         "the gateway closed the idle HTTP/2 connection despite the pings"
     );
 }
+
+#[tokio::test]
+async fn smuggling_shapes_found_by_fuzzing_are_refused_too() {
+    let (upstream, gateway) = gateway_with_limits("      max_body: 1MiB\n").await;
+    // empty lines before the request line (the parser skips them; the scanner must as well)
+    let leading = RawClient::exchange(
+        gateway.addr,
+        b"\r\n\r\nPOST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert_eq!(status_of(&leading), 400, "{leading}");
+    // a pipelined second request with both headers, in the same segment as the first
+    let mut client = gateway.raw();
+    client.send(
+        b"GET /first HTTP/1.1\r\nHost: t\r\n\r\nPOST /second HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert_eq!(status_of(&client.read_response()), 200);
+    let second = client.read_response();
+    assert_eq!(status_of(&second), 400, "{second}");
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "only the first, clean request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn long_invalid_paths_with_utf8_are_refused_without_crashing() {
+    let (_upstream, gateway) = gateway_with_limits("      max_body: 1MiB\n").await;
+    let path = format!("/{}é%2F", "a".repeat(254));
+    let raw = RawClient::exchange(
+        gateway.addr,
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(status_of(&raw), 400, "{raw}");
+    assert_eq!(gateway.get("/still-alive").await.status, 200);
+}
+
+#[tokio::test]
+async fn non_ascii_paths_reach_the_upstream_intact() {
+    let (upstream, gateway) = gateway_with_limits("      max_body: 1MiB\n").await;
+    let raw = RawClient::exchange(
+        gateway.addr,
+        "GET //café/%7euser HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".as_bytes(),
+    );
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert_eq!(upstream.last().path_and_query, "/café/~user");
+}

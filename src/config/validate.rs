@@ -78,6 +78,30 @@ pub fn check(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) {
     check_routes(config, declared, sink);
 }
 
+/// Every header name the gateway sets from a verified identity (lower case).
+fn identity_header_names(config: &Config) -> Vec<String> {
+    let names = &config.authentication.identity_headers;
+    let mut all: Vec<String> = [
+        &names.subject,
+        &names.issuer,
+        &names.method,
+        &names.provider,
+        &names.roles,
+    ]
+    .iter()
+    .map(|n| n.to_ascii_lowercase())
+    .collect();
+    for provider in &config.authentication.jwt {
+        all.extend(
+            provider
+                .claim_headers
+                .values()
+                .map(|h| h.to_ascii_lowercase()),
+        );
+    }
+    all
+}
+
 fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
     let section = &config.authentication;
     let mut names: HashMap<&str, String> = HashMap::new();
@@ -96,6 +120,75 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
             sink.error(
                 format!("{path}.name"),
                 format!("duplicate authentication method name `{name}` (first at {first})"),
+            );
+        }
+    }
+    // identity headers carry what the gateway verified: they must not double as framing,
+    // routing or credential headers
+    let reserved = [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "authorization",
+        "cookie",
+        "x-request-id",
+        "x-forwarded-for",
+        "forwarded",
+    ];
+    let mut credential_headers: Vec<String> = section
+        .api_keys
+        .iter()
+        .map(|s| s.header.to_ascii_lowercase())
+        .collect();
+    credential_headers.extend(section.jwt.iter().filter_map(|p| match &p.token_source {
+        crate::config::model::TokenSourceConfig::Header(name) => Some(name.to_ascii_lowercase()),
+        _ => None,
+    }));
+    let names = &section.identity_headers;
+    let identity = [
+        ("subject", &names.subject),
+        ("issuer", &names.issuer),
+        ("method", &names.method),
+        ("provider", &names.provider),
+        ("roles", &names.roles),
+    ];
+    for (field, name) in identity {
+        let lower = name.to_ascii_lowercase();
+        if reserved.contains(&lower.as_str()) || credential_headers.contains(&lower) {
+            sink.error(
+                format!("authentication.identity_headers.{field}"),
+                format!("`{name}` is a framing, routing or credential header and cannot carry an identity"),
+            );
+        }
+    }
+    for (i, provider) in section.jwt.iter().enumerate() {
+        for header in provider.claim_headers.values() {
+            let lower = header.to_ascii_lowercase();
+            if reserved.contains(&lower.as_str()) || credential_headers.contains(&lower) {
+                sink.error(
+                    format!("authentication.jwt[{i}].claim_headers"),
+                    format!("`{header}` is a framing, routing or credential header and cannot carry a claim"),
+                );
+            }
+        }
+        if provider.audiences.is_empty() {
+            sink.warn(
+                format!("authentication.jwt[{i}].audiences"),
+                "no audiences: any token this issuer's keys signed, for any client, is accepted",
+            );
+        }
+        if provider.issuer.is_none()
+            && matches!(
+                provider.keys,
+                crate::config::model::JwtKeysConfig::JwksUrl { .. }
+            )
+        {
+            sink.warn(
+                format!("authentication.jwt[{i}].issuer"),
+                "no issuer: `iss` is not checked",
             );
         }
     }
@@ -492,7 +585,14 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
                 );
             }
         }
+        let identity_names = identity_header_names(config);
         for (h, header) in route.matcher.headers.iter().enumerate() {
+            if identity_names.contains(&header.name.to_ascii_lowercase().replace('_', "-")) {
+                sink.error(
+                    format!("{path}.match.headers[{h}].name"),
+                    format!("`{}` is an identity header: routes cannot match on what clients may not send", header.name),
+                );
+            }
             if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
                 sink.error(
                     format!("{path}.match.headers[{h}].name"),

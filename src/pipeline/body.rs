@@ -114,7 +114,34 @@ impl Body for ResponseBody {
 /// with a size limit.
 pub enum UpstreamBody {
     Empty,
-    Client { body: Incoming, remaining: u64 },
+    Client {
+        body: Incoming,
+        remaining: u64,
+        progress: std::sync::Arc<BodyProgress>,
+    },
+}
+
+/// How far a client's request body got: the upstream connection may be reused only once the body
+/// has been sent completely, and a failure caused by the client is not the target's fault.
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    finished: std::sync::atomic::AtomicBool,
+    client_failed: std::sync::atomic::AtomicBool,
+}
+
+impl BodyProgress {
+    pub fn finished(&self) -> bool {
+        self.finished.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn client_failed(&self) -> bool {
+        self.client_failed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn mark(flag: &std::sync::atomic::AtomicBool) {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl UpstreamBody {
@@ -125,6 +152,15 @@ impl UpstreamBody {
         Self::Client {
             body,
             remaining: limit,
+            progress: Default::default(),
+        }
+    }
+
+    /// The body's progress, when it comes from the client.
+    pub fn progress(&self) -> Option<std::sync::Arc<BodyProgress>> {
+        match self {
+            Self::Empty => None,
+            Self::Client { progress, .. } => Some(progress.clone()),
         }
     }
 }
@@ -139,19 +175,31 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Client { body, remaining } => match Pin::new(body).poll_frame(cx) {
+            Self::Client {
+                body,
+                remaining,
+                progress,
+            } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         let len = data.len() as u64;
                         if len > *remaining {
+                            BodyProgress::mark(&progress.client_failed);
                             return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                         }
                         *remaining -= len;
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
-                other => other.map_err(Into::into),
+                Poll::Ready(Some(Err(error))) => {
+                    BodyProgress::mark(&progress.client_failed);
+                    Poll::Ready(Some(Err(error.into())))
+                }
+                Poll::Ready(None) => {
+                    BodyProgress::mark(&progress.finished);
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
             },
         }
     }

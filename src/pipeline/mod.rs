@@ -5,7 +5,7 @@ mod body;
 mod ctx;
 mod error;
 
-pub use body::{BodyTooLarge, BoxError, ResponseBody, UpstreamBody};
+pub use body::{BodyProgress, BodyTooLarge, BoxError, ResponseBody, UpstreamBody};
 pub use ctx::{Completion, ConnActivity, InFlightGuard, RequestCtx};
 pub use error::{error_response, Challenge, GatewayError};
 

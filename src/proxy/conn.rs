@@ -29,7 +29,7 @@ use tokio::{
 
 use crate::pipeline::ConnActivity;
 
-const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 67\r\nconnection: close\r\n\r\n{\"error\":\"request_timeout\",\"message\":\"request head took too long\"}";
+const RESPONSE_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 66\r\nconnection: close\r\n\r\n{\"error\":\"request_timeout\",\"message\":\"request head took too long\"}";
 
 /// Per-connection flags the handler reads.
 #[derive(Debug, Default)]

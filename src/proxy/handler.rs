@@ -25,6 +25,9 @@ use crate::{
     upstream::HashKey,
 };
 
+const X_ORIGINAL_URL: http::HeaderName = http::HeaderName::from_static("x-original-url");
+const X_REWRITE_URL: http::HeaderName = http::HeaderName::from_static("x-rewrite-url");
+
 /// What a request handler knows about its connection.
 #[derive(Debug)]
 pub struct ConnInfo {
@@ -194,6 +197,12 @@ async fn proxy(
     // 5. hop-by-hop headers go before any policy runs: a client's `Connection` header must not be
     //    able to remove what a policy sets (identity headers), nor hide what a policy reads
     forwarding::strip_hop_by_hop(&mut parts.headers, true);
+    // headers some frameworks take as the "real" URL: a client must not pick the upstream's path
+    for name in [X_ORIGINAL_URL, X_REWRITE_URL] {
+        if parts.headers.contains_key(&name) {
+            parts.headers.remove(name);
+        }
+    }
 
     // 6. policies (authentication, authorization, limits ...) may answer before the upstream
     if let Flow::Respond(response) =

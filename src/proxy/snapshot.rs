@@ -121,7 +121,7 @@ pub fn compile(
         .enumerate()
         .map(|(i, l)| (l.name.as_str(), i))
         .collect();
-    let authentication = compile_authentication(loaded, &mut sink);
+    let authentication = compile_authentication(loaded, registry, &mut sink);
     let mut compiled_routes = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
         if let Some(compiled) = compile_route(
@@ -450,7 +450,11 @@ impl Authentication {
     }
 }
 
-fn compile_authentication(loaded: &LoadedConfig, sink: &mut ErrorSink<'_>) -> Authentication {
+fn compile_authentication(
+    loaded: &LoadedConfig,
+    registry: &UpstreamRegistry,
+    sink: &mut ErrorSink<'_>,
+) -> Authentication {
     let section = &loaded.config.authentication;
     let names = &section.identity_headers;
     let header = |field: &str, value: &str, sink: &mut ErrorSink<'_>| {
@@ -493,7 +497,12 @@ fn compile_authentication(loaded: &LoadedConfig, sink: &mut ErrorSink<'_>) -> Au
     });
     let mut methods = HashMap::new();
     for (i, jwt) in section.jwt.iter().enumerate() {
-        match JwtProvider::from_config(jwt, &loaded.base_dir, identity_headers.clone()) {
+        match JwtProvider::from_config(
+            jwt,
+            &loaded.base_dir,
+            identity_headers.clone(),
+            &registry.jwks,
+        ) {
             Ok(provider) => {
                 methods.insert(jwt.name.clone(), AuthMethod::Jwt(Arc::new(provider)));
             }

@@ -4,8 +4,9 @@
 //! Rules (RFC 3986 §6.2.2 plus the rejections a gateway needs):
 //! - percent-encoded *unreserved* characters (`A-Z a-z 0-9 - . _ ~`) are decoded; other escapes are
 //!   kept, with upper-case hex;
-//! - an encoded `/` (`%2F`), any `\` (raw or `%5C`) and NUL (`%00`) are rejected: backends disagree
-//!   on what they mean, which is exactly what path-confusion attacks exploit;
+//! - an encoded `/` (`%2F`), any `\` (raw or `%5C`), NUL (`%00`) and a raw `;` (path parameters,
+//!   which servlet containers strip before resolving `..`) are rejected: backends disagree on what
+//!   they mean, which is exactly what path-confusion attacks exploit;
 //! - empty segments (`//`) collapse, `.` segments drop, `..` removes the previous segment (never
 //!   climbing above the root);
 //! - a trailing slash is kept.
@@ -27,6 +28,8 @@ pub enum PathError {
     Nul,
     #[error("path contains an invalid percent-encoding")]
     BadEscape,
+    #[error("path contains `;`")]
+    Semicolon,
 }
 
 /// Normalises a request path (without the query). Borrows when the path is already normal.
@@ -47,7 +50,7 @@ fn is_already_normal(bytes: &[u8]) -> bool {
     let mut previous_slash = false;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
-            b'%' | b'\\' | 0 => return false,
+            b'%' | b'\\' | b';' | 0 => return false,
             b'/' => {
                 if previous_slash {
                     return false;
@@ -78,6 +81,9 @@ fn decode_unreserved(bytes: &[u8]) -> Result<String, PathError> {
         match b {
             b'\\' => return Err(PathError::Backslash),
             0 => return Err(PathError::Nul),
+            // path parameters (`/..;/admin`, `/admin;x`): servlet containers strip them before
+            // resolving dot segments, so they would see a different path than the gateway routed
+            b';' => return Err(PathError::Semicolon),
             b'%' => {
                 let hi = bytes.get(i + 1).and_then(|&c| hex_value(c));
                 let lo = bytes.get(i + 2).and_then(|&c| hex_value(c));
@@ -200,6 +206,8 @@ mod tests {
         assert_eq!(norm("/bad%zz"), Err(PathError::BadEscape));
         assert_eq!(norm("/bad%2"), Err(PathError::BadEscape));
         assert_eq!(norm("admin"), Err(PathError::NotAbsolute));
+        assert_eq!(norm("/public/..;/admin/secret"), Err(PathError::Semicolon));
+        assert_eq!(norm("/admin;x/secret"), Err(PathError::Semicolon));
     }
 
     #[test]

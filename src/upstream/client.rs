@@ -249,6 +249,7 @@ impl ConnectionPool {
                     // HTTP/1.1 to an origin server: origin-form (path and query only)
                     *request.uri_mut() = origin_uri(request.uri());
                 }
+                let request_body = request.body().progress();
                 if let Err(error) = sender.ready().await {
                     // closed while idle: the request was not written
                     return Err(SendFailure {
@@ -262,6 +263,7 @@ impl ConnectionPool {
                     slot,
                     authority: authority.clone(),
                     sender,
+                    request_body,
                 };
                 Ok(response.map(|body| UpstreamResponseBody {
                     body,
@@ -443,6 +445,9 @@ struct Release {
     slot: usize,
     authority: Authority,
     sender: http1::SendRequest<UpstreamBody>,
+    /// The request body still being uploaded keeps the connection busy: it is reusable only once
+    /// that body has been sent completely (an upstream may answer before reading it all).
+    request_body: Option<Arc<crate::pipeline::BodyProgress>>,
 }
 
 /// An upstream response body. When it has been read to the end, its HTTP/1.1 connection goes back
@@ -455,9 +460,15 @@ pub struct UpstreamResponseBody {
 impl UpstreamResponseBody {
     fn release(&mut self) {
         if let Some(release) = self.release.take() {
-            release
-                .pool
-                .put_back(release.slot, release.authority, release.sender);
+            if release
+                .request_body
+                .as_ref()
+                .is_none_or(|body| body.finished())
+            {
+                release
+                    .pool
+                    .put_back(release.slot, release.authority, release.sender);
+            }
         }
     }
 }

@@ -103,6 +103,8 @@ pub struct UpstreamRegistry {
     epoch: Instant,
     workers: usize,
     inner: Mutex<HashMap<String, Arc<SharedUpstream>>>,
+    /// Remote JWKS key sets live as long as the gateway too (a reload keeps their keys).
+    pub jwks: crate::policy::authn::JwksRegistry,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +124,7 @@ impl UpstreamRegistry {
             epoch: Instant::now(),
             workers,
             inner: Mutex::default(),
+            jwks: Default::default(),
         }
     }
 
@@ -251,6 +254,13 @@ impl Upstream {
         }
         let mut retries = 0;
         let mut previous: Option<usize> = None;
+        // an upload the client broke off or has not finished does not count against the target
+        let client_body = request.body().progress();
+        let blame_target = |client_body: &Option<Arc<crate::pipeline::BodyProgress>>| {
+            client_body
+                .as_ref()
+                .is_none_or(|body| body.finished() && !body.client_failed())
+        };
         if !request.headers().contains_key(http::header::HOST) {
             set_host_to_target = true;
         }
@@ -316,8 +326,8 @@ impl Upstream {
                     }
                 }
                 Ok(Err(failure)) => {
-                    // the client's oversize body is not the target's fault
-                    if !is_body_too_large(&failure.error) {
+                    // the client's oversize or broken-off body is not the target's fault
+                    if !is_body_too_large(&failure.error) && blame_target(&client_body) {
                         self.record_outcome(target, false);
                     }
                     tracing::warn!(upstream = &*self.name, upstream_target = &*target.label, error = %error_chain(&failure.error), "upstream request failed");
@@ -340,7 +350,9 @@ impl Upstream {
                     }
                 }
                 Err(_elapsed) => {
-                    self.record_outcome(target, false);
+                    if blame_target(&client_body) {
+                        self.record_outcome(target, false);
+                    }
                     tracing::warn!(
                         upstream = &*self.name,
                         upstream_target = &*target.label,

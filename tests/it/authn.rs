@@ -724,3 +724,92 @@ async fn a_cookie_token_not_to_be_forwarded_is_removed_and_other_cookies_stay() 
     assert_eq!(upstream.last().headers["cookie"], "theme=dark; lang=en");
     drop(gateway);
 }
+
+#[tokio::test]
+async fn identity_header_lookalikes_never_reach_the_upstream() {
+    let s = setup().await;
+    let lookalikes = [
+        ("x_auth_subject", "admin"),
+        ("X_Auth_Roles", "admin"),
+        ("x-auth_tenant", "evil"),
+    ];
+    assert_eq!(call(&s.gateway, "/public/x", &lookalikes).await.status, 200);
+    let seen = s.upstream.last().headers;
+    for (name, _) in lookalikes {
+        assert!(!seen.contains_key(name), "{name} reached the upstream");
+    }
+    let token = s.ec.sign(&claims("alice"));
+    let auth = format!("Bearer {token}");
+    let mut headers = lookalikes.to_vec();
+    headers.push(("authorization", &auth));
+    assert_eq!(call(&s.gateway, "/jwt/x", &headers).await.status, 200);
+    let seen = s.upstream.last().headers;
+    assert!(!seen.contains_key("x_auth_subject"));
+    assert_eq!(seen["x-auth-subject"], "alice");
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_keys_of_an_identity_provider_that_is_down() {
+    let signer = Signer::ec("k1");
+    let document = jwks(&[&signer]);
+    let idp = TestUpstream::start(move |_| {
+        Reply::ok(&document).header("content-type", "application/json")
+    })
+    .await;
+    let upstream = TestUpstream::echo().await;
+    let keys = format!(
+        "{{ jwks_url: {{ url: \"http://{}/jwks.json\" }} }}",
+        idp.addr
+    );
+    let yaml = format!(
+        "{}{}",
+        config_with(&[upstream.url()], "", ROUTES),
+        authentication(&keys)
+    );
+    let mut gateway = TestGateway::start(&yaml).await;
+    assert_eq!(
+        bearer(&gateway, &signer.sign(&claims("a"))).await.status,
+        200
+    );
+    idp.stop();
+    gateway.reload(&yaml).unwrap();
+    assert_eq!(
+        bearer(&gateway, &signer.sign(&claims("b"))).await.status,
+        200,
+        "the last good keys survive a reload while the IdP is down"
+    );
+}
+
+#[tokio::test]
+async fn a_one_time_token_is_refused_until_it_no_longer_verifies() {
+    let ec = Signer::ec("once");
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      one_time_use: true\n      leeway: 5s\n",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let get = |token: String| {
+        send(
+            Request::get(format!("http://{addr}/jwt/x"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    let mut soon = claims("ivy");
+    soon["jti"] = json!("short-lived");
+    soon["exp"] = json!(now() + 1);
+    let token = ec.sign(&soon);
+    assert_eq!(get(token.clone()).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // past exp but within the leeway the signature still verifies: the jti must still be remembered
+    for _ in 0..3 {
+        assert_eq!(get(token.clone()).await.status, 401);
+    }
+    drop(gateway);
+}

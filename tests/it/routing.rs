@@ -343,3 +343,35 @@ impl tower_service::Service<http::Uri> for FixedAddress {
         })
     }
 }
+
+#[tokio::test]
+async fn path_parameters_cannot_walk_around_a_protected_prefix() {
+    let upstream = TestUpstream::echo().await;
+    let gateway = TestGateway::start(&config_with(
+        &[upstream.url()],
+        "",
+        "  - name: public\n    match: { path: /public/** }\n    public: true\n    upstream: app\n",
+    ))
+    .await;
+    for path in [
+        "/public/..;/admin/x",
+        "/public/x;jsessionid=1",
+        "/public;x/y",
+        "/%2e%2e;/admin/x",
+    ] {
+        let raw = RawClient::exchange(
+            gateway.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(status_of(&raw), 400, "{path}: {raw}");
+    }
+    assert_eq!(upstream.hits(), 0);
+    // and framework headers that name another URL never reach the upstream
+    let raw = RawClient::exchange(
+        gateway.addr,
+        b"GET /public/x HTTP/1.1\r\nHost: t\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&raw), 200);
+    let seen = upstream.last().headers;
+    assert!(!seen.contains_key("x-original-url") && !seen.contains_key("x-rewrite-url"));
+}

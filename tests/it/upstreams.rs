@@ -308,3 +308,55 @@ async fn h2c_targets_are_spoken_to_over_http2() {
     assert_eq!(seen.version, http::Version::HTTP_2);
     assert_eq!(seen.path_and_query, "/multiplexed");
 }
+
+#[tokio::test]
+async fn a_pooled_connection_is_not_reused_while_its_request_body_is_still_streaming() {
+    // an upstream that answers at once, without reading the body
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") => {
+                            let _ =
+                                stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let gateway = TestGateway::start(&config_with(
+        &[format!("http://{addr}")],
+        "    timeouts: { per_try: 3s }\n    outlier_detection: { consecutive_failures: 1, ejection_time: 60s, max_ejection_percent: 100 }\n",
+        CATCH_ALL,
+    ))
+    .await;
+    // a client starts an upload and stalls
+    let mut stalled = gateway.raw();
+    stalled.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n0123456789");
+    assert_eq!(status_of(&stalled.read_response()), 200);
+    // the next request must not be handed the connection still carrying that upload
+    let started = std::time::Instant::now();
+    let response = gateway.get("/next").await;
+    assert_eq!(response.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        gateway.get("/after").await.status,
+        200,
+        "the broken-off upload did not eject the target"
+    );
+}

@@ -250,9 +250,23 @@ impl RemoteJwks {
         refresh_interval: Duration,
         min_refresh_interval: Duration,
     ) -> Result<Self, KeyError> {
+        let loopback = url.host().is_some_and(|host| {
+            host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
         let scheme = match url.scheme_str() {
             Some("https") => TargetScheme::Https,
-            Some("http") => TargetScheme::Http1,
+            // keys fetched in the clear could be swapped by anyone on the path
+            Some("http") if loopback => TargetScheme::Http1,
+            Some("http") => {
+                return Err(KeyError::Fetch(
+                    "a JWKS URL must be https:// (http:// only to a loopback address)".into(),
+                ))
+            }
             _ => {
                 return Err(KeyError::Fetch(
                     "the JWKS URL must be http:// or https://".into(),
@@ -281,6 +295,13 @@ impl RemoteJwks {
             fetching: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
         })
+    }
+
+    /// How soon a failed fetch is retried: the minimum interval, within 1 s and the refresh interval.
+    pub fn retry_interval(&self) -> Duration {
+        self.min_refresh_interval
+            .max(Duration::from_secs(1))
+            .min(self.refresh_interval)
     }
 
     pub fn current(&self) -> arc_swap::Guard<Arc<KeySet>> {
@@ -373,5 +394,34 @@ impl RemoteJwks {
             .map_err(|e| KeyError::Fetch(e.to_string()))?
             .to_bytes();
         KeySet::from_jwks(&body)
+    }
+}
+
+/// Remote key sets by URL and intervals, kept across reloads: a reload (even one that changes
+/// nothing) must not throw away good keys and depend on the identity provider being up.
+#[derive(Debug, Default)]
+pub struct JwksRegistry {
+    sets: std::sync::Mutex<std::collections::HashMap<String, Arc<RemoteJwks>>>,
+}
+
+impl JwksRegistry {
+    pub fn get_or_create(
+        &self,
+        url: &Uri,
+        refresh_interval: Duration,
+        min_refresh_interval: Duration,
+    ) -> Result<Arc<RemoteJwks>, KeyError> {
+        let key = format!("{url}|{refresh_interval:?}|{min_refresh_interval:?}");
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = sets.get(&key) {
+            return Ok(existing.clone());
+        }
+        let created = Arc::new(RemoteJwks::new(
+            url.clone(),
+            refresh_interval,
+            min_refresh_interval,
+        )?);
+        sets.insert(key, created.clone());
+        Ok(created)
     }
 }

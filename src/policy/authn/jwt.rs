@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use super::{
     cache::{sha256, VerifiedCache},
-    jwks::{KeySet, RemoteJwks},
+    jwks::{JwksRegistry, KeySet, RemoteJwks},
     query_param, remove_query_param,
     replay::{ReplayError, ReplayGuard},
     unix_now, AuthFailure, Identity, IdentityHeaderNames,
@@ -79,6 +79,7 @@ impl JwtProvider {
         config: &JwtProviderConfig,
         base_dir: &Path,
         identity_names: Arc<IdentityHeaderNames>,
+        remote_sets: &JwksRegistry,
     ) -> Result<Self, JwtError> {
         let algorithms = config
             .algorithms
@@ -129,11 +130,11 @@ impl JwtProvider {
                     } => {
                         let uri: http::Uri =
                             url.parse().map_err(|_| JwtError::BadUrl(url.clone()))?;
-                        Keys::Remote(Arc::new(RemoteJwks::new(
-                            uri,
+                        Keys::Remote(remote_sets.get_or_create(
+                            &uri,
                             refresh_interval.0,
                             min_refresh_interval.0,
-                        )?))
+                        )?)
                     }
                     JwtKeysConfig::Secret(_) => unreachable!("handled above"),
                 }
@@ -225,7 +226,10 @@ impl JwtProvider {
         let identity = self.verify(token_text).await?;
         if let Some(replay) = &self.replay {
             // every use counts, also when the verification itself came from the cache
-            let expires_at = identity.expires_at.unwrap_or(u64::MAX);
+            // remembered for as long as the token still verifies: exp plus the leeway
+            let expires_at = identity
+                .expires_at
+                .map_or(u64::MAX, |exp| exp.saturating_add(self.leeway));
             replay
                 .first_use(identity.token_id.as_deref(), expires_at, unix_now())
                 .map_err(|error| {
@@ -394,12 +398,12 @@ impl JwtProvider {
     }
 
     fn check_claims(&self, claims: &Map<String, Value>, now: u64) -> Result<(), AuthFailure> {
-        let iat = claims.get("iat").and_then(Value::as_u64);
+        let iat = claims.get("iat").and_then(seconds);
         if iat.is_some_and(|iat| iat > now + self.leeway) {
             return Err(AuthFailure::Invalid("issued in the future"));
         }
         if let Some(max) = self.max_lifetime {
-            let exp = claims.get("exp").and_then(Value::as_u64);
+            let exp = claims.get("exp").and_then(seconds);
             match (iat, exp) {
                 (Some(iat), Some(exp)) if exp.saturating_sub(iat) <= max => {}
                 _ => return Err(AuthFailure::Invalid("lifetime too long or unknown")),
@@ -457,9 +461,16 @@ impl JwtProvider {
             roles,
             headers,
             token_id: claims.get("jti").and_then(Value::as_str).map(Into::into),
-            expires_at: claims.get("exp").and_then(Value::as_u64),
+            expires_at: claims.get("exp").and_then(seconds),
         })
     }
+}
+
+/// A NumericDate claim as whole seconds (a fractional value counts down, as jsonwebtoken does).
+fn seconds(value: &Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
 /// A claim by dotted path (`realm_access.roles`).

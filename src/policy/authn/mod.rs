@@ -17,7 +17,7 @@ use http::{request, HeaderName, HeaderValue};
 
 pub use api_key::{generate_key, ApiKeySet};
 pub use cache::sha256;
-pub use jwks::{KeyError, KeySet, RemoteJwks};
+pub use jwks::{JwksRegistry, KeyError, KeySet, RemoteJwks};
 pub use jwt::{JwtError, JwtProvider};
 
 use crate::pipeline::Challenge;
@@ -89,6 +89,12 @@ impl IdentityHeaderNames {
         if let Some(issuer) = issuer {
             push(&self.issuer, issuer);
         }
+        // a role that itself contains a comma would read as two roles: such roles are dropped
+        let roles: Vec<&str> = roles
+            .iter()
+            .map(|r| &**r)
+            .filter(|r| !r.is_empty() && !r.contains([',', ' ']))
+            .collect();
         if !roles.is_empty() {
             push(&self.roles, &roles.join(","));
         }
@@ -96,10 +102,25 @@ impl IdentityHeaderNames {
         headers
     }
 
-    /// Removes every identity header the client sent.
+    /// Removes every identity header the client sent, and look-alikes spelled with `_` for `-`
+    /// (some backends read `X_Auth_Subject` and `x-auth-subject` as the same variable).
     pub fn strip(&self, headers: &mut http::HeaderMap) {
         for name in &self.all {
             if headers.contains_key(name) {
+                headers.remove(name);
+            }
+        }
+        if headers.keys().any(|name| name.as_str().contains('_')) {
+            let lookalikes: Vec<HeaderName> = headers
+                .keys()
+                .filter(|name| name.as_str().contains('_'))
+                .filter(|name| {
+                    let folded = name.as_str().replace('_', "-");
+                    self.all.iter().any(|own| own.as_str() == folded)
+                })
+                .cloned()
+                .collect();
+            for name in lookalikes {
                 headers.remove(name);
             }
         }
@@ -234,8 +255,13 @@ impl KeyRefreshers {
             .map(|remote| {
                 tokio::spawn(async move {
                     loop {
-                        remote.refresh().await;
-                        tokio::time::sleep(remote.refresh_interval).await;
+                        // after a failure, try again soon rather than a whole interval later
+                        let wait = if remote.refresh().await {
+                            remote.refresh_interval
+                        } else {
+                            remote.retry_interval()
+                        };
+                        tokio::time::sleep(wait).await;
                     }
                 })
             })

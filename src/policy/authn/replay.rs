@@ -49,12 +49,12 @@ impl ReplayGuard {
         let shard = &self.shards[super::cache::sha256(jti.as_bytes())[0] as usize % SHARDS];
         let mut used = shard.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&until) = used.get(jti) {
-            if until > now {
+            if until >= now {
                 return Err(ReplayError::Replayed);
             }
         }
         if used.len() >= self.per_shard {
-            used.retain(|_, until| *until > now);
+            used.retain(|_, until| *until >= now);
             if used.len() >= self.per_shard {
                 return Err(ReplayError::Full);
             }

@@ -115,6 +115,7 @@ fn check_reason(raw: &str, error: PathError) {
         PathError::EncodedSlash => lower.contains("%2f"),
         PathError::Backslash => raw.contains('\\') || lower.contains("%5c"),
         PathError::Nul => raw.contains('\0') || lower.contains("%00"),
+        PathError::Semicolon => raw.contains(';'),
         PathError::BadEscape => {
             let bytes = raw.as_bytes();
             raw.match_indices('%').any(|(i, _)| {

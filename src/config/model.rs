@@ -43,6 +43,8 @@ pub struct AuthenticationConfig {
     pub jwt: Vec<JwtProviderConfig>,
     /// Sets of API keys.
     pub api_keys: Vec<ApiKeySetConfig>,
+    /// OAuth 2.0 token introspection (RFC 7662) for opaque access tokens.
+    pub introspection: Vec<IntrospectionConfig>,
     /// Headers that carry the verified identity to the upstream. Whatever a client sends in
     /// these headers is always removed first, on every route.
     pub identity_headers: IdentityHeadersConfig,
@@ -221,6 +223,52 @@ fn default_jwks_refresh() -> HumanDuration {
 
 fn default_jwks_min_refresh() -> HumanDuration {
     HumanDuration::from_secs(30)
+}
+
+/// An OAuth 2.0 introspection endpoint (RFC 7662) that says whether an opaque token is active.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// Unique name (shared namespace with JWT providers and API key sets).
+    pub name: String,
+    /// The introspection endpoint (`https://`, or `http://` to a loopback address).
+    pub endpoint: String,
+    /// The gateway's client credentials at the authorization server (HTTP Basic).
+    pub client_id: String,
+    /// Use `"${ENV}"`.
+    pub client_secret: String,
+    /// An answer that takes longer refuses the request (fail closed).
+    #[serde(default = "default_introspection_timeout")]
+    pub timeout: HumanDuration,
+    /// Active answers are remembered (by SHA-256 of the token) until the token's `exp`, but at
+    /// most this long, so a revocation at the server takes effect within it. Errors and inactive
+    /// answers are never remembered.
+    #[serde(default = "default_introspection_ttl")]
+    pub max_cache_ttl: HumanDuration,
+    /// Answers remembered at most.
+    #[serde(default = "default_verified_cache")]
+    pub cache_size: usize,
+    /// Required `aud` (any of) in the answer. Empty: not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Where roles are read from in the answer (`scope` is split on spaces).
+    #[serde(default = "default_scope_claim")]
+    pub roles_claim: String,
+    /// Also send the original token upstream.
+    #[serde(default = "default_true")]
+    pub forward_token: bool,
+}
+
+fn default_introspection_timeout() -> HumanDuration {
+    HumanDuration::from_secs(2)
+}
+
+fn default_introspection_ttl() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+
+fn default_scope_claim() -> String {
+    "scope".into()
 }
 
 fn default_api_key_header() -> String {

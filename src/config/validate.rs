@@ -56,6 +56,7 @@ impl Declared {
             auth_methods: auth_names("jwt")
                 .into_iter()
                 .chain(auth_names("api_keys"))
+                .chain(auth_names("introspection"))
                 .collect(),
             upstreams: names("upstreams"),
             listeners: names("listeners"),
@@ -115,7 +116,13 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
         .iter()
         .enumerate()
         .map(|(i, s)| (s.name.as_str(), format!("authentication.api_keys[{i}]")));
-    for (name, path) in jwt.chain(keys) {
+    let introspection = section.introspection.iter().enumerate().map(|(i, p)| {
+        (
+            p.name.as_str(),
+            format!("authentication.introspection[{i}]"),
+        )
+    });
+    for (name, path) in jwt.chain(keys).chain(introspection) {
         if let Some(first) = names.insert(name, path.clone()) {
             sink.error(
                 format!("{path}.name"),
@@ -563,7 +570,7 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
             if !declared.auth_methods.contains(name) {
                 sink.error(
                     format!("{path}.auth[{a}]"),
-                    format!("unknown authentication method `{name}` (define it under `authentication.jwt` or `authentication.api_keys`)"),
+                    format!("unknown authentication method `{name}` (define it under `authentication.jwt`, `authentication.api_keys` or `authentication.introspection`)"),
                 );
             }
         }

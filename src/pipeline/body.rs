@@ -114,6 +114,8 @@ impl Body for ResponseBody {
 /// with a size limit.
 pub enum UpstreamBody {
     Empty,
+    /// A small body the gateway itself sends (e.g. a token introspection request).
+    Full(Option<Bytes>),
     Client {
         body: Incoming,
         remaining: u64,
@@ -159,7 +161,7 @@ impl UpstreamBody {
     /// The body's progress, when it comes from the client.
     pub fn progress(&self) -> Option<std::sync::Arc<BodyProgress>> {
         match self {
-            Self::Empty => None,
+            Self::Empty | Self::Full(_) => None,
             Self::Client { progress, .. } => Some(progress.clone()),
         }
     }
@@ -175,6 +177,7 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Client {
                 body,
                 remaining,
@@ -207,6 +210,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Empty => true,
+            Self::Full(bytes) => bytes.is_none(),
             Self::Client { body, .. } => body.is_end_stream(),
         }
     }
@@ -214,6 +218,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Empty => SizeHint::with_exact(0),
+            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Client { body, .. } => body.size_hint(),
         }
     }

@@ -16,7 +16,10 @@ use crate::{
         ConfigErrors, ErrorSink, LoadedConfig,
     },
     policy::{
-        authn::{ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, JwtError, JwtProvider},
+        authn::{
+            ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, IntrospectionProvider,
+            JwtError, JwtProvider,
+        },
         Access, RoutePolicies,
     },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
@@ -442,7 +445,7 @@ impl Authentication {
             .values()
             .filter_map(|m| match m {
                 AuthMethod::Jwt(provider) => Some(provider.clone()),
-                AuthMethod::ApiKey(_) => None,
+                AuthMethod::ApiKey(_) | AuthMethod::Introspection(_) => None,
             })
             .collect();
         providers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -517,6 +520,20 @@ fn compile_authentication(
                     error.to_string(),
                 )
             }
+        }
+    }
+    for (i, provider) in section.introspection.iter().enumerate() {
+        match IntrospectionProvider::from_config(provider, identity_headers.clone()) {
+            Ok(compiled) => {
+                methods.insert(
+                    provider.name.clone(),
+                    AuthMethod::Introspection(Arc::new(compiled)),
+                );
+            }
+            Err(message) => sink.error(
+                format!("authentication.introspection[{i}].endpoint"),
+                message,
+            ),
         }
     }
     for (i, set) in section.api_keys.iter().enumerate() {

@@ -813,3 +813,95 @@ async fn a_one_time_token_is_refused_until_it_no_longer_verifies() {
     }
     drop(gateway);
 }
+
+/// A fake authorization server: tokens `good-*` are active (scope `read write`), `gone` is
+/// inactive, `slow` answers after 3 s; wrong client credentials get 401.
+async fn fake_authorization_server() -> TestUpstream {
+    TestUpstream::start(|request| {
+        let expected = format!(
+            "Basic {}",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "gateway:s3cret%2Bpw")
+        );
+        if request.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            return Reply::status(401);
+        }
+        let body = String::from_utf8_lossy(&request.body).into_owned();
+        let token = body
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .unwrap_or_default()
+            .to_owned();
+        let answer = if token.starts_with("good-") {
+            json!({"active": true, "sub": token, "scope": "read write", "exp": now() + 300, "aud": "api"})
+        } else {
+            json!({"active": false})
+        };
+        let reply = Reply::ok(&answer.to_string()).header("content-type", "application/json");
+        if token == "slow" {
+            reply.delayed(Duration::from_secs(3))
+        } else {
+            reply
+        }
+    })
+    .await
+}
+
+fn introspection_config(upstream: &TestUpstream, server: &TestUpstream, secret: &str) -> String {
+    format!(
+        "{}authentication:\n  introspection:\n    - name: idp\n      endpoint: http://{}/introspect\n      client_id: gateway\n      client_secret: \"{secret}\"\n      timeout: 500ms\n      audiences: [api]\n",
+        config_with(&[upstream.url()], "", "  - name: opaque\n    match: { path: /opaque/** }\n    auth: [idp]\n    upstream: app\n"),
+        server.addr
+    )
+}
+
+#[tokio::test]
+async fn opaque_tokens_are_introspected_cached_and_fail_closed() {
+    let server = fake_authorization_server().await;
+    let upstream = TestUpstream::echo().await;
+    let gateway = TestGateway::start(&introspection_config(&upstream, &server, "s3cret+pw")).await;
+    let get = |token: &str| {
+        let auth = format!("Bearer {token}");
+        let gateway = &gateway;
+        async move { call(gateway, "/opaque/x", &[("authorization", &auth)]).await }
+    };
+
+    let response = get("good-1").await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-auth-subject"], "good-1");
+    assert_eq!(seen["x-auth-method"], "introspection");
+    assert_eq!(seen["x-auth-roles"], "read,write");
+    // the answer is remembered: the server is asked once
+    let asked = server.hits();
+    assert_eq!(get("good-1").await.status, 200);
+    assert_eq!(server.hits(), asked);
+
+    // inactive tokens are refused, and refusals are not remembered as success
+    assert_eq!(get("gone").await.status, 401);
+    assert_eq!(get("gone").await.status, 401);
+    assert_eq!(
+        server.hits(),
+        asked + 2,
+        "errors are asked again, never cached"
+    );
+
+    // a slow server fails closed within the timeout
+    let started = std::time::Instant::now();
+    assert_eq!(get("slow").await.status, 401);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(call(&gateway, "/opaque/x", &[]).await.status, 401);
+
+    // a server that is down fails closed too
+    server.stop();
+    assert_eq!(get("good-2").await.status, 401);
+}
+
+#[tokio::test]
+async fn wrong_client_credentials_at_the_authorization_server_refuse_every_token() {
+    let server = fake_authorization_server().await;
+    let upstream = TestUpstream::echo().await;
+    let gateway = TestGateway::start(&introspection_config(&upstream, &server, "wrong")).await;
+    let response = call(&gateway, "/opaque/x", &[("authorization", "Bearer good-3")]).await;
+    assert_eq!(response.status, 401);
+    assert_eq!(upstream.hits(), 0);
+}

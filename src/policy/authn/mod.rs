@@ -7,6 +7,7 @@
 
 mod api_key;
 mod cache;
+mod introspection;
 mod jwks;
 mod jwt;
 mod replay;
@@ -17,6 +18,7 @@ use http::{request, HeaderName, HeaderValue};
 
 pub use api_key::{generate_key, ApiKeySet};
 pub use cache::sha256;
+pub use introspection::IntrospectionProvider;
 pub use jwks::{JwksRegistry, KeyError, KeySet, RemoteJwks};
 pub use jwt::{JwtError, JwtProvider};
 
@@ -132,6 +134,7 @@ impl IdentityHeaderNames {
 pub enum AuthMethod {
     Jwt(Arc<JwtProvider>),
     ApiKey(Arc<ApiKeySet>),
+    Introspection(Arc<IntrospectionProvider>),
 }
 
 impl AuthMethod {
@@ -140,6 +143,7 @@ impl AuthMethod {
         match self {
             Self::Jwt(provider) => Self::Jwt(provider.clone()),
             Self::ApiKey(set) => Self::ApiKey(set.clone()),
+            Self::Introspection(provider) => Self::Introspection(provider.clone()),
         }
     }
 }
@@ -162,7 +166,10 @@ pub struct Authenticator {
 impl Authenticator {
     /// The challenge for a refused request: Bearer when a JWT method is accepted.
     pub fn challenge(&self, failure: AuthFailure) -> Challenge {
-        let bearer = self.methods.iter().any(|m| matches!(m, AuthMethod::Jwt(_)));
+        let bearer = self
+            .methods
+            .iter()
+            .any(|m| matches!(m, AuthMethod::Jwt(_) | AuthMethod::Introspection(_)));
         match (bearer, failure) {
             (true, AuthFailure::Missing) => Challenge::Bearer,
             (true, AuthFailure::Invalid(_)) => Challenge::BearerInvalidToken,
@@ -181,6 +188,7 @@ impl Authenticator {
             let result = match method {
                 AuthMethod::Jwt(provider) => provider.authenticate(request).await,
                 AuthMethod::ApiKey(set) => set.authenticate(request),
+                AuthMethod::Introspection(provider) => provider.authenticate(request).await,
             };
             match result {
                 Ok(identity) => {
@@ -189,6 +197,7 @@ impl Authenticator {
                         match other {
                             AuthMethod::Jwt(provider) => provider.scrub(request),
                             AuthMethod::ApiKey(set) => set.scrub(request),
+                            AuthMethod::Introspection(provider) => provider.scrub(request),
                         }
                     }
                     return Ok(identity);

@@ -114,20 +114,52 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// A listener's TLS config: TLS 1.2+ (or 1.3 only), ALPN `h2` (when enabled) and `http/1.1`.
+/// Client certificates a listener asks for: verified against `ca`, and `required` or optional.
+pub struct ClientCertPolicy<'a> {
+    pub ca: &'a Path,
+    pub required: bool,
+}
+
 pub fn server_config(
     resolver: Arc<SniResolver>,
     tls13_only: bool,
     http2: bool,
+    client_certs: Option<ClientCertPolicy<'_>>,
 ) -> Result<ServerConfig, TlsError> {
     let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
         &[&rustls::version::TLS13]
     } else {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     };
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions)?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+    let builder = match client_certs {
+        None => builder.with_no_client_auth(),
+        Some(policy) => {
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(load_certs(policy.ca)?);
+            if added == 0 {
+                return Err(TlsError::NoCa {
+                    path: policy.ca.to_owned(),
+                });
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            );
+            let verifier = if policy.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?,
+            )
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = if http2 {
         vec![b"h2".to_vec(), b"http/1.1".to_vec()]
     } else {

@@ -45,6 +45,8 @@ pub struct AuthenticationConfig {
     pub api_keys: Vec<ApiKeySetConfig>,
     /// OAuth 2.0 token introspection (RFC 7662) for opaque access tokens.
     pub introspection: Vec<IntrospectionConfig>,
+    /// TLS client certificates (the listener must have `tls.client_auth`).
+    pub mtls: Vec<MtlsConfig>,
     /// Headers that carry the verified identity to the upstream. Whatever a client sends in
     /// these headers is always removed first, on every route.
     pub identity_headers: IdentityHeadersConfig,
@@ -415,6 +417,53 @@ pub struct ServerTlsConfig {
     /// Lowest TLS version accepted: `"1.2"` or `"1.3"`.
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// Ask clients for a certificate, verified against a CA (for `authentication.mtls` and
+    /// certificate-bound tokens).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// Client certificates on a TLS listener.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// PEM bundle of the CAs that issue client certificates.
+    pub ca: PathBuf,
+    /// Refuse the TLS handshake without a valid certificate. `false`: a certificate is
+    /// requested, verified when presented, and optional (routes decide).
+    #[serde(default)]
+    pub required: bool,
+}
+
+/// Authentication by a verified TLS client certificate.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsConfig {
+    /// Unique name (shared namespace with the other methods).
+    pub name: String,
+    /// Which certificate field becomes the subject.
+    #[serde(default)]
+    pub identity_from: CertificateIdentity,
+    /// Accepted identities: exact, or a prefix ending in `*` (`spiffe://prod.example/*`).
+    /// Empty: any certificate the listener's CA verified.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Roles per identity.
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// The certificate field an identity is taken from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateIdentity {
+    /// The first URI SAN (e.g. a SPIFFE ID).
+    #[default]
+    UriSan,
+    /// The first DNS SAN.
+    DnsSan,
+    /// The subject's common name.
+    CommonName,
 }
 
 /// A PEM certificate chain and its private key.

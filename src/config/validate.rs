@@ -57,6 +57,7 @@ impl Declared {
                 .into_iter()
                 .chain(auth_names("api_keys"))
                 .chain(auth_names("introspection"))
+                .chain(auth_names("mtls"))
                 .collect(),
             upstreams: names("upstreams"),
             listeners: names("listeners"),
@@ -122,7 +123,23 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
             format!("authentication.introspection[{i}]"),
         )
     });
-    for (name, path) in jwt.chain(keys).chain(introspection) {
+    let mtls = section
+        .mtls
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.name.as_str(), format!("authentication.mtls[{i}]")));
+    if !section.mtls.is_empty()
+        && !config
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth.is_some()))
+    {
+        sink.warn(
+            "authentication.mtls",
+            "no listener asks for client certificates (`tls.client_auth`): these methods can never succeed",
+        );
+    }
+    for (name, path) in jwt.chain(keys).chain(introspection).chain(mtls) {
         if let Some(first) = names.insert(name, path.clone()) {
             sink.error(
                 format!("{path}.name"),

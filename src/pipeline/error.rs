@@ -41,6 +41,8 @@ pub enum Challenge {
     BearerInvalidToken,
     /// API-key-only routes.
     ApiKey,
+    /// Routes that accept only client certificates.
+    ClientCertificate,
 }
 
 impl Challenge {
@@ -49,6 +51,7 @@ impl Challenge {
             Self::Bearer => "Bearer realm=\"portcullis\"",
             Self::BearerInvalidToken => "Bearer realm=\"portcullis\", error=\"invalid_token\"",
             Self::ApiKey => "ApiKey realm=\"portcullis\"",
+            Self::ClientCertificate => "ClientCertificate realm=\"portcullis\"",
         })
     }
 }

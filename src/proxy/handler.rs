@@ -31,6 +31,8 @@ const X_REWRITE_URL: http::HeaderName = http::HeaderName::from_static("x-rewrite
 /// What a request handler knows about its connection.
 #[derive(Debug)]
 pub struct ConnInfo {
+    /// The TLS client certificate the handshake verified, if any.
+    pub client_certificate: Option<Arc<crate::policy::authn::ClientCertificate>>,
     pub peer: SocketAddr,
     /// The peer's address pre-formatted for the forwarding headers.
     pub peer_address: forwarding::PeerAddress,
@@ -202,6 +204,11 @@ async fn proxy(
         if parts.headers.contains_key(&name) {
             parts.headers.remove(name);
         }
+    }
+
+    if let Some(certificate) = &conn.client_certificate {
+        // for mTLS authentication and certificate-bound tokens
+        parts.extensions.insert(certificate.clone());
     }
 
     // 6. policies (authentication, authorization, limits ...) may answer before the upstream

@@ -25,7 +25,7 @@ use super::{
     handler::{self, ConnInfo},
     snapshot::{ListenerSpec, Snapshot},
 };
-use crate::pipeline::ConnActivity;
+use crate::{pipeline::ConnActivity, policy::authn::ClientCertificate};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -147,12 +147,32 @@ async fn serve_connection(
                 }
             };
             let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_io(tls, http2, true, accepted, peer, spec, cx, activity, flags).await;
+            // a client certificate the handshake verified, parsed once for the connection
+            let client_certificate = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(ClientCertificate::from_der)
+                .map(Arc::new);
+            serve_io(
+                tls,
+                http2,
+                true,
+                client_certificate,
+                accepted,
+                peer,
+                spec,
+                cx,
+                activity,
+                flags,
+            )
+            .await;
         }
         None => {
             let http2 = spec.http2 && sniff_h2_preface(&stream, spec.header_timeout).await;
             serve_io(
-                stream, http2, false, accepted, peer, spec, cx, activity, flags,
+                stream, http2, false, None, accepted, peer, spec, cx, activity, flags,
             )
             .await;
         }
@@ -164,6 +184,7 @@ async fn serve_io<I>(
     io: I,
     http2: bool,
     tls: bool,
+    client_certificate: Option<Arc<ClientCertificate>>,
     accepted: tokio::time::Instant,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
@@ -183,6 +204,7 @@ async fn serve_io<I>(
         !http2,
     ));
     let info = Arc::new(ConnInfo {
+        client_certificate,
         peer,
         peer_address: super::forwarding::PeerAddress::new(peer.ip()),
         listener: spec.name.clone(),

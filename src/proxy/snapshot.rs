@@ -18,7 +18,7 @@ use crate::{
     policy::{
         authn::{
             ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, IntrospectionProvider,
-            JwtError, JwtProvider,
+            JwtError, JwtProvider, MtlsMethod,
         },
         Access, RoutePolicies,
     },
@@ -202,7 +202,17 @@ fn compile_listener(
                 .collect();
             let resolver = Arc::new(tls::SniResolver::new(default, by_name));
             let tls13_only = tls_config.min_version == crate::config::model::TlsVersion::Tls13;
-            match tls::server_config(resolver, tls13_only, listener.http2) {
+            let client_ca = tls_config
+                .client_auth
+                .as_ref()
+                .map(|c| (base.join(&c.ca), c.required));
+            let client_certs = client_ca
+                .as_ref()
+                .map(|(ca, required)| tls::ClientCertPolicy {
+                    ca,
+                    required: *required,
+                });
+            match tls::server_config(resolver, tls13_only, listener.http2, client_certs) {
                 Ok(server) => Some(Arc::new(server)),
                 Err(error) => {
                     sink.error(format!("{path}.tls"), error.to_string());
@@ -445,7 +455,7 @@ impl Authentication {
             .values()
             .filter_map(|m| match m {
                 AuthMethod::Jwt(provider) => Some(provider.clone()),
-                AuthMethod::ApiKey(_) | AuthMethod::Introspection(_) => None,
+                AuthMethod::ApiKey(_) | AuthMethod::Introspection(_) | AuthMethod::Mtls(_) => None,
             })
             .collect();
         providers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -521,6 +531,10 @@ fn compile_authentication(
                 )
             }
         }
+    }
+    for method in &section.mtls {
+        let compiled = MtlsMethod::from_config(method, identity_headers.clone());
+        methods.insert(method.name.clone(), AuthMethod::Mtls(Arc::new(compiled)));
     }
     for (i, provider) in section.introspection.iter().enumerate() {
         match IntrospectionProvider::from_config(provider, identity_headers.clone()) {

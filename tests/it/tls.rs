@@ -278,3 +278,149 @@ async fn https_upstreams_are_verified_with_a_private_ca_and_get_a_client_certifi
         assert_eq!(response.status, 502, "{tls}: {}", response.body);
     }
 }
+
+/// A client certificate (and key) for a SPIFFE-style URI identity, signed by `pki`.
+fn client_identity(
+    pki: &Pki,
+    uri: &str,
+) -> (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "client");
+    let cert = params.signed_by(&key, &pki.ca, &pki.ca_key).unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    (vec![cert.der().clone()], der)
+}
+
+async fn https_get(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    identity: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    path: &str,
+    authorization: Option<&str>,
+) -> std::io::Result<(u16, http::HeaderMap)> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let stream = tls_connect(addr, "api.example.test", config).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    let mut request = Request::get(path).header("host", "api.example.test");
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let response = sender
+        .send_request(request.body(Full::<Bytes>::default()).unwrap())
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((response.status().as_u16(), response.headers().clone()))
+}
+
+#[tokio::test]
+async fn client_certificates_authenticate_and_bind_tokens() {
+    use crate::support::tokens::{claims, jwks, Signer};
+    let pki = Pki::new();
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.leaf(dir.path(), "api", &["api.example.test"]);
+    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+    let signer = Signer::ec("bind");
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&signer])).unwrap();
+    let yaml = config_with(
+        &[upstream.url()],
+        "",
+        "  - name: svc\n    match: { path: /svc }\n    auth: [services]\n    upstream: app\n  - name: bound\n    match: { path: /bound }\n    auth: [corp]\n    upstream: app\n",
+    )
+    .replace(
+        "    bind: 127.0.0.1:0\n",
+        "    bind: 127.0.0.1:0\n    tls:\n      certificates:\n        - { cert: api.pem, key: api.key }\n      client_auth: { ca: ca.pem }\n",
+    ) + "authentication:\n  mtls:\n    - name: services\n      allow: [\"spiffe://prod.test/*\"]\n      roles: { \"spiffe://prod.test/billing\": [billing] }\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: { jwks_file: jwks.json }\n";
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+
+    let billing = client_identity(&pki, "spiffe://prod.test/billing");
+    let (status, _) = https_get(addr, &pki, Some(billing), "/svc", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-auth-subject"], "spiffe://prod.test/billing");
+    assert_eq!(seen["x-auth-method"], "mtls");
+    assert_eq!(seen["x-auth-roles"], "billing");
+
+    let (status, headers) = https_get(addr, &pki, None, "/svc", None).await.unwrap();
+    assert_eq!(status, 401, "no certificate");
+    assert_eq!(
+        headers["www-authenticate"],
+        "ClientCertificate realm=\"portcullis\""
+    );
+    let outsider = client_identity(&pki, "spiffe://staging.test/billing");
+    assert_eq!(
+        https_get(addr, &pki, Some(outsider), "/svc", None)
+            .await
+            .unwrap()
+            .0,
+        401,
+        "not allowed"
+    );
+    // a certificate from another CA does not even complete the handshake
+    let stranger = Pki::new();
+    assert!(https_get(
+        addr,
+        &pki,
+        Some(client_identity(&stranger, "spiffe://prod.test/billing")),
+        "/svc",
+        None
+    )
+    .await
+    .is_err());
+
+    // a token bound to a certificate (RFC 8705) works only with that certificate
+    let (chain, key) = client_identity(&pki, "spiffe://prod.test/web");
+    let thumbprint =
+        crate::support::tokens::b64(&portcullis::policy::authn::sha256(chain[0].as_ref()));
+    let mut bound = claims("web-user");
+    bound["cnf"] = serde_json::json!({ "x5t#S256": thumbprint });
+    let token = format!("Bearer {}", signer.sign(&bound));
+    let (status, _) = https_get(addr, &pki, Some((chain, key)), "/bound", Some(&token))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let other = client_identity(&pki, "spiffe://prod.test/web");
+    assert_eq!(
+        https_get(addr, &pki, Some(other), "/bound", Some(&token))
+            .await
+            .unwrap()
+            .0,
+        401,
+        "another certificate"
+    );
+    assert_eq!(
+        https_get(addr, &pki, None, "/bound", Some(&token))
+            .await
+            .unwrap()
+            .0,
+        401,
+        "no certificate"
+    );
+    drop(gateway);
+}

@@ -80,6 +80,7 @@ impl ApiKeySet {
                 roles,
                 headers,
                 token_id: None,
+                certificate_thumbprint: None,
                 expires_at,
             });
             if by_digest

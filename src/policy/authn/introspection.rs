@@ -266,6 +266,7 @@ impl IntrospectionProvider {
             roles,
             headers,
             token_id: None,
+            certificate_thumbprint: None,
             expires_at: answer.get("exp").and_then(Value::as_u64),
         })
     }

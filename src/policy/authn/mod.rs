@@ -10,6 +10,7 @@ mod cache;
 mod introspection;
 mod jwks;
 mod jwt;
+mod mtls;
 mod replay;
 
 use std::sync::Arc;
@@ -21,6 +22,7 @@ pub use cache::sha256;
 pub use introspection::IntrospectionProvider;
 pub use jwks::{JwksRegistry, KeyError, KeySet, RemoteJwks};
 pub use jwt::{JwtError, JwtProvider};
+pub use mtls::{ClientCertificate, MtlsMethod};
 
 use crate::pipeline::Challenge;
 
@@ -36,6 +38,8 @@ pub struct Identity {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The token's `jti` and `exp`, for one-time use.
     pub token_id: Option<Box<str>>,
+    /// RFC 8705 `cnf.x5t#S256`: the token is bound to this client certificate.
+    pub certificate_thumbprint: Option<Box<str>>,
     pub expires_at: Option<u64>,
 }
 
@@ -50,6 +54,7 @@ impl Identity {
             roles: Vec::new(),
             headers: Vec::new(),
             token_id: None,
+            certificate_thumbprint: None,
             expires_at: None,
         }
     }
@@ -135,6 +140,7 @@ pub enum AuthMethod {
     Jwt(Arc<JwtProvider>),
     ApiKey(Arc<ApiKeySet>),
     Introspection(Arc<IntrospectionProvider>),
+    Mtls(Arc<MtlsMethod>),
 }
 
 impl AuthMethod {
@@ -144,6 +150,7 @@ impl AuthMethod {
             Self::Jwt(provider) => Self::Jwt(provider.clone()),
             Self::ApiKey(set) => Self::ApiKey(set.clone()),
             Self::Introspection(provider) => Self::Introspection(provider.clone()),
+            Self::Mtls(method) => Self::Mtls(method.clone()),
         }
     }
 }
@@ -170,10 +177,15 @@ impl Authenticator {
             .methods
             .iter()
             .any(|m| matches!(m, AuthMethod::Jwt(_) | AuthMethod::Introspection(_)));
+        let api_key = self
+            .methods
+            .iter()
+            .any(|m| matches!(m, AuthMethod::ApiKey(_)));
         match (bearer, failure) {
             (true, AuthFailure::Missing) => Challenge::Bearer,
             (true, AuthFailure::Invalid(_)) => Challenge::BearerInvalidToken,
-            (false, _) => Challenge::ApiKey,
+            (false, _) if api_key => Challenge::ApiKey,
+            (false, _) => Challenge::ClientCertificate,
         }
     }
 
@@ -189,6 +201,7 @@ impl Authenticator {
                 AuthMethod::Jwt(provider) => provider.authenticate(request).await,
                 AuthMethod::ApiKey(set) => set.authenticate(request),
                 AuthMethod::Introspection(provider) => provider.authenticate(request).await,
+                AuthMethod::Mtls(method) => method.authenticate(request),
             };
             match result {
                 Ok(identity) => {
@@ -198,6 +211,7 @@ impl Authenticator {
                             AuthMethod::Jwt(provider) => provider.scrub(request),
                             AuthMethod::ApiKey(set) => set.scrub(request),
                             AuthMethod::Introspection(provider) => provider.scrub(request),
+                            AuthMethod::Mtls(_) => {}
                         }
                     }
                     return Ok(identity);

@@ -123,6 +123,16 @@ pub enum JwtKeysConfig {
         #[serde(default = "default_jwks_min_refresh")]
         min_refresh_interval: HumanDuration,
     },
+    /// OpenID Connect discovery: `{issuer}/.well-known/openid-configuration` names the JWKS
+    /// (`jwks_uri`), which is then fetched and refreshed like `jwks_url`. The provider's `issuer`
+    /// defaults to this one, and the document must name it.
+    OidcIssuer {
+        issuer: String,
+        #[serde(default = "default_jwks_refresh")]
+        refresh_interval: HumanDuration,
+        #[serde(default = "default_jwks_min_refresh")]
+        min_refresh_interval: HumanDuration,
+    },
     /// A shared secret for HS256/384/512 (use `${ENV}`; at least 32 bytes).
     Secret(String),
     /// A PEM public key file (RSA, EC or Ed25519).

@@ -247,6 +247,11 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
             refresh_interval,
             min_refresh_interval,
             ..
+        }
+        | crate::config::model::JwtKeysConfig::OidcIssuer {
+            refresh_interval,
+            min_refresh_interval,
+            ..
         } = &provider.keys
         {
             if refresh_interval.0 < std::time::Duration::from_millis(100)

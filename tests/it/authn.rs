@@ -905,3 +905,39 @@ async fn wrong_client_credentials_at_the_authorization_server_refuse_every_token
     assert_eq!(response.status, 401);
     assert_eq!(upstream.hits(), 0);
 }
+
+#[tokio::test]
+async fn keys_are_found_through_openid_connect_discovery() {
+    let signer = Signer::ec("oidc-1");
+    let document = jwks(&[&signer]);
+    let idp = TestUpstream::start(move |request| {
+        if request.path_and_query == "/realm/.well-known/openid-configuration" {
+            let host = request.headers["host"].to_str().unwrap().to_owned();
+            Reply::ok(&json!({"issuer": format!("http://{host}/realm"), "jwks_uri": format!("http://{host}/realm/certs")}).to_string())
+        } else if request.path_and_query == "/realm/certs" {
+            Reply::ok(&document)
+        } else {
+            Reply::status(404)
+        }
+    })
+    .await;
+    let issuer = format!("http://{}/realm", idp.addr);
+    let upstream = TestUpstream::echo().await;
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ oidc_issuer: {{ issuer: \"{issuer}\" }} }}\n",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let mut good = claims("kim");
+    good["iss"] = json!(issuer);
+    assert_eq!(bearer(&gateway, &signer.sign(&good)).await.status, 200);
+    // the discovered issuer is required by default
+    assert_eq!(
+        bearer(&gateway, &signer.sign(&claims("lee"))).await.status,
+        401
+    );
+    assert!(idp
+        .received()
+        .iter()
+        .any(|r| r.path_and_query == "/realm/certs"));
+}

@@ -234,6 +234,8 @@ pub struct RemoteJwks {
     fetching: tokio::sync::Mutex<()>,
     /// Incremented by every successful fetch.
     generation: AtomicU64,
+    /// `Some(issuer)`: `url` is an OpenID Connect discovery document, whose `jwks_uri` is fetched.
+    discovery_issuer: Option<String>,
 }
 
 impl std::fmt::Debug for RemoteJwks {
@@ -294,6 +296,7 @@ impl RemoteJwks {
             epoch: Instant::now(),
             fetching: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            discovery_issuer: None,
         })
     }
 
@@ -354,23 +357,54 @@ impl RemoteJwks {
     }
 
     async fn fetch(&self) -> Result<KeySet, KeyError> {
-        let authority = self
-            .url
-            .authority()
+        let jwks_url = match &self.discovery_issuer {
+            None => self.url.clone(),
+            Some(issuer) => {
+                // OpenID Connect discovery: the document names the issuer and its key set
+                let document: serde_json::Value =
+                    serde_json::from_slice(&self.get(&self.url).await?)
+                        .map_err(|e| KeyError::Fetch(format!("discovery document: {e}")))?;
+                if document.get("issuer").and_then(serde_json::Value::as_str)
+                    != Some(issuer.as_str())
+                {
+                    return Err(KeyError::Fetch(
+                        "the discovery document names another issuer".into(),
+                    ));
+                }
+                let uri: Uri = document
+                    .get("jwks_uri")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|u| u.parse().ok())
+                    .ok_or_else(|| {
+                        KeyError::Fetch("the discovery document has no jwks_uri".into())
+                    })?;
+                if uri.scheme() != self.url.scheme() {
+                    return Err(KeyError::Fetch(
+                        "jwks_uri must use the issuer's scheme".into(),
+                    ));
+                }
+                uri
+            }
+        };
+        KeySet::from_jwks(&self.get(&jwks_url).await?)
+    }
+
+    async fn get(&self, url: &Uri) -> Result<Bytes, KeyError> {
+        let host = url
+            .host()
             .ok_or_else(|| KeyError::Fetch("URL has no host".into()))?;
-        let port = self
-            .url
+        let port = url
             .port_u16()
-            .unwrap_or(if self.url.scheme_str() == Some("https") {
+            .unwrap_or(if url.scheme_str() == Some("https") {
                 443
             } else {
                 80
             });
-        let authority: http::uri::Authority = format!("{}:{port}", authority.host())
+        let authority: http::uri::Authority = format!("{host}:{port}")
             .parse()
             .map_err(|_| KeyError::Fetch("bad host".into()))?;
         let mut request = Request::new(UpstreamBody::Empty);
-        *request.uri_mut() = self.url.clone();
+        *request.uri_mut() = url.clone();
         request.headers_mut().insert(
             header::HOST,
             http::HeaderValue::from_str(authority.as_str())
@@ -388,12 +422,11 @@ impl RemoteJwks {
         if !response.status().is_success() {
             return Err(KeyError::Fetch(format!("status {}", response.status())));
         }
-        let body: Bytes = Limited::new(response.into_body(), 1 << 20)
+        Ok(Limited::new(response.into_body(), 1 << 20)
             .collect()
             .await
             .map_err(|e| KeyError::Fetch(e.to_string()))?
-            .to_bytes();
-        KeySet::from_jwks(&body)
+            .to_bytes())
     }
 }
 
@@ -421,6 +454,31 @@ impl JwksRegistry {
             refresh_interval,
             min_refresh_interval,
         )?);
+        sets.insert(key, created.clone());
+        Ok(created)
+    }
+
+    /// A key set found through OpenID Connect discovery from `issuer`.
+    pub fn get_or_discover(
+        &self,
+        issuer: &str,
+        refresh_interval: Duration,
+        min_refresh_interval: Duration,
+    ) -> Result<Arc<RemoteJwks>, KeyError> {
+        let key = format!("oidc:{issuer}|{refresh_interval:?}|{min_refresh_interval:?}");
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = sets.get(&key) {
+            return Ok(existing.clone());
+        }
+        let url: Uri = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        )
+        .parse()
+        .map_err(|_| KeyError::Fetch(format!("`{issuer}` is not a URL")))?;
+        let mut remote = RemoteJwks::new(url, refresh_interval, min_refresh_interval)?;
+        remote.discovery_issuer = Some(issuer.to_owned());
+        let created = Arc::new(remote);
         sets.insert(key, created.clone());
         Ok(created)
     }

@@ -136,6 +136,15 @@ impl JwtProvider {
                             min_refresh_interval.0,
                         )?)
                     }
+                    JwtKeysConfig::OidcIssuer {
+                        issuer,
+                        refresh_interval,
+                        min_refresh_interval,
+                    } => Keys::Remote(remote_sets.get_or_discover(
+                        issuer,
+                        refresh_interval.0,
+                        min_refresh_interval.0,
+                    )?),
                     JwtKeysConfig::Secret(_) => unreachable!("handled above"),
                 }
             }
@@ -152,7 +161,12 @@ impl JwtProvider {
                 if config.require_exp {
                     required.push("exp");
                 }
-                if let Some(issuer) = &config.issuer {
+                // with discovery, tokens must come from the discovered issuer unless told otherwise
+                let discovered = match &config.keys {
+                    JwtKeysConfig::OidcIssuer { issuer, .. } => Some(issuer),
+                    _ => None,
+                };
+                if let Some(issuer) = config.issuer.as_ref().or(discovered) {
                     validation.set_issuer(&[issuer]);
                     required.push("iss");
                 }

@@ -1,5 +1,6 @@
-//! The admin listener: liveness, readiness and the effective config. It binds to loopback by
-//! default and is separate from client listeners, so no route can ever reach it.
+//! The admin listener: liveness, readiness, the effective config and the revocation list. It
+//! binds to loopback by default and is separate from client listeners, so no route can ever
+//! reach it; with `admin.token` set, everything but the probes needs that bearer token.
 
 use std::{convert::Infallible, sync::atomic::Ordering};
 
@@ -29,7 +30,7 @@ pub async fn serve(listener: TcpListener, state: GatewayState) {
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(request, &state)) }
+                async move { Ok::<_, Infallible>(route(request, &state).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -40,39 +41,61 @@ pub async fn serve(listener: TcpListener, state: GatewayState) {
     }
 }
 
-fn route(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-            &new_request_id(),
-        );
+async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
+    let path = request.uri().path();
+    // liveness and readiness stay open for probes; everything else needs the admin token
+    if path != "/healthz" && path != "/readyz" {
+        if let Some(refused) = check_token(&request, state) {
+            return refused;
+        }
     }
-    match request.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => {
+    let method = request.method().clone();
+    match (method, path) {
+        (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Method::GET | Method::HEAD, "/readyz") => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
             }
         }
-        "/config" => {
+        (Method::GET | Method::HEAD, "/config") => {
             let snapshot = state.snapshot.load();
-            let body = serde_json::json!({
-                "generation": snapshot.generation,
-                "config": snapshot.effective_config,
-            });
-            let mut response = Response::new(ResponseBody::full(Bytes::from(
-                serde_json::to_vec_pretty(&body).unwrap_or_default(),
-            )));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            response
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "generation": snapshot.generation,
+                    "config": snapshot.effective_config,
+                }),
+            )
         }
+        (Method::GET | Method::HEAD, "/revocations") => {
+            json(StatusCode::OK, &state.revocations.snapshot())
+        }
+        (Method::POST, "/revocations") => revoke(request, state).await,
+        (Method::DELETE, "/revocations") => {
+            let subject = request
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("subject=")))
+                .unwrap_or_default();
+            if state.revocations.restore_subject(subject) {
+                text(StatusCode::NO_CONTENT, "")
+            } else {
+                error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "that subject is not revoked",
+                    &new_request_id(),
+                )
+            }
+        }
+        (_, "/healthz" | "/readyz" | "/config" | "/revocations") => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed here",
+            &new_request_id(),
+        ),
         _ => error_response(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -80,6 +103,103 @@ fn route(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseB
             &new_request_id(),
         ),
     }
+}
+
+/// With `admin.token` set, every endpoint but the probes needs `Authorization: Bearer <token>`
+/// (compared in constant time). Without it, reads are open (loopback by default) and changes
+/// are refused.
+fn check_token(
+    request: &Request<Incoming>,
+    state: &GatewayState,
+) -> Option<Response<ResponseBody>> {
+    let snapshot = state.snapshot.load();
+    let Some(expected) = snapshot.admin_token.as_deref() else {
+        if request.method() == Method::GET || request.method() == Method::HEAD {
+            return None;
+        }
+        return Some(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "set admin.token to allow changes through the admin API",
+            &new_request_id(),
+        ));
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    use subtle::ConstantTimeEq;
+    let digest = |text: &str| crate::policy::authn::sha256(text.as_bytes());
+    if bool::from(digest(presented).ct_eq(&digest(expected))) {
+        return None;
+    }
+    let mut refused = error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the admin API needs its token",
+        &new_request_id(),
+    );
+    refused.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+    );
+    Some(refused)
+}
+
+/// `POST /revocations` with `{"jti": "...", "exp": 1767225600}` or `{"subject": "..."}`.
+async fn revoke(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
+    use http_body_util::BodyExt;
+    let bad = |message: &str| {
+        error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            message,
+            &new_request_id(),
+        )
+    };
+    let Ok(body) = http_body_util::Limited::new(request.into_body(), 16 * 1024)
+        .collect()
+        .await
+    else {
+        return bad("the body could not be read (at most 16 KiB)");
+    };
+    let Ok(entry) = serde_json::from_slice::<serde_json::Value>(&body.to_bytes()) else {
+        return bad("expected a JSON object");
+    };
+    let now = crate::policy::authn::unix_now();
+    match (
+        entry.get("jti").and_then(|v| v.as_str()),
+        entry.get("subject").and_then(|v| v.as_str()),
+    ) {
+        (Some(jti), None) if !jti.is_empty() => {
+            state.revocations.revoke_token(
+                jti,
+                entry.get("exp").and_then(serde_json::Value::as_u64),
+                now,
+            );
+            tracing::warn!(jti, "token revoked through the admin API");
+        }
+        (None, Some(subject)) if !subject.is_empty() => {
+            state.revocations.revoke_subject(subject);
+            tracing::warn!(subject, "subject revoked through the admin API");
+        }
+        _ => return bad("give exactly one of `jti` or `subject`"),
+    }
+    text(StatusCode::NO_CONTENT, "")
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(Bytes::from(
+        serde_json::to_vec_pretty(value).unwrap_or_default(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ResponseBody> {

@@ -356,6 +356,9 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Address to bind, e.g. `127.0.0.1:9901`.
     pub bind: String,
+    /// Bearer token for every admin endpoint but `/healthz` and `/readyz` (use `"${ENV}"`).
+    /// Without it, reads are open and changes (`POST`/`DELETE`) are refused.
+    pub token: Option<String>,
 }
 
 impl Default for AdminConfig {
@@ -363,6 +366,7 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             bind: "127.0.0.1:9901".into(),
+            token: None,
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct GatewayState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// True once the config is loaded and every listener is bound; false again while draining.
     pub ready: Arc<AtomicBool>,
+    /// Revoked tokens and subjects (the admin API adds to them).
+    pub revocations: Arc<crate::policy::authn::RevocationList>,
 }
 
 struct BoundListener {
@@ -146,6 +148,7 @@ impl Gateway {
             state: GatewayState {
                 snapshot,
                 ready: Arc::new(AtomicBool::new(false)),
+                revocations: registry.revocations.clone(),
             },
             registry,
             workers,

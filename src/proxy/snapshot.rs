@@ -18,7 +18,7 @@ use crate::{
     policy::{
         authn::{
             ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, IntrospectionProvider,
-            JwtError, JwtProvider, MtlsMethod,
+            JwtError, JwtProvider, MtlsMethod, RevocationList,
         },
         Access, RoutePolicies,
     },
@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub access_log: bool,
     pub shutdown_timeout: Duration,
     pub admin_bind: Option<SocketAddr>,
+    /// The admin API's bearer token.
+    pub admin_token: Option<Box<str>>,
     pub workers: Option<usize>,
     pub watch_config: bool,
     /// The effective config as JSON, secrets redacted (served on the admin `/config`).
@@ -159,6 +161,12 @@ pub fn compile(
         trusted_proxies,
         access_log: config.server.access_log,
         shutdown_timeout: config.server.shutdown_timeout.0,
+        admin_token: config
+            .admin
+            .token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Into::into),
         admin_bind: config
             .admin
             .enabled
@@ -396,7 +404,10 @@ fn compile_route(
             // validation has reported why; nothing to compile
             return None;
         }
-        Access::Authenticated(Arc::new(Authenticator { methods }))
+        Access::Authenticated(Arc::new(Authenticator {
+            methods,
+            revocations: authentication.revocations.clone(),
+        }))
     };
     let compiled = Route {
         name: route.name.as_str().into(),
@@ -445,6 +456,7 @@ fn tls_fingerprint(
 /// The compiled `authentication` section.
 struct Authentication {
     identity_headers: Arc<IdentityHeaderNames>,
+    revocations: Arc<RevocationList>,
     methods: HashMap<String, AuthMethod>,
 }
 
@@ -566,5 +578,6 @@ fn compile_authentication(
     Authentication {
         identity_headers,
         methods,
+        revocations: registry.revocations.clone(),
     }
 }

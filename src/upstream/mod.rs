@@ -105,6 +105,8 @@ pub struct UpstreamRegistry {
     inner: Mutex<HashMap<String, Arc<SharedUpstream>>>,
     /// Remote JWKS key sets live as long as the gateway too (a reload keeps their keys).
     pub jwks: crate::policy::authn::JwksRegistry,
+    /// So do revocations.
+    pub revocations: Arc<crate::policy::authn::RevocationList>,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +127,7 @@ impl UpstreamRegistry {
             workers,
             inner: Mutex::default(),
             jwks: Default::default(),
+            revocations: Default::default(),
         }
     }
 

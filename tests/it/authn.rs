@@ -941,3 +941,108 @@ async fn keys_are_found_through_openid_connect_discovery() {
         .iter()
         .any(|r| r.path_and_query == "/realm/certs"));
 }
+
+#[tokio::test]
+async fn revoked_tokens_and_subjects_are_refused_and_the_admin_api_needs_its_token() {
+    let s = setup().await;
+    let mut gateway = s.gateway;
+    let yaml = std::fs::read_to_string(gateway.dir.path().join("portcullis.yaml"))
+        .unwrap()
+        .replace(
+            "admin:\n  enabled: false\n",
+            "admin:\n  enabled: false\n  token: \"adm1n-t0ken-for-tests\"\n",
+        );
+    gateway.reload(&yaml).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    tokio::spawn(portcullis::admin::serve(
+        listener,
+        gateway.gateway().state(),
+    ));
+    let admin_call = |method: &str, path: &str, token: Option<&str>, body: &str| {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("http://{admin}{path}"));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        send(
+            request
+                .body(Full::new(Bytes::from(body.to_owned())))
+                .unwrap(),
+        )
+    };
+
+    let mut c = claims("alice");
+    c["jti"] = json!("jti-1");
+    let token = s.ec.sign(&c);
+    assert_eq!(bearer(&gateway, &token).await.status, 200);
+
+    // the probes are open; everything else needs the token
+    assert_eq!(admin_call("GET", "/healthz", None, "").await.status, 200);
+    assert_eq!(admin_call("GET", "/config", None, "").await.status, 401);
+    assert_eq!(
+        admin_call(
+            "POST",
+            "/revocations",
+            Some("wrong"),
+            r#"{"subject":"alice"}"#
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        bearer(&gateway, &token).await.status,
+        200,
+        "nothing was revoked"
+    );
+
+    let good = Some("adm1n-t0ken-for-tests");
+    assert_eq!(
+        admin_call("POST", "/revocations", good, r#"{"jti":"jti-1"}"#)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        bearer(&gateway, &token).await.status,
+        401,
+        "revoked jti (even from the cache)"
+    );
+    let other = s.ec.sign(&claims("alice"));
+    assert_eq!(
+        bearer(&gateway, &other).await.status,
+        200,
+        "another token of the same subject"
+    );
+    assert_eq!(
+        admin_call("POST", "/revocations", good, r#"{"subject":"alice"}"#)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        bearer(&gateway, &other).await.status,
+        401,
+        "revoked subject"
+    );
+    let listed = admin_call("GET", "/revocations", good, "").await;
+    assert_eq!(
+        listed.json(),
+        json!({"token_ids": ["jti-1"], "subjects": ["alice"]})
+    );
+    assert_eq!(
+        admin_call("DELETE", "/revocations?subject=alice", good, "")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(bearer(&gateway, &other).await.status, 200);
+    assert_eq!(
+        admin_call("POST", "/revocations", good, r#"{"nothing":1}"#)
+            .await
+            .status,
+        400
+    );
+}

@@ -12,6 +12,7 @@ mod jwks;
 mod jwt;
 mod mtls;
 mod replay;
+mod revocation;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use introspection::IntrospectionProvider;
 pub use jwks::{JwksRegistry, KeyError, KeySet, RemoteJwks};
 pub use jwt::{JwtError, JwtProvider};
 pub use mtls::{ClientCertificate, MtlsMethod};
+pub use revocation::RevocationList;
 
 use crate::pipeline::Challenge;
 
@@ -168,6 +170,8 @@ pub enum AuthFailure {
 #[derive(Debug)]
 pub struct Authenticator {
     pub methods: Vec<AuthMethod>,
+    /// Checked after every successful verification, cached or not.
+    pub revocations: Arc<RevocationList>,
 }
 
 impl Authenticator {
@@ -204,6 +208,14 @@ impl Authenticator {
                 AuthMethod::Mtls(method) => method.authenticate(request),
             };
             match result {
+                Ok(identity)
+                    if self
+                        .revocations
+                        .is_revoked(identity.token_id.as_deref(), &identity.subject) =>
+                {
+                    failure = AuthFailure::Invalid("revoked");
+                    break;
+                }
                 Ok(identity) => {
                     // credentials of the route's other methods do not travel on either
                     for other in &self.methods {

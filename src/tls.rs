@@ -113,13 +113,14 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// A listener's TLS config: TLS 1.2+ (or 1.3 only), ALPN `h2` (when enabled) and `http/1.1`.
 /// Client certificates a listener asks for: verified against `ca`, and `required` or optional.
 pub struct ClientCertPolicy<'a> {
     pub ca: &'a Path,
     pub required: bool,
 }
 
+/// A listener's TLS config: TLS 1.2+ (or 1.3 only), ALPN `h2` (when enabled) and `http/1.1`,
+/// and optionally client certificates.
 pub fn server_config(
     resolver: Arc<SniResolver>,
     tls13_only: bool,

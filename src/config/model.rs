@@ -56,7 +56,7 @@ pub struct AuthenticationConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtProviderConfig {
-    /// Unique name (shared namespace with API key sets), used by routes in `auth`.
+    /// Unique name (one namespace for all authentication methods), used by routes in `auth`.
     pub name: String,
     /// Required `iss` value.
     #[serde(default)]
@@ -159,7 +159,7 @@ pub enum TokenSourceConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySetConfig {
-    /// Unique name (shared namespace with JWT providers), used by routes in `auth`.
+    /// Unique name (one namespace for all authentication methods), used by routes in `auth`.
     pub name: String,
     /// Header carrying the key.
     #[serde(default = "default_api_key_header")]
@@ -194,7 +194,7 @@ pub struct ApiKeyConfig {
 pub struct IdentityHeadersConfig {
     pub subject: String,
     pub issuer: String,
-    /// `jwt` or `api_key`.
+    /// `jwt`, `api_key`, `introspection` or `mtls`.
     pub method: String,
     /// The provider's name.
     pub provider: String,

@@ -272,6 +272,14 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
             }
         }
     }
+    for (i, provider) in section.introspection.iter().enumerate() {
+        if provider.timeout.0.is_zero() {
+            sink.error(
+                format!("authentication.introspection[{i}].timeout"),
+                "must be greater than zero",
+            );
+        }
+    }
     for (i, set) in section.api_keys.iter().enumerate() {
         if set.keys.is_empty() {
             sink.warn(
@@ -592,7 +600,7 @@ fn check_routes(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) 
             if !declared.auth_methods.contains(name) {
                 sink.error(
                     format!("{path}.auth[{a}]"),
-                    format!("unknown authentication method `{name}` (define it under `authentication.jwt`, `authentication.api_keys` or `authentication.introspection`)"),
+                    format!("unknown authentication method `{name}` (define it under `authentication.jwt`, `authentication.api_keys`, `authentication.introspection` or `authentication.mtls`)"),
                 );
             }
         }

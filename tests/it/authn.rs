@@ -1046,3 +1046,26 @@ async fn revoked_tokens_and_subjects_are_refused_and_the_admin_api_needs_its_tok
         400
     );
 }
+
+#[tokio::test]
+async fn tokens_bound_to_something_the_gateway_cannot_check_are_refused() {
+    let s = setup().await;
+    for cnf in [
+        json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}),
+        json!({"x5t#S256": 42}),
+        json!("bound"),
+    ] {
+        let mut c = claims("nora");
+        c["cnf"] = cnf.clone();
+        assert_eq!(
+            bearer(&s.gateway, &s.ec.sign(&c)).await.status,
+            401,
+            "{cnf}"
+        );
+    }
+    // a certificate-bound token over a connection without that certificate
+    let mut c = claims("nora");
+    c["cnf"] = json!({"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"});
+    assert_eq!(bearer(&s.gateway, &s.ec.sign(&c)).await.status, 401);
+    assert_eq!(s.upstream.hits(), 0);
+}

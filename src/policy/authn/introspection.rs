@@ -132,6 +132,7 @@ impl IntrospectionProvider {
             return Err(AuthFailure::Missing);
         }
         let identity = self.introspect(token).await?;
+        super::check_binding(&identity, request)?;
         if !self.forward_token {
             request.headers.remove(header::AUTHORIZATION);
         }
@@ -173,7 +174,10 @@ impl IntrospectionProvider {
         if answer.get("active") != Some(&Value::Bool(true)) {
             return Err(AuthFailure::Invalid("inactive token"));
         }
-        let exp = answer.get("exp").and_then(Value::as_u64);
+        let exp = answer.get("exp").and_then(|v| {
+            v.as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        });
         if exp.is_some_and(|exp| exp <= now) {
             return Err(AuthFailure::Invalid("expired"));
         }
@@ -266,7 +270,7 @@ impl IntrospectionProvider {
             roles,
             headers,
             token_id: None,
-            certificate_thumbprint: None,
+            certificate_thumbprint: super::confirmation(answer.get("cnf"))?,
             expires_at: answer.get("exp").and_then(Value::as_u64),
         })
     }

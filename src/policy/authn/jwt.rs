@@ -238,17 +238,7 @@ impl JwtProvider {
             _ => token_text,
         };
         let identity = self.verify(token_text).await?;
-        if let Some(bound) = &identity.certificate_thumbprint {
-            // RFC 8705: a certificate-bound token is good only over a TLS connection that
-            // presented that very certificate
-            let presented = request
-                .extensions
-                .get::<Arc<super::ClientCertificate>>()
-                .map(|c| c.thumbprint.as_str());
-            if presented != Some(&**bound) {
-                return Err(AuthFailure::Invalid("certificate binding mismatch"));
-            }
-        }
+        super::check_binding(&identity, request)?;
         if let Some(replay) = &self.replay {
             // every use counts, also when the verification itself came from the cache
             // remembered for as long as the token still verifies: exp plus the leeway
@@ -486,11 +476,7 @@ impl JwtProvider {
             roles,
             headers,
             token_id: claims.get("jti").and_then(Value::as_str).map(Into::into),
-            certificate_thumbprint: claims
-                .get("cnf")
-                .and_then(|cnf| cnf.get("x5t#S256"))
-                .and_then(Value::as_str)
-                .map(Into::into),
+            certificate_thumbprint: super::confirmation(claims.get("cnf"))?,
             expires_at: claims.get("exp").and_then(seconds),
         })
     }

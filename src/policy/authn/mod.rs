@@ -175,7 +175,8 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// The challenge for a refused request: Bearer when a JWT method is accepted.
+    /// The challenge for a refused request: Bearer when a token method (JWT, introspection) is
+    /// accepted, else ApiKey when an API key is, else ClientCertificate.
     pub fn challenge(&self, failure: AuthFailure) -> Challenge {
         let bearer = self
             .methods
@@ -233,6 +234,43 @@ impl Authenticator {
             }
         }
         Err(failure)
+    }
+}
+
+/// Reads a token's `cnf` (confirmation) claim. `x5t#S256` binds the token to a client
+/// certificate (RFC 8705); a `jkt` (DPoP, RFC 9449) or any other confirmation method this gateway
+/// cannot check makes the token unusable here rather than a plain bearer token.
+pub fn confirmation(cnf: Option<&serde_json::Value>) -> Result<Option<Box<str>>, AuthFailure> {
+    let Some(cnf) = cnf else { return Ok(None) };
+    let Some(members) = cnf.as_object() else {
+        return Err(AuthFailure::Invalid("unsupported confirmation"));
+    };
+    if members.keys().any(|k| k != "x5t#S256") {
+        return Err(AuthFailure::Invalid("unsupported confirmation"));
+    }
+    match members.get("x5t#S256") {
+        Some(serde_json::Value::String(thumbprint)) if !thumbprint.is_empty() => {
+            Ok(Some(thumbprint.as_str().into()))
+        }
+        None => Ok(None),
+        Some(_) => Err(AuthFailure::Invalid("unsupported confirmation")),
+    }
+}
+
+/// RFC 8705: a certificate-bound token is good only over a TLS connection that presented that
+/// very certificate.
+pub fn check_binding(identity: &Identity, request: &request::Parts) -> Result<(), AuthFailure> {
+    let Some(bound) = &identity.certificate_thumbprint else {
+        return Ok(());
+    };
+    let presented = request
+        .extensions
+        .get::<Arc<ClientCertificate>>()
+        .map(|c| c.thumbprint.as_str());
+    if presented == Some(&**bound) {
+        Ok(())
+    } else {
+        Err(AuthFailure::Invalid("certificate binding mismatch"))
     }
 }
 

@@ -36,18 +36,52 @@ impl ClientCertificate {
     }
 }
 
-/// The common name in a DER-encoded Name: the string after the id-at-commonName OID.
+/// The common name of a DER-encoded Name, read by walking its structure (RDN sets of
+/// type-and-value pairs), so text inside another attribute can never pass for a common name.
 fn common_name(subject: &[u8]) -> Option<String> {
-    const CN: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
-    let at = subject.windows(CN.len()).position(|w| w == CN)? + CN.len();
-    let (tag, len) = (*subject.get(at)?, *subject.get(at + 1)? as usize);
-    // UTF8String, PrintableString, IA5String; short-form length only (names are short)
-    if !matches!(tag, 0x0c | 0x13 | 0x16) || len >= 0x80 {
-        return None;
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+    // webpki hands over the Name's contents (the RDN sets), without the outer SEQUENCE
+    let mut rdns = subject;
+    if let Some((0x30, inner, _)) = tlv(rdns) {
+        rdns = inner;
     }
-    std::str::from_utf8(subject.get(at + 2..at + 2 + len)?)
-        .ok()
-        .map(str::to_owned)
+    while let Some((tag, set, rest)) = tlv(rdns) {
+        rdns = rest;
+        if tag != 0x31 {
+            return None;
+        }
+        let mut attributes = set;
+        while let Some((0x30, attribute, more)) = tlv(attributes) {
+            attributes = more;
+            let (0x06, oid, value) = tlv(attribute)? else {
+                return None;
+            };
+            let (string_tag, text, _) = tlv(value)?;
+            if oid == CN && matches!(string_tag, 0x0c | 0x13 | 0x16) {
+                return std::str::from_utf8(text).ok().map(str::to_owned);
+            }
+        }
+    }
+    None
+}
+
+/// One DER TLV: (tag, contents, rest). Short and long definite lengths up to 4 bytes.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let count = (first & 0x7f) as usize;
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let len = rest[..count]
+            .iter()
+            .fold(0usize, |acc, &b| acc << 8 | b as usize);
+        (len, &rest[count..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
 /// A compiled mTLS method.
@@ -127,6 +161,17 @@ mod tests {
             b'v', b'c', b'-', b'a',
         ];
         assert_eq!(common_name(&subject).as_deref(), Some("svc-a"));
+        assert_eq!(
+            common_name(&subject[2..]).as_deref(),
+            Some("svc-a"),
+            "without the outer SEQUENCE"
+        );
         assert_eq!(common_name(&[0x30, 0x00]), None);
+        // an organisation whose value merely contains the CN OID bytes is not a common name
+        let spoof = [
+            0x31, 0x11, 0x30, 0x0f, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x08, 0x06, 0x03, 0x55,
+            0x04, 0x03, 0x0c, 0x01, b'x',
+        ];
+        assert_eq!(common_name(&spoof), None);
     }
 }

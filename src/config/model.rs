@@ -106,6 +106,26 @@ pub struct JwtProviderConfig {
     /// Tokens without `jti` are refused. Remembered in this process's memory.
     #[serde(default)]
     pub one_time_use: bool,
+    /// Accept DPoP-bound tokens (RFC 9449: `cnf.jkt`, `Authorization: DPoP`, a proof in the
+    /// `DPoP` header). Without this, DPoP-bound tokens are refused.
+    #[serde(default)]
+    pub dpop: Option<DpopConfig>,
+}
+
+/// DPoP settings of a JWT provider.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DpopConfig {
+    /// Refuse tokens that are not DPoP-bound (sender-constrained tokens only).
+    #[serde(default)]
+    pub required: bool,
+    /// How old a proof (`iat`) may be.
+    #[serde(default = "default_dpop_max_age")]
+    pub max_age: HumanDuration,
+}
+
+fn default_dpop_max_age() -> HumanDuration {
+    HumanDuration::from_secs(60)
 }
 
 /// Exactly one key source.

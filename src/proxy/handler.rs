@@ -25,6 +25,7 @@ use crate::{
     upstream::HashKey,
 };
 
+const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
 const X_ORIGINAL_URL: http::HeaderName = http::HeaderName::from_static("x-original-url");
 const X_REWRITE_URL: http::HeaderName = http::HeaderName::from_static("x-rewrite-url");
 
@@ -206,6 +207,14 @@ async fn proxy(
         }
     }
 
+    // the scheme the request came with, for DPoP proofs (which name the full URL); only when a
+    // proof is present, as the first extension costs an allocation
+    if parts.headers.contains_key(DPOP) {
+        let scheme = if conn.tls { "https" } else { "http" };
+        parts
+            .extensions
+            .insert(crate::policy::authn::RequestScheme(scheme));
+    }
     if let Some(certificate) = &conn.client_certificate {
         // for mTLS authentication and certificate-bound tokens
         parts.extensions.insert(certificate.clone());

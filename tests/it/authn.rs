@@ -1069,3 +1069,112 @@ async fn tokens_bound_to_something_the_gateway_cannot_check_are_refused() {
     assert_eq!(bearer(&s.gateway, &s.ec.sign(&c)).await.status, 401);
     assert_eq!(s.upstream.hits(), 0);
 }
+
+/// A DPoP proof (RFC 9449) signed by `key` for `method url`, bound to `token`.
+fn dpop_proof(key: &Signer, method: &str, url: &str, token: &str, iat: i64, jti: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(key.alg);
+    header.typ = Some("dpop+jwt".into());
+    header.jwk = Some(serde_json::from_value(key.jwk.clone()).unwrap());
+    let ath = b64(&portcullis::policy::authn::sha256(token.as_bytes()));
+    key.sign_with(
+        header,
+        &json!({"htm": method, "htu": url, "iat": iat, "jti": jti, "ath": ath}),
+    )
+}
+
+#[tokio::test]
+async fn dpop_bound_tokens_need_a_fresh_proof_by_their_key_for_this_request() {
+    let issuer = Signer::ec("iss");
+    let holder = Signer::ec("holder");
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&issuer])).unwrap();
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      dpop: {{ max_age: 30s }}\n",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let url = format!("http://{addr}/jwt/orders");
+    let jkt = portcullis::policy::authn::jwk_thumbprint(
+        &serde_json::from_value(holder.jwk.clone()).unwrap(),
+    )
+    .unwrap();
+    let mut bound = claims("olga");
+    bound["cnf"] = json!({ "jkt": jkt });
+    let token = issuer.sign(&bound);
+    let get = |scheme: &str, proof: Option<String>| {
+        let mut request =
+            Request::get(url.clone()).header("authorization", format!("{scheme} {token}"));
+        if let Some(proof) = proof {
+            request = request.header("dpop", proof);
+        }
+        send(request.body(Full::default()).unwrap())
+    };
+    let now = now();
+    assert_eq!(
+        get(
+            "DPoP",
+            Some(dpop_proof(&holder, "GET", &url, &token, now, "p1"))
+        )
+        .await
+        .status,
+        200
+    );
+    for (name, proof) in [
+        ("no proof", None),
+        (
+            "replayed proof",
+            Some(dpop_proof(&holder, "GET", &url, &token, now, "p1")),
+        ),
+        (
+            "another method",
+            Some(dpop_proof(&holder, "POST", &url, &token, now, "p2")),
+        ),
+        (
+            "another URL",
+            Some(dpop_proof(
+                &holder,
+                "GET",
+                &format!("http://{addr}/jwt/other"),
+                &token,
+                now,
+                "p3",
+            )),
+        ),
+        (
+            "another token",
+            Some(dpop_proof(&holder, "GET", &url, "other-token", now, "p4")),
+        ),
+        (
+            "another key",
+            Some(dpop_proof(
+                &Signer::ec("thief"),
+                "GET",
+                &url,
+                &token,
+                now,
+                "p5",
+            )),
+        ),
+        (
+            "stale proof",
+            Some(dpop_proof(&holder, "GET", &url, &token, now - 300, "p6")),
+        ),
+    ] {
+        assert_eq!(get("DPoP", proof).await.status, 401, "{name}");
+    }
+    // a DPoP-bound token sent as a plain bearer token is refused even with a proof
+    assert_eq!(
+        get(
+            "Bearer",
+            Some(dpop_proof(&holder, "GET", &url, &token, now, "p7"))
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(upstream.hits(), 1);
+    drop(gateway);
+}

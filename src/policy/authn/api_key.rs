@@ -81,6 +81,7 @@ impl ApiKeySet {
                 headers,
                 token_id: None,
                 certificate_thumbprint: None,
+                dpop_key: None,
                 expires_at,
             });
             if by_digest

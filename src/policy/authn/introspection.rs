@@ -270,7 +270,8 @@ impl IntrospectionProvider {
             roles,
             headers,
             token_id: None,
-            certificate_thumbprint: super::confirmation(answer.get("cnf"))?,
+            certificate_thumbprint: super::confirmation(answer.get("cnf"), false)?.certificate,
+            dpop_key: None,
             expires_at: answer.get("exp").and_then(Value::as_u64),
         })
     }

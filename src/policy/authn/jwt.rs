@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use super::{
     cache::{sha256, VerifiedCache},
+    dpop::DpopVerifier,
     jwks::{JwksRegistry, KeySet, RemoteJwks},
     query_param, remove_query_param,
     replay::{ReplayError, ReplayGuard},
@@ -63,6 +64,8 @@ pub struct JwtProvider {
     roles_claim: Option<String>,
     cache: VerifiedCache,
     replay: Option<ReplayGuard>,
+    dpop: Option<DpopVerifier>,
+    dpop_required: bool,
     identity_names: Arc<IdentityHeaderNames>,
 }
 
@@ -209,6 +212,11 @@ impl JwtProvider {
             replay: config
                 .one_time_use
                 .then(|| ReplayGuard::new(config.cache_size.max(100_000))),
+            dpop: config
+                .dpop
+                .as_ref()
+                .map(|d| DpopVerifier::new(d.max_age.0, leeway)),
+            dpop_required: config.dpop.as_ref().is_some_and(|d| d.required),
             identity_names,
         })
     }
@@ -230,8 +238,14 @@ impl JwtProvider {
         let token_text = std::str::from_utf8(token.as_bytes())
             .map_err(|_| AuthFailure::Invalid("malformed token"))?
             .trim();
+        let mut dpop_scheme = false;
         let token_text = match &self.source {
-            TokenSourceConfig::Bearer => strip_bearer(token_text).ok_or(AuthFailure::Missing)?,
+            TokenSourceConfig::Bearer => {
+                let (scheme_is_dpop, token) =
+                    strip_bearer(token_text, self.dpop.is_some()).ok_or(AuthFailure::Missing)?;
+                dpop_scheme = scheme_is_dpop;
+                token
+            }
             TokenSourceConfig::Cookie(name) => {
                 cookie_value(token_text, name).ok_or(AuthFailure::Missing)?
             }
@@ -239,6 +253,24 @@ impl JwtProvider {
         };
         let identity = self.verify(token_text).await?;
         super::check_binding(&identity, request)?;
+        match (&self.dpop, &identity.dpop_key) {
+            (Some(dpop), Some(bound)) => {
+                // RFC 9449: a DPoP-bound token comes with the DPoP scheme and a proof by its key
+                if !dpop_scheme {
+                    return Err(AuthFailure::Invalid(
+                        "DPoP-bound token sent as a bearer token",
+                    ));
+                }
+                let proved = dpop.verify(request, token_text, unix_now())?;
+                if proved != **bound {
+                    return Err(AuthFailure::Invalid("DPoP proof by another key"));
+                }
+            }
+            (Some(_), None) if dpop_scheme || self.dpop_required => {
+                return Err(AuthFailure::Invalid("token is not DPoP-bound"));
+            }
+            _ => {}
+        }
         if let Some(replay) = &self.replay {
             // every use counts, also when the verification itself came from the cache
             // remembered for as long as the token still verifies: exp plus the leeway
@@ -433,6 +465,7 @@ impl JwtProvider {
     }
 
     fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, AuthFailure> {
+        let confirmation = super::confirmation(claims.get("cnf"), self.dpop.is_some())?;
         let subject = claims
             .get("sub")
             .and_then(Value::as_str)
@@ -476,7 +509,8 @@ impl JwtProvider {
             roles,
             headers,
             token_id: claims.get("jti").and_then(Value::as_str).map(Into::into),
-            certificate_thumbprint: super::confirmation(claims.get("cnf"))?,
+            certificate_thumbprint: confirmation.certificate,
+            dpop_key: confirmation.dpop_key,
             expires_at: claims.get("exp").and_then(seconds),
         })
     }
@@ -519,12 +553,14 @@ fn remove_cookie(request: &mut request::Parts, name: &str) {
     }
 }
 
-fn strip_bearer(value: &str) -> Option<&str> {
+/// The token of `Bearer <token>` (or `DPoP <token>` where DPoP is enabled), and whether the
+/// scheme was DPoP.
+fn strip_bearer(value: &str, dpop: bool) -> Option<(bool, &str)> {
     let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    let is_dpop = dpop && scheme.eq_ignore_ascii_case("dpop");
+    (scheme.eq_ignore_ascii_case("bearer") || is_dpop)
+        .then(|| (is_dpop, token.trim()))
+        .filter(|(_, t)| !t.is_empty())
 }
 
 fn cookie_value<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {

@@ -7,6 +7,7 @@
 
 mod api_key;
 mod cache;
+mod dpop;
 mod introspection;
 mod jwks;
 mod jwt;
@@ -20,6 +21,7 @@ use http::{request, HeaderName, HeaderValue};
 
 pub use api_key::{generate_key, ApiKeySet};
 pub use cache::sha256;
+pub use dpop::{thumbprint as jwk_thumbprint, RequestScheme};
 pub use introspection::IntrospectionProvider;
 pub use jwks::{JwksRegistry, KeyError, KeySet, RemoteJwks};
 pub use jwt::{JwtError, JwtProvider};
@@ -42,6 +44,8 @@ pub struct Identity {
     pub token_id: Option<Box<str>>,
     /// RFC 8705 `cnf.x5t#S256`: the token is bound to this client certificate.
     pub certificate_thumbprint: Option<Box<str>>,
+    /// RFC 9449 `cnf.jkt`: the token is bound to this DPoP key.
+    pub dpop_key: Option<Box<str>>,
     pub expires_at: Option<u64>,
 }
 
@@ -57,6 +61,7 @@ impl Identity {
             headers: Vec::new(),
             token_id: None,
             certificate_thumbprint: None,
+            dpop_key: None,
             expires_at: None,
         }
     }
@@ -237,24 +242,39 @@ impl Authenticator {
     }
 }
 
-/// Reads a token's `cnf` (confirmation) claim. `x5t#S256` binds the token to a client
-/// certificate (RFC 8705); a `jkt` (DPoP, RFC 9449) or any other confirmation method this gateway
-/// cannot check makes the token unusable here rather than a plain bearer token.
-pub fn confirmation(cnf: Option<&serde_json::Value>) -> Result<Option<Box<str>>, AuthFailure> {
-    let Some(cnf) = cnf else { return Ok(None) };
-    let Some(members) = cnf.as_object() else {
-        return Err(AuthFailure::Invalid("unsupported confirmation"));
+/// What a token's `cnf` (confirmation) claim binds it to.
+#[derive(Debug, Default)]
+pub struct Confirmation {
+    /// RFC 8705 `x5t#S256`: a client certificate.
+    pub certificate: Option<Box<str>>,
+    /// RFC 9449 `jkt`: a DPoP key.
+    pub dpop_key: Option<Box<str>>,
+}
+
+/// Reads a token's `cnf` claim. A confirmation method this gateway cannot check (or `jkt` where
+/// DPoP is not enabled) makes the token unusable here rather than a plain bearer token.
+pub fn confirmation(
+    cnf: Option<&serde_json::Value>,
+    allow_dpop: bool,
+) -> Result<Confirmation, AuthFailure> {
+    let Some(cnf) = cnf else {
+        return Ok(Confirmation::default());
     };
-    if members.keys().any(|k| k != "x5t#S256") {
-        return Err(AuthFailure::Invalid("unsupported confirmation"));
-    }
-    match members.get("x5t#S256") {
-        Some(serde_json::Value::String(thumbprint)) if !thumbprint.is_empty() => {
-            Ok(Some(thumbprint.as_str().into()))
+    let unsupported = || AuthFailure::Invalid("unsupported confirmation");
+    let members = cnf.as_object().ok_or_else(unsupported)?;
+    let mut confirmation = Confirmation::default();
+    for (name, value) in members {
+        let text = value
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(unsupported)?;
+        match name.as_str() {
+            "x5t#S256" => confirmation.certificate = Some(text.into()),
+            "jkt" if allow_dpop => confirmation.dpop_key = Some(text.into()),
+            _ => return Err(unsupported()),
         }
-        None => Ok(None),
-        Some(_) => Err(AuthFailure::Invalid("unsupported confirmation")),
     }
+    Ok(confirmation)
 }
 
 /// RFC 8705: a certificate-bound token is good only over a TLS connection that presented that

@@ -144,6 +144,7 @@ impl MtlsMethod {
             headers,
             token_id: None,
             certificate_thumbprint: None,
+            dpop_key: None,
             expires_at: None,
         }))
     }

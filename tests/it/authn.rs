@@ -500,8 +500,9 @@ async fn jwks_rotation_and_unknown_kids_are_handled_without_a_restart() {
     *document.lock().unwrap() = (200, jwks(&[&old, &new]));
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(bearer(&gateway, &new.sign(&claims("b"))).await.status, 200);
+    let remembered = old.sign(&claims("c"));
     assert_eq!(
-        bearer(&gateway, &old.sign(&claims("c"))).await.status,
+        bearer(&gateway, &remembered).await.status,
         200,
         "old and new overlap"
     );
@@ -517,6 +518,11 @@ async fn jwks_rotation_and_unknown_kids_are_handled_without_a_restart() {
     let before = fetches();
     assert!(eventually(Duration::from_secs(5), || fetches() >= before + 2).await);
     assert_eq!(bearer(&gateway, &old.sign(&claims("e"))).await.status, 401);
+    assert_eq!(
+        bearer(&gateway, &remembered).await.status,
+        401,
+        "a cached verification dies with its key"
+    );
     assert_eq!(bearer(&gateway, &new.sign(&claims("f"))).await.status, 200);
 
     // made-up kids cannot force a fetch storm

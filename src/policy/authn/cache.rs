@@ -26,6 +26,9 @@ type Shard = Mutex<HashMap<[u8; 32], Entry>>;
 struct Entry {
     /// Unix seconds after which the entry must not be used.
     valid_until: u64,
+    /// The provider's key-set version when the token was verified: a key set that changed since
+    /// (a key removed) makes the entry worthless.
+    key_version: u64,
     identity: Arc<Identity>,
 }
 
@@ -42,16 +45,24 @@ impl VerifiedCache {
         &self.shards[digest[0] as usize % SHARDS]
     }
 
-    pub fn get(&self, digest: &[u8; 32], now: u64) -> Option<Arc<Identity>> {
+    pub fn get(&self, digest: &[u8; 32], now: u64, key_version: u64) -> Option<Arc<Identity>> {
         if self.per_shard == 0 {
             return None;
         }
         let shard = self.shard(digest).lock().unwrap_or_else(|e| e.into_inner());
         let entry = shard.get(digest)?;
-        (entry.valid_until > now).then(|| entry.identity.clone())
+        (entry.valid_until > now && entry.key_version == key_version)
+            .then(|| entry.identity.clone())
     }
 
-    pub fn insert(&self, digest: [u8; 32], valid_until: u64, identity: Arc<Identity>, now: u64) {
+    pub fn insert(
+        &self,
+        digest: [u8; 32],
+        valid_until: u64,
+        key_version: u64,
+        identity: Arc<Identity>,
+        now: u64,
+    ) {
         if self.per_shard == 0 {
             return;
         }
@@ -72,6 +83,7 @@ impl VerifiedCache {
             digest,
             Entry {
                 valid_until,
+                key_version,
                 identity,
             },
         );
@@ -97,15 +109,19 @@ mod tests {
     #[test]
     fn entries_expire_with_their_token_and_memory_is_bounded() {
         let cache = VerifiedCache::new(32);
-        cache.insert(sha256(b"a"), 100, identity("a"), 50);
-        assert_eq!(&*cache.get(&sha256(b"a"), 99).unwrap().subject, "a");
+        cache.insert(sha256(b"a"), 100, 7, identity("a"), 50);
+        assert_eq!(&*cache.get(&sha256(b"a"), 99, 7).unwrap().subject, "a");
         assert!(
-            cache.get(&sha256(b"a"), 100).is_none(),
+            cache.get(&sha256(b"a"), 99, 8).is_none(),
+            "not after the key set changed"
+        );
+        assert!(
+            cache.get(&sha256(b"a"), 100, 7).is_none(),
             "not at or past expiry"
         );
-        assert!(cache.get(&sha256(b"b"), 0).is_none());
+        assert!(cache.get(&sha256(b"b"), 0, 7).is_none());
         for i in 0..10_000u32 {
-            cache.insert(sha256(&i.to_le_bytes()), 1_000, identity("x"), 0);
+            cache.insert(sha256(&i.to_le_bytes()), 1_000, 0, identity("x"), 0);
         }
         let total: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
         assert!(total <= 32, "{total}");
@@ -114,7 +130,7 @@ mod tests {
     #[test]
     fn a_zero_capacity_cache_remembers_nothing() {
         let cache = VerifiedCache::new(0);
-        cache.insert(sha256(b"a"), 100, identity("a"), 0);
-        assert!(cache.get(&sha256(b"a"), 1).is_none());
+        cache.insert(sha256(b"a"), 100, 0, identity("a"), 0);
+        assert!(cache.get(&sha256(b"a"), 1, 0).is_none());
     }
 }

@@ -150,7 +150,7 @@ impl IntrospectionProvider {
     async fn introspect(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
         let now = unix_now();
         let digest = sha256(token.as_bytes());
-        if let Some(identity) = self.cache.get(&digest, now) {
+        if let Some(identity) = self.cache.get(&digest, now, 0) {
             return Ok(identity);
         }
         let answer = match tokio::time::timeout(self.timeout, self.ask(token)).await {
@@ -197,7 +197,7 @@ impl IntrospectionProvider {
         let identity = Arc::new(self.identity(&answer)?);
         let valid_until = exp.unwrap_or(u64::MAX).min(now + self.max_cache_ttl);
         self.cache
-            .insert(digest, valid_until, identity.clone(), now);
+            .insert(digest, valid_until, 0, identity.clone(), now);
         Ok(identity)
     }
 

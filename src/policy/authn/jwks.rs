@@ -234,6 +234,9 @@ pub struct RemoteJwks {
     fetching: tokio::sync::Mutex<()>,
     /// Incremented by every successful fetch.
     generation: AtomicU64,
+    /// Incremented when a fetch brings a different document (verified-token caches key on it).
+    key_version: AtomicU64,
+    document_hash: AtomicU64,
     /// `Some(issuer)`: `url` is an OpenID Connect discovery document, whose `jwks_uri` is fetched.
     discovery_issuer: Option<String>,
 }
@@ -296,6 +299,8 @@ impl RemoteJwks {
             epoch: Instant::now(),
             fetching: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
+            key_version: AtomicU64::new(0),
+            document_hash: AtomicU64::new(0),
             discovery_issuer: None,
         })
     }
@@ -339,8 +344,11 @@ impl RemoteJwks {
             Ordering::Release,
         );
         match tokio::time::timeout(Duration::from_secs(5), self.fetch()).await {
-            Ok(Ok(keys)) => {
-                tracing::info!(url = %self.url, keys = keys.keys.len(), "JWKS refreshed");
+            Ok(Ok((keys, hash))) => {
+                if self.document_hash.swap(hash, Ordering::AcqRel) != hash {
+                    self.key_version.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!(url = %self.url, keys = keys.keys.len(), "JWKS changed");
+                }
                 self.keys.store(Arc::new(keys));
                 self.generation.fetch_add(1, Ordering::AcqRel);
                 true
@@ -356,7 +364,12 @@ impl RemoteJwks {
         }
     }
 
-    async fn fetch(&self) -> Result<KeySet, KeyError> {
+    /// The key set's version: it changes whenever a fetch brings a different document.
+    pub fn key_version(&self) -> u64 {
+        self.key_version.load(Ordering::Acquire)
+    }
+
+    async fn fetch(&self) -> Result<(KeySet, u64), KeyError> {
         let jwks_url = match &self.discovery_issuer {
             None => self.url.clone(),
             Some(issuer) => {
@@ -386,7 +399,14 @@ impl RemoteJwks {
                 uri
             }
         };
-        KeySet::from_jwks(&self.get(&jwks_url).await?)
+        let document = self.get(&jwks_url).await?;
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            document.hash(&mut hasher);
+            hasher.finish() | 1 // never 0, the "nothing fetched yet" value
+        };
+        Ok((KeySet::from_jwks(&document)?, hash))
     }
 
     async fn get(&self, url: &Uri) -> Result<Bytes, KeyError> {

@@ -362,7 +362,11 @@ impl JwtProvider {
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
         let now = unix_now();
         let digest = sha256(token.as_bytes());
-        if let Some(identity) = self.cache.get(&digest, now) {
+        let key_version = match &self.keys {
+            Keys::Static(_) => 0,
+            Keys::Remote(remote) => remote.key_version(),
+        };
+        if let Some(identity) = self.cache.get(&digest, now, key_version) {
             return Ok(identity);
         }
         let header = decode_header(token).map_err(|_| AuthFailure::Invalid("malformed token"))?;
@@ -405,8 +409,13 @@ impl JwtProvider {
             })
             .unwrap_or(now + 60)
             .min(now + 86_400);
+        // the key set may have been refreshed while verifying: record the current version
+        let key_version = match &self.keys {
+            Keys::Static(_) => 0,
+            Keys::Remote(remote) => remote.key_version(),
+        };
         self.cache
-            .insert(digest, valid_until, identity.clone(), now);
+            .insert(digest, valid_until, key_version, identity.clone(), now);
         Ok(identity)
     }
 

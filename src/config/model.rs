@@ -106,6 +106,11 @@ pub struct JwtProviderConfig {
     /// Tokens without `jti` are refused. Remembered in this process's memory.
     #[serde(default)]
     pub one_time_use: bool,
+    /// The gateway's private keys (PKCS#8 PEM, RSA or EC P-256/P-384) for encrypted tokens (JWE
+    /// with RSA-OAEP-256 or ECDH-ES(+A256KW), A256GCM/A128GCM). The nested signed JWT is then
+    /// verified as usual. Empty: encrypted tokens are refused.
+    #[serde(default)]
+    pub decryption_keys: Vec<std::path::PathBuf>,
     /// Accept DPoP-bound tokens (RFC 9449: `cnf.jkt`, `Authorization: DPoP`, a proof in the
     /// `DPoP` header). Without this, DPoP-bound tokens are refused.
     #[serde(default)]

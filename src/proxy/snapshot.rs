@@ -536,6 +536,7 @@ fn compile_authentication(
                     JwtError::UnknownAlgorithm(_) | JwtError::SecretMismatch => "algorithms",
                     JwtError::BadHeader(_) => "claim_headers",
                     JwtError::ShortSecret | JwtError::Keys(_) | JwtError::BadUrl(_) => "keys",
+                    JwtError::DecryptionKey(_) => "decryption_keys",
                 };
                 sink.error(
                     format!("authentication.jwt[{i}].{field}"),

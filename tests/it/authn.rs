@@ -1184,3 +1184,153 @@ async fn dpop_bound_tokens_need_a_fresh_proof_by_their_key_for_this_request() {
     assert_eq!(upstream.hits(), 1);
     drop(gateway);
 }
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let body = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// (private PKCS#8 PEM, public SPKI PEM)
+fn rsa_encryption_key() -> (String, String) {
+    use aws_lc_rs::{encoding::AsDer, signature::KeyPair};
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let private = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der<'static>>::as_der(&pair).unwrap();
+    let public = pair.public_key().as_der().unwrap();
+    (
+        pem("PRIVATE KEY", private.as_ref()),
+        pem("PUBLIC KEY", public.as_ref()),
+    )
+}
+
+fn ec_encryption_key() -> (String, String) {
+    use aws_lc_rs::{encoding::AsDer, signature::KeyPair};
+    let pair = aws_lc_rs::signature::EcdsaKeyPair::generate(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+    )
+    .unwrap();
+    let private = pair.to_pkcs8v1().unwrap();
+    let public = pair.public_key().as_der().unwrap();
+    (
+        pem("PRIVATE KEY", private.as_ref()),
+        pem("PUBLIC KEY", public.as_ref()),
+    )
+}
+
+fn encrypt(inner: &str, alg: &str, public_pem: &str) -> String {
+    let mut header = josekit::jwe::JweHeader::new();
+    header.set_content_encryption("A256GCM");
+    header.set_content_type("JWT");
+    let encrypter: Box<dyn josekit::jwe::JweEncrypter> = match alg {
+        "RSA-OAEP-256" => Box::new(
+            josekit::jwe::RSA_OAEP_256
+                .encrypter_from_pem(public_pem)
+                .unwrap(),
+        ),
+        "RSA-OAEP" => Box::new(
+            josekit::jwe::RSA_OAEP
+                .encrypter_from_pem(public_pem)
+                .unwrap(),
+        ),
+        "ECDH-ES" => Box::new(
+            josekit::jwe::ECDH_ES
+                .encrypter_from_pem(public_pem)
+                .unwrap(),
+        ),
+        "ECDH-ES+A256KW" => Box::new(
+            josekit::jwe::ECDH_ES_A256KW
+                .encrypter_from_pem(public_pem)
+                .unwrap(),
+        ),
+        other => panic!("{other}"),
+    };
+    josekit::jwe::serialize_compact(inner.as_bytes(), &header, encrypter.as_ref()).unwrap()
+}
+
+#[tokio::test]
+async fn encrypted_tokens_are_decrypted_then_verified() {
+    let signer = Signer::ec("sig");
+    let (rsa_private, rsa_public) = rsa_encryption_key();
+    let (ec_private, ec_public) = ec_encryption_key();
+    let (_, stranger_public) = ec_encryption_key();
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&signer])).unwrap();
+    std::fs::write(dir.path().join("rsa.pem"), &rsa_private).unwrap();
+    std::fs::write(dir.path().join("ec.pem"), &ec_private).unwrap();
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      decryption_keys: [rsa.pem, ec.pem]\n",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let get = |token: String| {
+        send(
+            Request::get(format!("http://{addr}/jwt/x"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    let inner = signer.sign(&claims("pia"));
+    for (alg, key) in [
+        ("RSA-OAEP-256", &rsa_public),
+        ("ECDH-ES+A256KW", &ec_public),
+        ("ECDH-ES", &ec_public),
+    ] {
+        let response = get(encrypt(&inner, alg, key)).await;
+        assert_eq!(response.status, 200, "{alg}");
+        assert_eq!(upstream.last().headers["x-auth-subject"], "pia");
+    }
+    let good = encrypt(&inner, "RSA-OAEP-256", &rsa_public);
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    // flip the first ciphertext character (a whole byte's worth of bits, unlike the last one)
+    let flipped = if parts[3].starts_with('A') { 'B' } else { 'A' };
+    parts[3] = format!("{flipped}{}", &parts[3][1..]);
+    let mut expired = claims("quinn");
+    expired["exp"] = json!(now() - 100);
+    expired["iat"] = json!(now() - 700);
+    for (name, token) in [
+        ("tampered ciphertext", parts.join(".")),
+        (
+            "encrypted to another key",
+            encrypt(&inner, "ECDH-ES+A256KW", &stranger_public),
+        ),
+        (
+            "RSA-OAEP with SHA-1",
+            encrypt(&inner, "RSA-OAEP", &rsa_public),
+        ),
+        (
+            "expired inner token",
+            encrypt(&signer.sign(&expired), "RSA-OAEP-256", &rsa_public),
+        ),
+        (
+            "forged inner token",
+            encrypt(
+                &Signer::ec("sig").sign(&claims("pia")),
+                "RSA-OAEP-256",
+                &rsa_public,
+            ),
+        ),
+        (
+            "unsigned inner token",
+            encrypt(
+                &handmade(&json!({"alg": "none"}), &claims("pia"), b""),
+                "RSA-OAEP-256",
+                &rsa_public,
+            ),
+        ),
+        ("garbage with five segments", "a.b.c.d.e".to_owned()),
+    ] {
+        assert_eq!(get(token).await.status, 401, "{name}");
+    }
+    drop(gateway);
+}

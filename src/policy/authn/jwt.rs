@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use super::{
     cache::{sha256, VerifiedCache},
     dpop::DpopVerifier,
+    jwe::{is_jwe, JweKeys},
     jwks::{JwksRegistry, KeySet, RemoteJwks},
     query_param, remove_query_param,
     replay::{ReplayError, ReplayGuard},
@@ -41,6 +42,8 @@ pub enum JwtError {
     BadUrl(String),
     #[error("`{0}` is not a valid header name")]
     BadHeader(String),
+    #[error("{0}")]
+    DecryptionKey(#[from] super::jwe::JweKeyError),
 }
 
 enum Keys {
@@ -66,6 +69,7 @@ pub struct JwtProvider {
     replay: Option<ReplayGuard>,
     dpop: Option<DpopVerifier>,
     dpop_required: bool,
+    jwe: JweKeys,
     identity_names: Arc<IdentityHeaderNames>,
 }
 
@@ -217,6 +221,7 @@ impl JwtProvider {
                 .as_ref()
                 .map(|d| DpopVerifier::new(d.max_age.0, leeway)),
             dpop_required: config.dpop.as_ref().is_some_and(|d| d.required),
+            jwe: JweKeys::load(&config.decryption_keys, base_dir)?,
             identity_names,
         })
     }
@@ -358,8 +363,50 @@ impl JwtProvider {
         }
     }
 
-    /// Verifies a compact JWS and returns the identity it carries.
+    /// Verifies a compact JWS, or decrypts a compact JWE and verifies the JWS inside it, and
+    /// returns the identity it carries.
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
+        if !is_jwe(token) {
+            return self.verify_signed(token).await;
+        }
+        if self.jwe.is_empty() {
+            return Err(AuthFailure::Invalid("encrypted token not accepted"));
+        }
+        let now = unix_now();
+        let digest = sha256(token.as_bytes());
+        let key_version = self.key_version();
+        if let Some(identity) = self.cache.get(&digest, now, key_version) {
+            return Ok(identity);
+        }
+        // decryption is a private-key operation: its result is cached like a verification
+        let inner = self
+            .jwe
+            .decrypt(token)
+            .ok_or(AuthFailure::Invalid("decryption failed"))?;
+        if is_jwe(&inner) {
+            return Err(AuthFailure::Invalid("nested encryption"));
+        }
+        let identity = self.verify_signed(&inner).await?;
+        let valid_until = identity.expires_at.unwrap_or(now + 60).min(now + 86_400);
+        self.cache.insert(
+            digest,
+            valid_until,
+            self.key_version(),
+            identity.clone(),
+            now,
+        );
+        Ok(identity)
+    }
+
+    fn key_version(&self) -> u64 {
+        match &self.keys {
+            Keys::Static(_) => 0,
+            Keys::Remote(remote) => remote.key_version(),
+        }
+    }
+
+    /// Verifies a compact JWS and returns the identity it carries.
+    async fn verify_signed(&self, token: &str) -> Result<Arc<Identity>, AuthFailure> {
         let now = unix_now();
         let digest = sha256(token.as_bytes());
         let key_version = match &self.keys {

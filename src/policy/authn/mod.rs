@@ -9,6 +9,7 @@ mod api_key;
 mod cache;
 mod dpop;
 mod introspection;
+mod jwe;
 mod jwks;
 mod jwt;
 mod mtls;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the system packages the build and the tests need, when they are missing:
+# OpenSSL's headers and pkg-config (for josekit, which decrypts JWE tokens).
+set -euo pipefail
+need=()
+command -v pkg-config >/dev/null || need+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  else
+    echo "missing packages: ${need[*]} (install them, or run as root)" >&2
+    exit 1
+  fi
+fi

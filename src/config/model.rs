@@ -195,6 +195,11 @@ pub struct ApiKeySetConfig {
     /// The keys, stored as SHA-256 hashes (see `portcullis key generate`).
     #[serde(default)]
     pub keys: Vec<ApiKeyConfig>,
+    /// A YAML file holding more keys (a list in the same shape as `keys`), relative to the config
+    /// file. Lets a key-management job rewrite the keys without touching the gateway's config;
+    /// it is re-read on every reload.
+    #[serde(default)]
+    pub keys_file: Option<std::path::PathBuf>,
 }
 
 /// One API key. Several keys may share an `id`, which is how a client rotates its key.

@@ -564,16 +564,14 @@ fn compile_authentication(
         }
     }
     for (i, set) in section.api_keys.iter().enumerate() {
-        match ApiKeySet::from_config(set, &identity_headers) {
+        match ApiKeySet::from_config(set, &loaded.base_dir, &identity_headers) {
             Ok(keys) => {
                 methods.insert(set.name.clone(), AuthMethod::ApiKey(Arc::new(keys)));
             }
-            Err((Some(k), message)) => {
-                sink.error(format!("authentication.api_keys[{i}].keys[{k}]"), message)
-            }
-            Err((None, message)) => {
-                sink.error(format!("authentication.api_keys[{i}].header"), message)
-            }
+            Err(error) => sink.error(
+                format!("authentication.api_keys[{i}].{}", error.field),
+                error.message,
+            ),
         }
     }
     Authentication {

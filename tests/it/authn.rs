@@ -1334,3 +1334,86 @@ async fn encrypted_tokens_are_decrypted_then_verified() {
     }
     drop(gateway);
 }
+
+#[tokio::test]
+async fn api_keys_from_a_keys_file_are_reread_on_reload_and_a_broken_file_changes_nothing() {
+    let digest = |key: &str| {
+        portcullis::policy::authn::sha256(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys_path = dir.path().join("keys.yaml");
+    std::fs::write(
+        &keys_path,
+        format!(
+            "- {{ id: from-file, sha256: {}, roles: [reader] }}\n",
+            digest("file-key-1")
+        ),
+    )
+    .unwrap();
+    let yaml = format!(
+        "{}authentication:
+  api_keys:
+    - name: partners
+      keys:
+        - {{ id: inline, sha256: {} }}
+      keys_file: keys.yaml
+",
+        config_with(
+            &[upstream.url()],
+            "",
+            "  - name: key\n    match: { path: /key/** }\n    auth: [partners]\n    upstream: app\n"
+        ),
+        digest("inline-key")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let started = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = started.local_addr("main").unwrap();
+    let mut gateway = TestGateway {
+        gateway: Some(started),
+        addr,
+        dir,
+    };
+    let status = move |key: &'static str| async move {
+        let request = Request::get(format!("http://{addr}/key/x"))
+            .header("x-api-key", key)
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        send(request).await.status
+    };
+    assert_eq!(status("inline-key").await, 200);
+    assert_eq!(status("file-key-1").await, 200);
+    assert_eq!(upstream.last().headers["x-auth-subject"], "from-file");
+    assert_eq!(upstream.last().headers["x-auth-roles"], "reader");
+    assert_eq!(status("file-key-2").await, 401);
+
+    // a key-management job rotates the file; a reload picks it up
+    std::fs::write(
+        &keys_path,
+        format!("- {{ id: from-file, sha256: {} }}\n", digest("file-key-2")),
+    )
+    .unwrap();
+    gateway.reload(&yaml).unwrap();
+    assert_eq!(status("file-key-2").await, 200);
+    assert_eq!(
+        status("file-key-1").await,
+        401,
+        "the rotated-out key is gone"
+    );
+
+    // a broken file is a config error naming the file; the running keys stay
+    std::fs::write(&keys_path, "- { id: broken, sha256: not-hex }\n").unwrap();
+    let error = gateway.reload(&yaml).unwrap_err().to_string();
+    assert!(
+        error.contains("authentication.api_keys[0].keys_file") && error.contains("keys.yaml"),
+        "{error}"
+    );
+    std::fs::remove_file(&keys_path).unwrap();
+    let error = gateway.reload(&yaml).unwrap_err().to_string();
+    assert!(error.contains("keys.yaml"), "{error}");
+    assert_eq!(status("file-key-2").await, 200);
+    assert_eq!(status("inline-key").await, 200);
+}

@@ -3,7 +3,7 @@
 //! for the high-entropy keys `portcullis key generate` makes (SHA-256 is not a password hash:
 //! do not use it for short, human-chosen secrets).
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, path::Path, sync::Arc};
 
 use base64::Engine as _;
 use http::{request, HeaderName};
@@ -12,7 +12,7 @@ use subtle::ConstantTimeEq;
 use super::{
     query_param, remove_query_param, sha256, unix_now, AuthFailure, Identity, IdentityHeaderNames,
 };
-use crate::config::model::ApiKeySetConfig;
+use crate::config::model::{ApiKeyConfig, ApiKeySetConfig};
 
 struct Entry {
     digest: [u8; 32],
@@ -37,36 +37,69 @@ impl std::fmt::Debug for ApiKeySet {
     }
 }
 
+/// Where a key came from, so a config error can point at it.
+#[derive(Clone, Copy)]
+enum KeySource<'a> {
+    Inline,
+    File(&'a Path),
+}
+
+/// A problem with an API-key set; `field` is relative to the set (`header`, `keys[2]`,
+/// `keys_file`) and the message names the keys file when the key came from one.
+#[derive(Debug)]
+pub struct ApiKeySetError {
+    pub field: String,
+    pub message: String,
+}
+
 impl ApiKeySet {
-    /// Errors come back with the index of the key they concern (for the config error's path).
+    /// Compiles the inline keys and those of `keys_file` (resolved against `base_dir`).
     pub fn from_config(
         config: &ApiKeySetConfig,
+        base_dir: &Path,
         identity_names: &IdentityHeaderNames,
-    ) -> Result<Self, (Option<usize>, String)> {
-        let header = HeaderName::from_bytes(config.header.as_bytes()).map_err(|_| {
-            (
-                None,
-                format!("`{}` is not a valid header name", config.header),
-            )
-        })?;
+    ) -> Result<Self, ApiKeySetError> {
+        let header =
+            HeaderName::from_bytes(config.header.as_bytes()).map_err(|_| ApiKeySetError {
+                field: "header".to_owned(),
+                message: format!("`{}` is not a valid header name", config.header),
+            })?;
+        let file_keys = match &config.keys_file {
+            None => Vec::new(),
+            Some(path) => load_keys_file(&base_dir.join(path))?,
+        };
+        let file_path = config.keys_file.as_ref().map(|p| base_dir.join(p));
+        let keys = config
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (KeySource::Inline, i, key))
+            .chain(file_keys.iter().enumerate().map(|(i, key)| {
+                let path = file_path.as_deref().expect("file keys imply a keys_file");
+                (KeySource::File(path), i, key)
+            }));
         let name: Arc<str> = config.name.as_str().into();
         let mut by_digest = HashMap::new();
-        for (i, key) in config.keys.iter().enumerate() {
+        for (source, i, key) in keys {
+            let fail = |message: String| match source {
+                KeySource::Inline => ApiKeySetError {
+                    field: format!("keys[{i}]"),
+                    message,
+                },
+                KeySource::File(path) => ApiKeySetError {
+                    field: "keys_file".to_owned(),
+                    message: format!("{}: key {i} (id `{}`): {message}", path.display(), key.id),
+                },
+            };
             let digest = parse_hex_digest(&key.sha256).ok_or_else(|| {
-                (
-                    Some(i),
-                    "`sha256` must be 64 hex digits (see `portcullis key generate`)".to_owned(),
-                )
+                fail("`sha256` must be 64 hex digits (see `portcullis key generate`)".to_owned())
             })?;
             let expires_at = match &key.expires {
                 None => None,
                 Some(text) => Some(parse_rfc3339_utc(text).ok_or_else(|| {
-                    (
-                        Some(i),
-                        format!(
-                            "`{text}` is not an RFC 3339 UTC time such as 2027-01-31T00:00:00Z"
-                        ),
-                    )
+                    fail(format!(
+                        "`{text}` is not an RFC 3339 UTC time such as 2027-01-31T00:00:00Z"
+                    ))
                 })?),
             };
             let roles: Vec<Box<str>> = key.roles.iter().map(|r| r.as_str().into()).collect();
@@ -95,7 +128,7 @@ impl ApiKeySet {
                 )
                 .is_some()
             {
-                return Err((Some(i), "the same key appears twice".to_owned()));
+                return Err(fail("the same key appears twice".to_owned()));
             }
         }
         Ok(Self {
@@ -153,6 +186,19 @@ pub fn generate_key() -> (String, String) {
     let digest = sha256(key.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     (key, hex)
+}
+
+/// Reads a keys file: a YAML list of keys in the same shape as the inline `keys`.
+fn load_keys_file(path: &Path) -> Result<Vec<ApiKeyConfig>, ApiKeySetError> {
+    let fail = |message: String| ApiKeySetError {
+        field: "keys_file".to_owned(),
+        message: format!("{}: {message}", path.display()),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_yaml::from_str(&text).map_err(|e| fail(e.to_string()))
 }
 
 fn parse_hex_digest(text: &str) -> Option<[u8; 32]> {

@@ -10,6 +10,7 @@
 //! - [`route`]: path normalisation, patterns and the precedence-ordered route table;
 //! - [`policy`]: the per-route policy chain;
 //! - [`upstream`]: pools, load balancing, health, retries;
+//! - [`store`]: state shared by replicas (Redis);
 //! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
 //! - [`telemetry`]: logging and the access log; [`admin`]: the admin API;
 //! - [`demo`]: the embedded demo (config and upstream) behind `portcullis demo`.
@@ -21,6 +22,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod proxy;
 pub mod route;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -75,6 +75,12 @@ pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
     }
     let mut value = serde_json::to_value(&loaded.config).unwrap_or_default();
     walk(&mut value, "", &loaded.secret_paths);
+    // a Redis URL may carry a password even when written inline
+    if let Some(url) = value.pointer_mut("/redis/url") {
+        if url.as_str().is_some_and(|u| u.contains('@')) {
+            *url = serde_json::Value::String("[redacted]".into());
+        }
+    }
     value
 }
 
@@ -254,6 +260,9 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
             config.authentication = authentication;
         }
     }
+    if let Some(value) = map.remove("redis") {
+        config.redis = typed(value, "redis", sink);
+    }
     config.listeners = typed_list(map.remove("listeners"), "listeners", sink);
     config.upstreams = typed_list(map.remove("upstreams"), "upstreams", sink);
     config.routes = typed_list(map.remove("routes"), "routes", sink);
@@ -261,7 +270,7 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
         let key = key.as_str().unwrap_or("?").to_owned();
         let error = sink.make(
             &key,
-            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`"),
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `redis`"),
             true,
         );
         sink.errors.push(error);
@@ -450,6 +459,16 @@ routes:
         let loaded = load_str(&defaults, Path::new("t.yaml"), PathBuf::new(), &lookup).unwrap();
         assert!(loaded.secret_paths.is_empty());
         assert!(redacted_json(&loaded).to_string().contains("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn a_redis_password_written_inline_is_not_shown() {
+        let text = format!("{VALID}redis:\n  url: redis://:hunter2@10.0.0.5:6379/0\n");
+        let shown = redacted_json(&load(&text).unwrap()).to_string();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let text = format!("{VALID}redis:\n  url: redis://10.0.0.5:6379/0\n");
+        let shown = redacted_json(&load(&text).unwrap()).to_string();
+        assert!(shown.contains("redis://10.0.0.5:6379/0"), "{shown}");
     }
 
     #[test]

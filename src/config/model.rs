@@ -33,6 +33,43 @@ pub struct Config {
     /// Named authentication methods that routes refer to in `auth`.
     #[serde(default)]
     pub authentication: AuthenticationConfig,
+    /// The Redis server that replicas share state through (one-time tokens today).
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+/// A Redis server shared by the gateway's replicas.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:PASSWORD@]HOST[:PORT][/DB]` (plain TCP; keep Redis on a private network).
+    /// Take a password from the environment: `url: "${REDIS_URL}"`.
+    pub url: String,
+    /// How long one Redis command may take; past it the request is refused (fail closed).
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: HumanDuration,
+    /// Prefix of every key the gateway writes, so that several gateways can share one server.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_redis_timeout() -> HumanDuration {
+    HumanDuration::from_millis(250)
+}
+
+fn default_redis_prefix() -> String {
+    "portcullis:".to_owned()
+}
+
+/// Where one-time token ids are remembered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayStoreKind {
+    /// In this process (each replica remembers its own).
+    #[default]
+    Memory,
+    /// In the top-level `redis` server, shared by every replica.
+    Redis,
 }
 
 /// Authentication methods, by name, and how a verified identity reaches the upstream.
@@ -103,9 +140,13 @@ pub struct JwtProviderConfig {
     #[serde(default = "default_verified_cache")]
     pub cache_size: usize,
     /// Accept each token (`jti`) only once, until it expires: replay defence for one-time tokens.
-    /// Tokens without `jti` are refused. Remembered in this process's memory.
+    /// Tokens without `jti` are refused. Remembered where `replay_store` says.
     #[serde(default)]
     pub one_time_use: bool,
+    /// Where used token ids (`one_time_use`) and DPoP proof ids are remembered: `memory` (this
+    /// process) or `redis` (the top-level `redis` server, shared by every replica).
+    #[serde(default)]
+    pub replay_store: ReplayStoreKind,
     /// The gateway's private keys (PKCS#8 PEM, RSA or EC P-256/P-384) for encrypted tokens (JWE
     /// with RSA-OAEP-256 or ECDH-ES(+A256KW), A256GCM/A128GCM). The nested signed JWT is then
     /// verified as usual. Empty: encrypted tokens are refused.

@@ -23,6 +23,7 @@ use crate::{
         Access, RoutePolicies,
     },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
+    store::RedisStore,
     tls,
     upstream::{
         Balancer, ClientSettings, HashKey, Target, TargetScheme, Upstream, UpstreamRegistry,
@@ -520,6 +521,12 @@ fn compile_authentication(
         roles,
         all,
     });
+    let shared_store = loaded.config.redis.as_ref().and_then(|redis| {
+        RedisStore::from_config(redis)
+            .map(Arc::new)
+            .map_err(|message| sink.error("redis.url", message))
+            .ok()
+    });
     let mut methods = HashMap::new();
     for (i, jwt) in section.jwt.iter().enumerate() {
         match JwtProvider::from_config(
@@ -527,6 +534,7 @@ fn compile_authentication(
             &loaded.base_dir,
             identity_headers.clone(),
             &registry.jwks,
+            shared_store.as_ref(),
         ) {
             Ok(provider) => {
                 methods.insert(jwt.name.clone(), AuthMethod::Jwt(Arc::new(provider)));
@@ -537,6 +545,7 @@ fn compile_authentication(
                     JwtError::BadHeader(_) => "claim_headers",
                     JwtError::ShortSecret | JwtError::Keys(_) | JwtError::BadUrl(_) => "keys",
                     JwtError::DecryptionKey(_) => "decryption_keys",
+                    JwtError::NoSharedStore => "replay_store",
                 };
                 sink.error(
                     format!("authentication.jwt[{i}].{field}"),

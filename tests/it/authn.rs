@@ -1076,8 +1076,26 @@ async fn tokens_bound_to_something_the_gateway_cannot_check_are_refused() {
     assert_eq!(s.upstream.hits(), 0);
 }
 
+/// A token for `subject` issued by `issuer` and bound (`cnf.jkt`) to `holder`'s key.
+pub(crate) fn dpop_bound_token(issuer: &Signer, holder: &Signer, subject: &str) -> String {
+    let jkt = portcullis::policy::authn::jwk_thumbprint(
+        &serde_json::from_value(holder.jwk.clone()).unwrap(),
+    )
+    .unwrap();
+    let mut bound = claims(subject);
+    bound["cnf"] = json!({ "jkt": jkt });
+    issuer.sign(&bound)
+}
+
 /// A DPoP proof (RFC 9449) signed by `key` for `method url`, bound to `token`.
-fn dpop_proof(key: &Signer, method: &str, url: &str, token: &str, iat: i64, jti: &str) -> String {
+pub(crate) fn dpop_proof(
+    key: &Signer,
+    method: &str,
+    url: &str,
+    token: &str,
+    iat: i64,
+    jti: &str,
+) -> String {
     let mut header = jsonwebtoken::Header::new(key.alg);
     header.typ = Some("dpop+jwt".into());
     header.jwk = Some(serde_json::from_value(key.jwk.clone()).unwrap());
@@ -1103,13 +1121,7 @@ async fn dpop_bound_tokens_need_a_fresh_proof_by_their_key_for_this_request() {
     let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
     let addr = gateway.local_addr("main").unwrap();
     let url = format!("http://{addr}/jwt/orders");
-    let jkt = portcullis::policy::authn::jwk_thumbprint(
-        &serde_json::from_value(holder.jwk.clone()).unwrap(),
-    )
-    .unwrap();
-    let mut bound = claims("olga");
-    bound["cnf"] = json!({ "jkt": jkt });
-    let token = issuer.sign(&bound);
+    let token = dpop_bound_token(&issuer, &holder, "olga");
     let get = |scheme: &str, proof: Option<String>| {
         let mut request =
             Request::get(url.clone()).header("authorization", format!("{scheme} {token}"));

@@ -8,5 +8,6 @@ mod cli;
 mod hardening;
 mod lifecycle;
 mod routing;
+mod shared_state;
 mod tls;
 mod upstreams;

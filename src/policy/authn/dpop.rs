@@ -3,14 +3,18 @@
 //! key (`jwk`) is the one to verify it with — the token's `cnf.jkt` (its RFC 7638 thumbprint) is
 //! what makes that key trustworthy. Signature checks are jsonwebtoken's.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use base64::Engine as _;
 use http::request;
 use jsonwebtoken::{decode, decode_header, jwk::Jwk, Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use super::{replay::ReplayGuard, sha256, AuthFailure};
+use super::{
+    replay::{ReplayError, ReplayGuard, ReplayStore},
+    sha256, AuthFailure,
+};
+use crate::store::RedisStore;
 
 /// The scheme the request arrived with (`http` or `https`), for the proof's `htu`.
 #[derive(Debug, Clone, Copy)]
@@ -30,7 +34,7 @@ const PROOF_ALGORITHMS: [Algorithm; 6] = [
 pub struct DpopVerifier {
     max_age: u64,
     leeway: u64,
-    replay: ReplayGuard,
+    replay: ReplayStore,
 }
 
 fn invalid(reason: &'static str) -> AuthFailure {
@@ -38,16 +42,24 @@ fn invalid(reason: &'static str) -> AuthFailure {
 }
 
 impl DpopVerifier {
-    pub fn new(max_age: Duration, leeway: u64) -> Self {
+    /// Proof ids are remembered in `shared` (as `{provider}:dpop`) when given, else in memory.
+    pub fn new(max_age: Duration, leeway: u64, shared: Option<(Arc<RedisStore>, &str)>) -> Self {
+        let replay = match shared {
+            Some((store, provider)) => ReplayStore::Shared {
+                store,
+                provider: format!("{provider}:dpop").into(),
+            },
+            None => ReplayStore::Memory(ReplayGuard::new(100_000)),
+        };
         Self {
             max_age: max_age.as_secs().max(1),
             leeway,
-            replay: ReplayGuard::new(100_000),
+            replay,
         }
     }
 
     /// Verifies the request's proof for `access_token`; returns the proof key's thumbprint.
-    pub fn verify(
+    pub async fn verify(
         &self,
         request: &request::Parts,
         access_token: &str,
@@ -107,7 +119,11 @@ impl DpopVerifier {
         }
         self.replay
             .first_use(text("jti"), iat + self.max_age + self.leeway, now)
-            .map_err(|_| invalid("replayed DPoP proof"))?;
+            .await
+            .map_err(|error| match error {
+                ReplayError::Unavailable => invalid("replay store unavailable"),
+                _ => invalid("replayed DPoP proof"),
+            })?;
         thumbprint(jwk).ok_or(invalid("DPoP proof key unusable"))
     }
 }

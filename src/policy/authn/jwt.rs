@@ -20,10 +20,13 @@ use super::{
     jwe::{is_jwe, JweKeys},
     jwks::{JwksRegistry, KeySet, RemoteJwks},
     query_param, remove_query_param,
-    replay::{ReplayError, ReplayGuard},
+    replay::{ReplayError, ReplayGuard, ReplayStore},
     unix_now, AuthFailure, Identity, IdentityHeaderNames,
 };
-use crate::config::model::{JwtKeysConfig, JwtProviderConfig, TokenSourceConfig};
+use crate::{
+    config::model::{JwtKeysConfig, JwtProviderConfig, ReplayStoreKind, TokenSourceConfig},
+    store::RedisStore,
+};
 
 /// Why a provider could not be built from its config.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub enum JwtError {
     BadHeader(String),
     #[error("{0}")]
     DecryptionKey(#[from] super::jwe::JweKeyError),
+    #[error("`replay_store: redis` needs the top-level `redis` section")]
+    NoSharedStore,
 }
 
 enum Keys {
@@ -66,7 +71,7 @@ pub struct JwtProvider {
     claim_headers: Vec<(String, HeaderName)>,
     roles_claim: Option<String>,
     cache: VerifiedCache,
-    replay: Option<ReplayGuard>,
+    replay: Option<ReplayStore>,
     dpop: Option<DpopVerifier>,
     dpop_required: bool,
     jwe: JweKeys,
@@ -87,6 +92,7 @@ impl JwtProvider {
         base_dir: &Path,
         identity_names: Arc<IdentityHeaderNames>,
         remote_sets: &JwksRegistry,
+        shared_store: Option<&Arc<RedisStore>>,
     ) -> Result<Self, JwtError> {
         let algorithms = config
             .algorithms
@@ -196,6 +202,11 @@ impl JwtProvider {
                     .map_err(|_| JwtError::BadHeader(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // where used token ids and DPoP proof ids are remembered
+        let shared = match config.replay_store {
+            ReplayStoreKind::Memory => None,
+            ReplayStoreKind::Redis => Some(shared_store.ok_or(JwtError::NoSharedStore)?.clone()),
+        };
         Ok(Self {
             name: config.name.as_str().into(),
             keys,
@@ -213,13 +224,17 @@ impl JwtProvider {
             claim_headers,
             roles_claim: config.roles_claim.clone(),
             cache: VerifiedCache::new(config.cache_size),
-            replay: config
-                .one_time_use
-                .then(|| ReplayGuard::new(config.cache_size.max(100_000))),
-            dpop: config
-                .dpop
-                .as_ref()
-                .map(|d| DpopVerifier::new(d.max_age.0, leeway)),
+            replay: config.one_time_use.then(|| match &shared {
+                None => ReplayStore::Memory(ReplayGuard::new(config.cache_size.max(100_000))),
+                Some(store) => ReplayStore::Shared {
+                    store: store.clone(),
+                    provider: config.name.as_str().into(),
+                },
+            }),
+            dpop: config.dpop.as_ref().map(|d| {
+                let shared = shared.clone().map(|store| (store, config.name.as_str()));
+                DpopVerifier::new(d.max_age.0, leeway, shared)
+            }),
             dpop_required: config.dpop.as_ref().is_some_and(|d| d.required),
             jwe: JweKeys::load(&config.decryption_keys, base_dir)?,
             identity_names,
@@ -266,7 +281,7 @@ impl JwtProvider {
                         "DPoP-bound token sent as a bearer token",
                     ));
                 }
-                let proved = dpop.verify(request, token_text, unix_now())?;
+                let proved = dpop.verify(request, token_text, unix_now()).await?;
                 if proved != **bound {
                     return Err(AuthFailure::Invalid("DPoP proof by another key"));
                 }
@@ -284,11 +299,13 @@ impl JwtProvider {
                 .map_or(u64::MAX, |exp| exp.saturating_add(self.leeway));
             replay
                 .first_use(identity.token_id.as_deref(), expires_at, unix_now())
+                .await
                 .map_err(|error| {
                     AuthFailure::Invalid(match error {
                         ReplayError::Replayed => "replayed token",
                         ReplayError::MissingJti => "no jti for a one-time token",
                         ReplayError::Full => "replay memory full",
+                        ReplayError::Unavailable => "replay store unavailable",
                     })
                 })?;
         }

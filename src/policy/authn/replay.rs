@@ -1,9 +1,69 @@
 //! One-time use of tokens: a provider with `one_time_use` accepts each `jti` once. A used `jti`
-//! is remembered until its token expires (after that the token is refused for `exp` anyway), in
-//! memory, bounded; when the memory is full of live entries, new tokens are refused rather than
-//! risking a replay (fail closed).
+//! is remembered until its token expires (after that the token is refused for `exp` anyway),
+//! either in this process's memory, bounded (when the memory is full of live entries, new tokens
+//! are refused rather than risking a replay), or in Redis, shared by every replica (when Redis
+//! cannot answer, tokens are refused). Both fail closed.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::store::RedisStore;
+
+/// The longest a used id is remembered in Redis for a token without `exp`.
+const MAX_SHARED_MEMORY: Duration = Duration::from_secs(366 * 86_400);
+
+/// Where a provider remembers used token ids.
+#[derive(Debug)]
+pub enum ReplayStore {
+    Memory(ReplayGuard),
+    Shared {
+        store: Arc<RedisStore>,
+        provider: Arc<str>,
+    },
+}
+
+impl ReplayStore {
+    /// Records `jti` as used until `expires_at`; refuses it if it was used already (by this
+    /// process, or with a shared store by any replica).
+    pub async fn first_use(
+        &self,
+        jti: Option<&str>,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), ReplayError> {
+        match self {
+            Self::Memory(guard) => guard.first_use(jti, expires_at, now),
+            Self::Shared { store, provider } => {
+                let jti = jti
+                    .filter(|j| !j.is_empty())
+                    .ok_or(ReplayError::MissingJti)?;
+                let ttl = Duration::from_secs(expires_at.saturating_sub(now).max(1))
+                    .min(MAX_SHARED_MEMORY);
+                // hashed: bounded key length whatever the token says, and no raw ids in Redis
+                let digest = super::cache::sha256(jti.as_bytes());
+                let mut key = String::with_capacity(provider.len() + 69);
+                key.push_str("jti:");
+                key.push_str(provider);
+                key.push(':');
+                for byte in digest {
+                    use std::fmt::Write as _;
+                    let _ = write!(key, "{byte:02x}");
+                }
+                match store.set_if_absent(&key, ttl).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ReplayError::Replayed),
+                    Err(error) => {
+                        tracing::warn!(provider = %provider, %error, "replay store unavailable; refusing one-time token");
+                        Err(ReplayError::Unavailable)
+                    }
+                }
+            }
+        }
+    }
+}
 
 const SHARDS: usize = 16;
 
@@ -26,6 +86,8 @@ pub enum ReplayError {
     MissingJti,
     /// Too many live ids to remember one more.
     Full,
+    /// The shared store did not answer.
+    Unavailable,
 }
 
 impl ReplayGuard {

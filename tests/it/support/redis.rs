@@ -16,7 +16,11 @@ impl RedisServer {
     /// Starts `redis-server` without persistence. When it is not installed the test is skipped
     /// with a message (returns `None`), except under `CI=true`, where a missing server fails.
     pub fn start() -> Option<Self> {
-        let port = super::free_port();
+        Self::start_on(super::free_port())
+    }
+
+    /// Starts a server on `port` (again, after `stop`, to test reconnection).
+    pub fn start_on(port: u16) -> Option<Self> {
         let spawned = Command::new("redis-server")
             .args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])

@@ -1251,6 +1251,9 @@ fn encrypt(inner: &str, alg: &str, public_pem: &str) -> String {
                 .encrypter_from_pem(public_pem)
                 .unwrap(),
         ),
+        // deprecated for good reason: the test makes such a token to see it refused
+        #[allow(deprecated)]
+        "RSA1_5" => Box::new(josekit::jwe::RSA1_5.encrypter_from_pem(public_pem).unwrap()),
         "ECDH-ES" => Box::new(
             josekit::jwe::ECDH_ES
                 .encrypter_from_pem(public_pem)
@@ -1339,6 +1342,11 @@ async fn encrypted_tokens_are_decrypted_then_verified() {
                 "RSA-OAEP-256",
                 &rsa_public,
             ),
+        ),
+        ("RSA1_5", encrypt(&inner, "RSA1_5", &rsa_public)),
+        (
+            "nested encryption",
+            encrypt(&good, "RSA-OAEP-256", &rsa_public),
         ),
         ("garbage with five segments", "a.b.c.d.e".to_owned()),
     ] {

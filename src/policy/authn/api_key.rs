@@ -64,20 +64,25 @@ impl ApiKeySet {
                 field: "header".to_owned(),
                 message: format!("`{}` is not a valid header name", config.header),
             })?;
-        let file_keys = match &config.keys_file {
-            None => Vec::new(),
-            Some(path) => load_keys_file(&base_dir.join(path))?,
+        let file = match &config.keys_file {
+            None => None,
+            Some(path) => {
+                let path = base_dir.join(path);
+                let keys = load_keys_file(&path)?;
+                Some((path, keys))
+            }
         };
-        let file_path = config.keys_file.as_ref().map(|p| base_dir.join(p));
+        let from_file = file.iter().flat_map(|(path, keys)| {
+            keys.iter()
+                .enumerate()
+                .map(move |(i, key)| (KeySource::File(path), i, key))
+        });
         let keys = config
             .keys
             .iter()
             .enumerate()
             .map(|(i, key)| (KeySource::Inline, i, key))
-            .chain(file_keys.iter().enumerate().map(|(i, key)| {
-                let path = file_path.as_deref().expect("file keys imply a keys_file");
-                (KeySource::File(path), i, key)
-            }));
+            .chain(from_file);
         let name: Arc<str> = config.name.as_str().into();
         let mut by_digest = HashMap::new();
         for (source, i, key) in keys {

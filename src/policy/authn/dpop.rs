@@ -3,7 +3,7 @@
 //! key (`jwk`) is the one to verify it with — the token's `cnf.jkt` (its RFC 7638 thumbprint) is
 //! what makes that key trustworthy. Signature checks are jsonwebtoken's.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::request;
@@ -11,10 +11,9 @@ use jsonwebtoken::{decode, decode_header, jwk::Jwk, Algorithm, DecodingKey, Vali
 use serde_json::{Map, Value};
 
 use super::{
-    replay::{ReplayError, ReplayGuard, ReplayStore},
+    replay::{ReplayError, ReplayStore},
     sha256, AuthFailure,
 };
-use crate::store::RedisStore;
 
 /// The scheme the request arrived with (`http` or `https`), for the proof's `htu`.
 #[derive(Debug, Clone, Copy)]
@@ -42,15 +41,8 @@ fn invalid(reason: &'static str) -> AuthFailure {
 }
 
 impl DpopVerifier {
-    /// Proof ids are remembered in `shared` (as `{provider}:dpop`) when given, else in memory.
-    pub fn new(max_age: Duration, leeway: u64, shared: Option<(Arc<RedisStore>, &str)>) -> Self {
-        let replay = match shared {
-            Some((store, provider)) => ReplayStore::Shared {
-                store,
-                provider: format!("{provider}:dpop").into(),
-            },
-            None => ReplayStore::Memory(ReplayGuard::new(100_000)),
-        };
+    /// `replay` remembers the ids of accepted proofs.
+    pub fn new(max_age: Duration, leeway: u64, replay: ReplayStore) -> Self {
         Self {
             max_age: max_age.as_secs().max(1),
             leeway,

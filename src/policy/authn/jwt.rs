@@ -20,7 +20,7 @@ use super::{
     jwe::{is_jwe, JweKeys},
     jwks::{JwksRegistry, KeySet, RemoteJwks},
     query_param, remove_query_param,
-    replay::{ReplayError, ReplayGuard, ReplayStore},
+    replay::{ReplayError, ReplayStore},
     unix_now, AuthFailure, Identity, IdentityHeaderNames,
 };
 use crate::{
@@ -224,16 +224,13 @@ impl JwtProvider {
             claim_headers,
             roles_claim: config.roles_claim.clone(),
             cache: VerifiedCache::new(config.cache_size),
-            replay: config.one_time_use.then(|| match &shared {
-                None => ReplayStore::Memory(ReplayGuard::new(config.cache_size.max(100_000))),
-                Some(store) => ReplayStore::Shared {
-                    store: store.clone(),
-                    provider: config.name.as_str().into(),
-                },
+            replay: config.one_time_use.then(|| {
+                ReplayStore::new(shared.clone(), &config.name, config.cache_size.max(100_000))
             }),
             dpop: config.dpop.as_ref().map(|d| {
-                let shared = shared.clone().map(|store| (store, config.name.as_str()));
-                DpopVerifier::new(d.max_age.0, leeway, shared)
+                let proofs =
+                    ReplayStore::new(shared.clone(), &format!("{}:dpop", config.name), 100_000);
+                DpopVerifier::new(d.max_age.0, leeway, proofs)
             }),
             dpop_required: config.dpop.as_ref().is_some_and(|d| d.required),
             jwe: JweKeys::load(&config.decryption_keys, base_dir)?,

@@ -26,6 +26,17 @@ pub enum ReplayStore {
 }
 
 impl ReplayStore {
+    /// In `shared`, under `namespace`, when given; else in this process's memory (`capacity` ids).
+    pub fn new(shared: Option<Arc<RedisStore>>, namespace: &str, capacity: usize) -> Self {
+        match shared {
+            Some(store) => Self::Shared {
+                store,
+                provider: namespace.into(),
+            },
+            None => Self::Memory(ReplayGuard::new(capacity)),
+        }
+    }
+
     /// Records `jti` as used until `expires_at`; refuses it if it was used already (by this
     /// process, or with a shared store by any replica).
     pub async fn first_use(

@@ -53,10 +53,22 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
     match (method, path) {
         (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Method::GET | Method::HEAD, "/readyz") => {
-            if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !state.ready.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            } else if state
+                .snapshot
+                .load()
+                .providers_without_keys()
+                .next()
+                .is_some()
+            {
+                // a probe is unauthenticated: say what is missing, not which provider
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for JWKS keys\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (Method::GET | Method::HEAD, "/config") => {

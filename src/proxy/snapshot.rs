@@ -55,6 +55,15 @@ impl Snapshot {
     pub fn listener(&self, name: &str) -> Option<&Arc<ListenerSpec>> {
         self.listeners.iter().find(|l| &*l.name == name)
     }
+
+    /// JWT providers whose remote key set has not been fetched once yet: until it has, they
+    /// refuse every token, so the gateway does not call itself ready.
+    pub fn providers_without_keys(&self) -> impl Iterator<Item = &str> {
+        self.jwt_providers
+            .iter()
+            .filter(|p| p.remote().is_some_and(|remote| !remote.has_been_fetched()))
+            .map(|p| &*p.name)
+    }
 }
 
 /// A listener as the connection loop needs it.

@@ -1437,3 +1437,67 @@ async fn api_keys_from_a_keys_file_are_reread_on_reload_and_a_broken_file_change
     assert_eq!(status("file-key-2").await, 200);
     assert_eq!(status("inline-key").await, 200);
 }
+
+#[tokio::test]
+async fn the_gateway_is_not_ready_until_its_jwks_has_been_fetched_once() {
+    let signer = Signer::ec("k1");
+    let document = std::sync::Arc::new(std::sync::Mutex::new((503u16, String::new())));
+    let served = document.clone();
+    let idp = TestUpstream::start(move |_| {
+        let (status, body) = served.lock().unwrap().clone();
+        Reply {
+            status,
+            body: Bytes::from(body),
+            delay: Duration::ZERO,
+            headers: vec![("content-type", "application/json".into())],
+        }
+    })
+    .await;
+    let upstream = TestUpstream::echo().await;
+    let admin = free_port();
+    let keys = format!(
+        "{{ jwks_url: {{ url: \"http://{}/jwks.json\", refresh_interval: 1m, min_refresh_interval: 200ms }} }}",
+        idp.addr
+    );
+    let port = free_port();
+    let config = config_with(&[upstream.url()], "", ROUTES)
+        .replace(
+            "admin:\n  enabled: false\n",
+            &format!("admin:\n  bind: 127.0.0.1:{admin}\n"),
+        )
+        .replace("bind: 127.0.0.1:0", &format!("bind: 127.0.0.1:{port}"));
+    let yaml = format!("{config}{}", authentication(&keys));
+    let process = GatewayProcess::start(&yaml, port);
+    process.wait_for_port(admin);
+    let readyz = || async {
+        send(
+            Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+    };
+    let waiting = readyz().await;
+    assert_eq!(waiting.status, 503, "the identity provider is down");
+    assert_eq!(waiting.body, "not ready: waiting for JWKS keys\n");
+
+    *document.lock().unwrap() = (200, jwks(&[&signer]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while readyz().await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ready once the keys arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = call_port(port, &signer.sign(&claims("rita"))).await;
+    assert_eq!(response, 200);
+}
+
+async fn call_port(port: u16, token: &str) -> u16 {
+    let request = Request::get(format!("http://127.0.0.1:{port}/jwt/x"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    send(request).await.status
+}

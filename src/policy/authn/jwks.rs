@@ -364,6 +364,11 @@ impl RemoteJwks {
         }
     }
 
+    /// True once a fetch has succeeded (the key set was never fetched before that).
+    pub fn has_been_fetched(&self) -> bool {
+        self.generation.load(Ordering::Acquire) > 0
+    }
+
     /// The key set's version: it changes whenever a fetch brings a different document.
     pub fn key_version(&self) -> u64 {
         self.key_version.load(Ordering::Acquire)

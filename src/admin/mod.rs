@@ -91,7 +91,15 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
                 .query()
                 .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("subject=")))
                 .unwrap_or_default();
-            if state.revocations.restore_subject(subject) {
+            let shared = state.snapshot.load().shared_revocations.clone();
+            let lifted_shared = match &shared {
+                Some(shared) => match shared.restore_subject(subject).await {
+                    Ok(lifted) => lifted,
+                    Err(error) => return store_unavailable(&error),
+                },
+                None => false,
+            };
+            if state.revocations.restore_subject(subject) || lifted_shared {
                 text(StatusCode::NO_CONTENT, "")
             } else {
                 error_response(
@@ -160,6 +168,17 @@ fn check_token(
     Some(refused)
 }
 
+/// The shared revocation store did not take the change; nothing was changed.
+fn store_unavailable(error: &crate::store::StoreError) -> Response<ResponseBody> {
+    tracing::warn!(%error, "revocation not stored: the shared store did not answer");
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the shared revocation store did not answer; nothing was changed",
+        &new_request_id(),
+    )
+}
+
 /// `POST /revocations` with `{"jti": "...", "exp": 1767225600}` or `{"subject": "..."}`.
 async fn revoke(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
     use http_body_util::BodyExt;
@@ -181,19 +200,29 @@ async fn revoke(request: Request<Incoming>, state: &GatewayState) -> Response<Re
         return bad("expected a JSON object");
     };
     let now = crate::policy::authn::unix_now();
+    // with a shared store, Redis is written first: a revocation that did not reach it would be
+    // undone at this replica's next sync, and never reach the others
+    let shared = state.snapshot.load().shared_revocations.clone();
     match (
         entry.get("jti").and_then(|v| v.as_str()),
         entry.get("subject").and_then(|v| v.as_str()),
     ) {
         (Some(jti), None) if !jti.is_empty() => {
-            state.revocations.revoke_token(
-                jti,
-                entry.get("exp").and_then(serde_json::Value::as_u64),
-                now,
-            );
+            let expires_at = entry.get("exp").and_then(serde_json::Value::as_u64);
+            if let Some(shared) = &shared {
+                if let Err(error) = shared.revoke_token(jti, expires_at).await {
+                    return store_unavailable(&error);
+                }
+            }
+            state.revocations.revoke_token(jti, expires_at, now);
             tracing::warn!(jti, "token revoked through the admin API");
         }
         (None, Some(subject)) if !subject.is_empty() => {
+            if let Some(shared) = &shared {
+                if let Err(error) = shared.revoke_subject(subject).await {
+                    return store_unavailable(&error);
+                }
+            }
             state.revocations.revoke_subject(subject);
             tracing::warn!(subject, "subject revoked through the admin API");
         }

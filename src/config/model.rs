@@ -61,11 +61,11 @@ fn default_redis_prefix() -> String {
     "portcullis:".to_owned()
 }
 
-/// Where one-time token ids are remembered.
+/// Where state that replicas may share is kept.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum ReplayStoreKind {
-    /// In this process (each replica remembers its own).
+pub enum StoreKind {
+    /// In this process (each replica keeps its own).
     #[default]
     Memory,
     /// In the top-level `redis` server, shared by every replica.
@@ -87,6 +87,28 @@ pub struct AuthenticationConfig {
     /// Headers that carry the verified identity to the upstream. Whatever a client sends in
     /// these headers is always removed first, on every route.
     pub identity_headers: IdentityHeadersConfig,
+    /// Where revocations made through the admin API are kept.
+    pub revocations: RevocationsConfig,
+}
+
+/// Where revocations are kept, and how often replicas catch up with each other's.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationsConfig {
+    /// `memory`: each process keeps its own. `redis`: kept in the top-level `redis` server; a
+    /// revocation made at any replica's admin API reaches every replica within `sync_interval`.
+    pub store: StoreKind,
+    /// How often each replica reads the shared revocations (with `store: redis`).
+    pub sync_interval: HumanDuration,
+}
+
+impl Default for RevocationsConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Memory,
+            sync_interval: HumanDuration::from_secs(1),
+        }
+    }
 }
 
 /// A JWT provider: where its keys come from and what its tokens must say.
@@ -146,7 +168,7 @@ pub struct JwtProviderConfig {
     /// Where used token ids (`one_time_use`) and DPoP proof ids are remembered: `memory` (this
     /// process) or `redis` (the top-level `redis` server, shared by every replica).
     #[serde(default)]
-    pub replay_store: ReplayStoreKind,
+    pub replay_store: StoreKind,
     /// The gateway's private keys (PKCS#8 PEM, RSA or EC P-256/P-384) for encrypted tokens (JWE
     /// with RSA-OAEP-256 or ECDH-ES(+A256KW), A256GCM/A128GCM). The nested signed JWT is then
     /// verified as usual. Empty: encrypted tokens are refused.

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     config::{ConfigErrors, LoadedConfig},
-    policy::authn::KeyRefreshers,
+    policy::authn::{KeyRefreshers, RevocationSync},
     upstream::{health::HealthChecks, set_worker_slot, UpstreamRegistry},
 };
 
@@ -113,6 +113,7 @@ pub struct Gateway {
     draining: watch::Sender<bool>,
     health: HealthChecks,
     key_refreshers: KeyRefreshers,
+    revocation_sync: RevocationSync,
     generation: u64,
     worker_count: usize,
 }
@@ -138,6 +139,10 @@ impl Gateway {
         }
         let health = HealthChecks::start(&snapshot.upstreams);
         let key_refreshers = KeyRefreshers::start(&snapshot.jwt_providers);
+        let revocation_sync = RevocationSync::start(
+            snapshot.shared_revocations.clone(),
+            registry.revocations.clone(),
+        );
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let (draining, draining_rx) = watch::channel(false);
         let workers = (0..worker_count)
@@ -156,6 +161,7 @@ impl Gateway {
             draining,
             health,
             key_refreshers,
+            revocation_sync,
             generation: 1,
             worker_count,
         };
@@ -251,11 +257,16 @@ impl Gateway {
         };
         let health = HealthChecks::start(&snapshot.upstreams);
         let key_refreshers = KeyRefreshers::start(&snapshot.jwt_providers);
+        let revocation_sync = RevocationSync::start(
+            snapshot.shared_revocations.clone(),
+            self.registry.revocations.clone(),
+        );
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
         self.state.snapshot.store(Arc::new(snapshot));
         self.generation = generation;
         self.health = health;
         self.key_refreshers = key_refreshers;
+        self.revocation_sync = revocation_sync;
         // stop listeners that are gone or moved
         let fresh_names: Vec<Arc<str>> = fresh.iter().map(|(n, _)| n.clone()).collect();
         let stale: Vec<Arc<str>> = self

@@ -12,13 +12,13 @@ use ipnet::IpNet;
 
 use crate::{
     config::{
-        model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, UpstreamConfig},
+        model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, StoreKind, UpstreamConfig},
         ConfigErrors, ErrorSink, LoadedConfig,
     },
     policy::{
         authn::{
             ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, IntrospectionProvider,
-            JwtError, JwtProvider, MtlsMethod, RevocationList,
+            JwtError, JwtProvider, MtlsMethod, RevocationList, SharedRevocations,
         },
         Access, RoutePolicies,
     },
@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// JWT providers (their remote key sets are refreshed in the background).
     pub jwt_providers: Vec<Arc<JwtProvider>>,
+    /// Revocations kept in Redis (`authentication.revocations.store: redis`).
+    pub shared_revocations: Option<Arc<SharedRevocations>>,
     pub listeners: Vec<Arc<ListenerSpec>>,
     pub routes: RouteTable<Arc<Route>>,
     pub upstreams: Vec<Arc<Upstream>>,
@@ -165,6 +167,7 @@ pub fn compile(
     Ok(Snapshot {
         generation,
         jwt_providers: authentication.jwt_providers(),
+        shared_revocations: authentication.shared_revocations.clone(),
         listeners,
         routes: RouteTable::new(compiled_routes),
         upstreams: upstream_list,
@@ -467,6 +470,7 @@ fn tls_fingerprint(
 struct Authentication {
     identity_headers: Arc<IdentityHeaderNames>,
     revocations: Arc<RevocationList>,
+    shared_revocations: Option<Arc<SharedRevocations>>,
     methods: HashMap<String, AuthMethod>,
 }
 
@@ -536,6 +540,24 @@ fn compile_authentication(
             .map_err(|message| sink.error("redis.url", message))
             .ok()
     });
+    let revocations = &section.revocations;
+    let shared_revocations = match (revocations.store, &shared_store) {
+        (StoreKind::Memory, _) => None,
+        (StoreKind::Redis, Some(store)) => Some(Arc::new(SharedRevocations::new(
+            store.clone(),
+            revocations
+                .sync_interval
+                .0
+                .max(std::time::Duration::from_millis(100)),
+        ))),
+        (StoreKind::Redis, None) => {
+            sink.error(
+                "authentication.revocations.store",
+                "`store: redis` needs the top-level `redis` section",
+            );
+            None
+        }
+    };
     let mut methods = HashMap::new();
     for (i, jwt) in section.jwt.iter().enumerate() {
         match JwtProvider::from_config(
@@ -596,5 +618,6 @@ fn compile_authentication(
         identity_headers,
         methods,
         revocations: registry.revocations.clone(),
+        shared_revocations,
     }
 }

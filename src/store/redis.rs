@@ -56,18 +56,30 @@ impl RedisStore {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut command = redis::cmd("SET");
         command
-            .arg(format!("{}{key}", self.prefix))
+            .arg(self.key(key))
             .arg(1)
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms);
-        let reply: Option<String> = self
-            .bounded(async {
-                let mut connection = self.connection().await?;
-                command.query_async(&mut connection).await
-            })
-            .await?;
+        let reply: Option<String> = self.query(&command).await?;
         Ok(reply.is_some())
+    }
+
+    /// `name` under this gateway's key prefix.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Runs one command (whose keys the caller made with [`Self::key`]), within the timeout.
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<T, StoreError> {
+        self.bounded(async {
+            let mut connection = self.connection().await?;
+            command.query_async(&mut connection).await
+        })
+        .await
     }
 
     async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {

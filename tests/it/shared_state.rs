@@ -32,7 +32,10 @@ fn replica(
 ) -> TestGateway {
     let yaml = format!(
         "{}redis:\n  url: {redis_url}\n  timeout: 300ms\n  key_prefix: \"test:\"\nauthentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      replay_store: redis\n{extra}",
-        config_with(&[upstream.url()], "", ROUTES)
+        config_with(&[upstream.url()], "", ROUTES).replace(
+            "admin:\n  enabled: false\n",
+            &format!("admin:\n  enabled: false\n  token: \"{ADMIN_TOKEN}\"\n")
+        )
     );
     let replica_dir = tempfile::tempdir_in(dir).unwrap();
     std::fs::copy(dir.join("jwks.json"), replica_dir.path().join("jwks.json")).unwrap();
@@ -45,6 +48,8 @@ fn replica(
         dir: replica_dir,
     }
 }
+
+const ADMIN_TOKEN: &str = "shared-state-admin-token";
 
 const ONE_TIME: &str = "      one_time_use: true\n";
 
@@ -131,13 +136,13 @@ async fn a_one_time_token_is_accepted_once_across_replicas_and_refused_while_red
 }
 
 #[test]
-fn a_redis_replay_store_needs_the_redis_section() {
+fn shared_stores_need_the_redis_section() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.yaml");
     std::fs::write(
         &path,
         format!(
-            "{}authentication:\n  jwt:\n    - name: corp\n      keys: {{ jwks_file: jwks.json }}\n      one_time_use: true\n      replay_store: redis\n",
+            "{}authentication:\n  jwt:\n    - name: corp\n      keys: {{ jwks_file: jwks.json }}\n      one_time_use: true\n      replay_store: redis\n  revocations: {{ store: redis }}\n",
             config_with(&["http://127.0.0.1:9".to_owned()], "", ROUTES)
         ),
     )
@@ -152,6 +157,12 @@ fn a_redis_replay_store_needs_the_redis_section() {
     assert!(!output.status.success());
     assert!(
         stdout.contains("authentication.jwt[0].replay_store: `replay_store: redis` needs the top-level `redis` section"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "authentication.revocations.store: `store: redis` needs the top-level `redis` section"
+        ),
         "{stdout}"
     );
 }
@@ -191,4 +202,96 @@ async fn a_dpop_proof_is_accepted_once_across_replicas() {
     );
     let fresh = dpop_proof(&holder, "GET", url, &token, now(), "proof-2");
     assert_eq!(call(&b, fresh).await.status, 200);
+}
+
+/// Serves `gateway`'s admin API on a free port; returns a client for it.
+async fn admin_api(
+    gateway: &mut TestGateway,
+) -> impl Fn(
+    &'static str,
+    String,
+    &'static str,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = u16>>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(portcullis::admin::serve(
+        listener,
+        gateway.gateway().state(),
+    ));
+    move |method, path, body| {
+        Box::pin(async move {
+            let request = Request::builder()
+                .method(method)
+                .uri(format!("http://{addr}{path}"))
+                .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            send(request).await.status
+        })
+    }
+}
+
+/// Polls until `gateway` answers `path` with `token` by `status`.
+async fn until_status(gateway: &TestGateway, token: &str, status: u16, why: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while with_token(gateway, "/jwt/x", token).await != status {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_made_at_one_replica_reaches_the_others() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let ec = Signer::ec("rev");
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
+    let shared = "  revocations: { store: redis, sync_interval: 100ms }\n";
+    let mut a = replica(&upstream, dir.path(), &redis.url(), shared);
+    let mut b = replica(&upstream, dir.path(), &redis.url(), shared);
+    let (admin_a, admin_b) = (admin_api(&mut a).await, admin_api(&mut b).await);
+    let alice = ec.sign(&claims("alice"));
+    let mut bob_claims = claims("bob");
+    bob_claims["jti"] = json!("bob-token-1");
+    let bob = ec.sign(&bob_claims);
+    for gateway in [&a, &b] {
+        assert_eq!(with_token(gateway, "/jwt/x", &alice).await, 200);
+        assert_eq!(with_token(gateway, "/jwt/x", &bob).await, 200);
+    }
+
+    let status = admin_a("POST", "/revocations".into(), r#"{"subject":"alice"}"#).await;
+    assert!(status < 300, "{status}");
+    assert_eq!(
+        with_token(&a, "/jwt/x", &alice).await,
+        401,
+        "at once where it was made"
+    );
+    until_status(&b, &alice, 401, "the other replica catches up").await;
+
+    let status = admin_b("POST", "/revocations".into(), r#"{"jti":"bob-token-1"}"#).await;
+    assert!(status < 300, "{status}");
+    until_status(&a, &bob, 401, "a revoked jti reaches the other replica").await;
+
+    let status = admin_b("DELETE", "/revocations?subject=alice".into(), "").await;
+    assert_eq!(status, 204);
+    until_status(
+        &a,
+        &alice,
+        200,
+        "lifting a revocation reaches every replica",
+    )
+    .await;
+    until_status(&b, &alice, 200, "and the one where it was lifted").await;
+
+    // Redis goes away: changes are refused (nothing half-done), the last copy stays in force
+    redis.stop();
+    let status = admin_a("POST", "/revocations".into(), r#"{"subject":"carol"}"#).await;
+    assert_eq!(status, 503);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(with_token(&a, "/jwt/x", &bob).await, 401);
+    assert_eq!(with_token(&b, "/jwt/x", &bob).await, 401);
+    assert_eq!(with_token(&a, "/jwt/x", &alice).await, 200);
 }

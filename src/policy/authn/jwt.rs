@@ -24,7 +24,7 @@ use super::{
     unix_now, AuthFailure, Identity, IdentityHeaderNames,
 };
 use crate::{
-    config::model::{JwtKeysConfig, JwtProviderConfig, ReplayStoreKind, TokenSourceConfig},
+    config::model::{JwtKeysConfig, JwtProviderConfig, StoreKind, TokenSourceConfig},
     store::RedisStore,
 };
 
@@ -204,8 +204,8 @@ impl JwtProvider {
             .collect::<Result<Vec<_>, _>>()?;
         // where used token ids and DPoP proof ids are remembered
         let shared = match config.replay_store {
-            ReplayStoreKind::Memory => None,
-            ReplayStoreKind::Redis => Some(shared_store.ok_or(JwtError::NoSharedStore)?.clone()),
+            StoreKind::Memory => None,
+            StoreKind::Redis => Some(shared_store.ok_or(JwtError::NoSharedStore)?.clone()),
         };
         Ok(Self {
             name: config.name.as_str().into(),

@@ -27,7 +27,7 @@ pub use introspection::IntrospectionProvider;
 pub use jwks::{JwksRegistry, KeyError, KeySet, RemoteJwks};
 pub use jwt::{JwtError, JwtProvider};
 pub use mtls::{ClientCertificate, MtlsMethod};
-pub use revocation::RevocationList;
+pub use revocation::{RevocationList, RevocationSync, SharedRevocations};
 
 use crate::pipeline::Challenge;
 

@@ -1,11 +1,18 @@
 //! Revoked credentials: token ids (`jti`) and subjects that must be refused even though they
 //! verify. Fed through the admin API; checked on every request, also for identities that came
 //! from a cache; kept across reloads (it lives with the gateway, not the config).
+//!
+//! With `revocations.store: redis`, Redis holds the authoritative list: the admin API writes
+//! there first, and each replica copies it into its local list every `sync_interval`, so the
+//! request path still reads only local memory.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::RwLock,
+    sync::{Arc, RwLock},
+    time::Duration,
 };
+
+use crate::store::{RedisStore, StoreError};
 
 /// The revocation list.
 #[derive(Debug, Default)]
@@ -49,6 +56,12 @@ impl RevocationList {
             .remove(subject)
     }
 
+    /// Takes the shared list as a whole (ids past their expiry already left out).
+    fn replace(&self, token_ids: HashMap<String, u64>, subjects: HashSet<String>) {
+        *self.token_ids.write().unwrap_or_else(|e| e.into_inner()) = token_ids;
+        *self.subjects.write().unwrap_or_else(|e| e.into_inner()) = subjects;
+    }
+
     /// For the admin API.
     pub fn snapshot(&self) -> serde_json::Value {
         let ids = self.token_ids.read().unwrap_or_else(|e| e.into_inner());
@@ -58,6 +71,113 @@ impl RevocationList {
         let mut subjects: Vec<&String> = subjects.iter().collect();
         subjects.sort();
         serde_json::json!({ "token_ids": ids, "subjects": subjects })
+    }
+}
+
+/// Revocations kept in Redis: a hash of revoked `jti`s (value: when they may be forgotten, `0`
+/// for never) and a set of revoked subjects.
+#[derive(Debug)]
+pub struct SharedRevocations {
+    store: Arc<RedisStore>,
+    pub sync_interval: Duration,
+}
+
+impl SharedRevocations {
+    pub fn new(store: Arc<RedisStore>, sync_interval: Duration) -> Self {
+        Self {
+            store,
+            sync_interval,
+        }
+    }
+
+    pub async fn revoke_token(&self, jti: &str, expires_at: Option<u64>) -> Result<(), StoreError> {
+        let mut command = redis::cmd("HSET");
+        command
+            .arg(self.store.key("revoked:jti"))
+            .arg(jti)
+            .arg(expires_at.unwrap_or(0));
+        self.store.query::<()>(&command).await
+    }
+
+    pub async fn revoke_subject(&self, subject: &str) -> Result<(), StoreError> {
+        let mut command = redis::cmd("SADD");
+        command.arg(self.store.key("revoked:sub")).arg(subject);
+        self.store.query::<()>(&command).await
+    }
+
+    /// True when the subject was revoked.
+    pub async fn restore_subject(&self, subject: &str) -> Result<bool, StoreError> {
+        let mut command = redis::cmd("SREM");
+        command.arg(self.store.key("revoked:sub")).arg(subject);
+        Ok(self.store.query::<u64>(&command).await? > 0)
+    }
+
+    /// Copies the shared list into `list`, and forgets expired ids in Redis.
+    pub async fn pull_into(&self, list: &RevocationList, now: u64) -> Result<(), StoreError> {
+        let ids_key = self.store.key("revoked:jti");
+        let ids: HashMap<String, u64> = self
+            .store
+            .query(redis::cmd("HGETALL").arg(&ids_key))
+            .await?;
+        let subjects: HashSet<String> = self
+            .store
+            .query(redis::cmd("SMEMBERS").arg(self.store.key("revoked:sub")))
+            .await?;
+        let (live, expired): (HashMap<String, u64>, HashMap<String, u64>) = ids
+            .into_iter()
+            .map(|(id, until)| (id, if until == 0 { u64::MAX } else { until }))
+            .partition(|(_, until)| *until >= now);
+        list.replace(live, subjects);
+        if !expired.is_empty() {
+            let mut command = redis::cmd("HDEL");
+            command.arg(&ids_key);
+            for id in expired.keys() {
+                command.arg(id);
+            }
+            self.store.query::<()>(&command).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the local list in step with the shared one; stops when dropped.
+pub struct RevocationSync {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RevocationSync {
+    /// Pulls now, then every `sync_interval`. Call inside a runtime. Does nothing without a
+    /// shared store.
+    pub fn start(shared: Option<Arc<SharedRevocations>>, list: Arc<RevocationList>) -> Self {
+        let task = shared.map(|shared| {
+            tokio::spawn(async move {
+                let mut failing = false;
+                loop {
+                    match shared.pull_into(&list, super::unix_now()).await {
+                        Ok(()) if failing => {
+                            tracing::info!("shared revocations readable again");
+                            failing = false;
+                        }
+                        Ok(()) => {}
+                        Err(error) if !failing => {
+                            tracing::warn!(%error, "cannot read the shared revocations; keeping the last copy");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                    }
+                    tokio::time::sleep(shared.sync_interval).await;
+                }
+            })
+        });
+        Self { task }
+    }
+}
+
+impl Drop for RevocationSync {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 

@@ -53,19 +53,21 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
     match (method, path) {
         (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Method::GET | Method::HEAD, "/readyz") => {
+            let snapshot = state.snapshot.load();
             if !state.ready.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            } else if state
-                .snapshot
-                .load()
-                .providers_without_keys()
-                .next()
-                .is_some()
-            {
+            } else if snapshot.providers_without_keys().next().is_some() {
                 // a probe is unauthenticated: say what is missing, not which provider
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: waiting for JWKS keys\n",
+                )
+            } else if snapshot.shared_revocations.is_some() && !state.revocations.has_shared_copy()
+            {
+                // serving before the revocations are known would let revoked tokens through
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for the shared revocations\n",
                 )
             } else {
                 text(StatusCode::OK, "ready\n")

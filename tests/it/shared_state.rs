@@ -294,4 +294,14 @@ async fn a_revocation_made_at_one_replica_reaches_the_others() {
     assert_eq!(with_token(&a, "/jwt/x", &bob).await, 401);
     assert_eq!(with_token(&b, "/jwt/x", &bob).await, 401);
     assert_eq!(with_token(&a, "/jwt/x", &alice).await, 200);
+
+    // a replica that starts while Redis is down knows no revocations: it is not ready
+    let mut c = replica(&upstream, dir.path(), &redis.url(), shared);
+    let admin_c = admin_api(&mut c).await;
+    assert_eq!(admin_c("GET", "/readyz".into(), "").await, 503);
+    assert_eq!(
+        admin_a("GET", "/readyz".into(), "").await,
+        200,
+        "a has its copy"
+    );
 }

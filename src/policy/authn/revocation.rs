@@ -8,7 +8,10 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
     time::Duration,
 };
 
@@ -20,6 +23,7 @@ pub struct RevocationList {
     /// Revoked `jti`s and when they may be forgotten (their token's expiry; `u64::MAX` if unknown).
     token_ids: RwLock<HashMap<String, u64>>,
     subjects: RwLock<HashSet<String>>,
+    has_shared_copy: AtomicBool,
 }
 
 impl RevocationList {
@@ -60,6 +64,13 @@ impl RevocationList {
     fn replace(&self, token_ids: HashMap<String, u64>, subjects: HashSet<String>) {
         *self.token_ids.write().unwrap_or_else(|e| e.into_inner()) = token_ids;
         *self.subjects.write().unwrap_or_else(|e| e.into_inner()) = subjects;
+        self.has_shared_copy.store(true, Ordering::Release);
+    }
+
+    /// True once a shared list has been copied in during this process's life: before that, a
+    /// restarted replica knows none of the shared revocations (the gateway is not ready).
+    pub fn has_shared_copy(&self) -> bool {
+        self.has_shared_copy.load(Ordering::Acquire)
     }
 
     /// For the admin API.

@@ -53,22 +53,10 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
     match (method, path) {
         (Method::GET | Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
         (Method::GET | Method::HEAD, "/readyz") => {
-            let snapshot = state.snapshot.load();
             if !state.ready.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-            } else if snapshot.providers_without_keys().next().is_some() {
-                // a probe is unauthenticated: say what is missing, not which provider
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: waiting for JWKS keys\n",
-                )
-            } else if snapshot.shared_revocations.is_some() && !state.revocations.has_shared_copy()
-            {
-                // serving before the revocations are known would let revoked tokens through
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: waiting for the shared revocations\n",
-                )
+            } else if let Some(missing) = warming_up(state) {
+                text(StatusCode::SERVICE_UNAVAILABLE, missing)
             } else {
                 text(StatusCode::OK, "ready\n")
             }
@@ -168,6 +156,26 @@ fn check_token(
         HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
     );
     Some(refused)
+}
+
+/// What the gateway still waits for before its first `ready`, if anything. Checked only until
+/// it has been ready once: a reload that adds a key set must not take every replica out of
+/// service at once (the new provider refuses tokens until its first fetch, and says so in the log).
+fn warming_up(state: &GatewayState) -> Option<&'static str> {
+    if state.warmed_up.load(Ordering::Acquire) {
+        return None;
+    }
+    let snapshot = state.snapshot.load();
+    // a probe is unauthenticated: say what is missing, not which provider
+    if snapshot.providers_without_keys().next().is_some() {
+        return Some("not ready: waiting for JWKS keys\n");
+    }
+    // serving before the revocations are known would let revoked tokens through
+    if snapshot.shared_revocations.is_some() && !state.revocations.has_shared_copy() {
+        return Some("not ready: waiting for the shared revocations\n");
+    }
+    state.warmed_up.store(true, Ordering::Release);
+    None
 }
 
 /// The shared revocation store did not take the change; nothing was changed.

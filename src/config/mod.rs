@@ -75,9 +75,12 @@ pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
     }
     let mut value = serde_json::to_value(&loaded.config).unwrap_or_default();
     walk(&mut value, "", &loaded.secret_paths);
-    // a Redis URL may carry a password even when written inline
+    // a Redis URL may carry a password even when written inline (`user:pass@` or `?pass=`)
     if let Some(url) = value.pointer_mut("/redis/url") {
-        if url.as_str().is_some_and(|u| u.contains('@')) {
+        if url
+            .as_str()
+            .is_some_and(|u| u.contains('@') || u.contains('?'))
+        {
             *url = serde_json::Value::String("[redacted]".into());
         }
     }
@@ -464,6 +467,9 @@ routes:
     #[test]
     fn a_redis_password_written_inline_is_not_shown() {
         let text = format!("{VALID}redis:\n  url: redis://:hunter2@10.0.0.5:6379/0\n");
+        let shown = redacted_json(&load(&text).unwrap()).to_string();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let text = format!("{VALID}redis:\n  url: \"redis+unix:///run/redis.sock?pass=hunter2\"\n");
         let shown = redacted_json(&load(&text).unwrap()).to_string();
         assert!(!shown.contains("hunter2"), "{shown}");
         let text = format!("{VALID}redis:\n  url: redis://10.0.0.5:6379/0\n");

@@ -72,6 +72,9 @@ pub struct GatewayState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// True once the config is loaded and every listener is bound; false again while draining.
     pub ready: Arc<AtomicBool>,
+    /// True once `/readyz` found the start-up dependencies in place (remote key sets fetched,
+    /// shared revocations read); after that a reload cannot take the gateway out of service.
+    pub warmed_up: Arc<AtomicBool>,
     /// Revoked tokens and subjects (the admin API adds to them).
     pub revocations: Arc<crate::policy::authn::RevocationList>,
 }
@@ -153,6 +156,7 @@ impl Gateway {
             state: GatewayState {
                 snapshot,
                 ready: Arc::new(AtomicBool::new(false)),
+                warmed_up: Arc::new(AtomicBool::new(false)),
                 revocations: registry.revocations.clone(),
             },
             registry,

@@ -1492,6 +1492,19 @@ async fn the_gateway_is_not_ready_until_its_jwks_has_been_fetched_once() {
     }
     let response = call_port(port, &signer.sign(&claims("rita"))).await;
     assert_eq!(response, 200);
+
+    // once ready, a reload that adds a key set nobody can fetch does not take the gateway out
+    // of service (that would take every replica out at once)
+    let unreachable = format!(
+        "  jwt:\n    - name: other\n      keys: {{ jwks_url: {{ url: \"http://127.0.0.1:{}/jwks.json\" }} }}\n",
+        free_port()
+    );
+    let with_other = yaml.replacen("  jwt:\n", &unreachable, 1);
+    assert_ne!(with_other, yaml);
+    std::fs::write(&process.config, with_other).unwrap();
+    process.signal("HUP");
+    process.wait_for_log("config reloaded");
+    assert_eq!(readyz().await.status, 200);
 }
 
 async fn call_port(port: u16, token: &str) -> u16 {

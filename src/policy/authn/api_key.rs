@@ -200,8 +200,11 @@ fn load_keys_file(path: &Path) -> Result<Vec<ApiKeyConfig>, ApiKeySetError> {
         message: format!("{}: {message}", path.display()),
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    // an empty file is more likely a half-written one than a decision to drop every key
     if text.trim().is_empty() {
-        return Ok(Vec::new());
+        return Err(fail(
+            "the file is empty (write `[]` for no keys)".to_owned(),
+        ));
     }
     serde_yaml::from_str(&text).map_err(|e| fail(e.to_string()))
 }

@@ -225,11 +225,15 @@ impl JwtProvider {
             roles_claim: config.roles_claim.clone(),
             cache: VerifiedCache::new(config.cache_size),
             replay: config.one_time_use.then(|| {
-                ReplayStore::new(shared.clone(), &config.name, config.cache_size.max(100_000))
+                ReplayStore::new(
+                    shared.clone(),
+                    "jti",
+                    &config.name,
+                    config.cache_size.max(100_000),
+                )
             }),
             dpop: config.dpop.as_ref().map(|d| {
-                let proofs =
-                    ReplayStore::new(shared.clone(), &format!("{}:dpop", config.name), 100_000);
+                let proofs = ReplayStore::new(shared.clone(), "dpop", &config.name, 100_000);
                 DpopVerifier::new(d.max_age.0, leeway, proofs)
             }),
             dpop_required: config.dpop.as_ref().is_some_and(|d| d.required),

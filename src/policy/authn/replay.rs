@@ -15,23 +15,35 @@ use crate::store::RedisStore;
 /// The longest a used id is remembered in Redis for a token without `exp`.
 const MAX_SHARED_MEMORY: Duration = Duration::from_secs(366 * 86_400);
 
+/// Kept in Redis this much longer than the token verifies: covers the fraction of the last
+/// second (times are whole seconds) and small clock differences between replicas.
+const SHARED_MARGIN_SECS: u64 = 2;
+
 /// Where a provider remembers used token ids.
 #[derive(Debug)]
 pub enum ReplayStore {
     Memory(ReplayGuard),
     Shared {
         store: Arc<RedisStore>,
-        provider: Arc<str>,
+        /// `{kind}:{provider}:`, the start of every key; the kind keeps one-time token ids and
+        /// DPoP proof ids (which clients choose) apart whatever the providers are called.
+        key_prefix: Box<str>,
     },
 }
 
 impl ReplayStore {
-    /// In `shared`, under `namespace`, when given; else in this process's memory (`capacity` ids).
-    pub fn new(shared: Option<Arc<RedisStore>>, namespace: &str, capacity: usize) -> Self {
+    /// In `shared` when given, else in this process's memory (`capacity` ids). `kind` names
+    /// what is remembered (`jti` for one-time tokens, `dpop` for proofs).
+    pub fn new(
+        shared: Option<Arc<RedisStore>>,
+        kind: &'static str,
+        provider: &str,
+        capacity: usize,
+    ) -> Self {
         match shared {
             Some(store) => Self::Shared {
                 store,
-                provider: namespace.into(),
+                key_prefix: format!("{kind}:{provider}:").into(),
             },
             None => Self::Memory(ReplayGuard::new(capacity)),
         }
@@ -47,18 +59,20 @@ impl ReplayStore {
     ) -> Result<(), ReplayError> {
         match self {
             Self::Memory(guard) => guard.first_use(jti, expires_at, now),
-            Self::Shared { store, provider } => {
+            Self::Shared { store, key_prefix } => {
                 let jti = jti
                     .filter(|j| !j.is_empty())
                     .ok_or(ReplayError::MissingJti)?;
-                let ttl = Duration::from_secs(expires_at.saturating_sub(now).max(1))
-                    .min(MAX_SHARED_MEMORY);
+                let ttl = Duration::from_secs(
+                    expires_at
+                        .saturating_sub(now)
+                        .saturating_add(SHARED_MARGIN_SECS),
+                )
+                .min(MAX_SHARED_MEMORY);
                 // hashed: bounded key length whatever the token says, and no raw ids in Redis
                 let digest = super::cache::sha256(jti.as_bytes());
-                let mut key = String::with_capacity(provider.len() + 69);
-                key.push_str("jti:");
-                key.push_str(provider);
-                key.push(':');
+                let mut key = String::with_capacity(key_prefix.len() + 64);
+                key.push_str(key_prefix);
                 for byte in digest {
                     use std::fmt::Write as _;
                     let _ = write!(key, "{byte:02x}");
@@ -67,7 +81,7 @@ impl ReplayStore {
                     Ok(true) => Ok(()),
                     Ok(false) => Err(ReplayError::Replayed),
                     Err(error) => {
-                        tracing::warn!(provider = %provider, %error, "replay store unavailable; refusing one-time token");
+                        tracing::warn!(key_prefix = %key_prefix, %error, "replay store unavailable; refusing");
                         Err(ReplayError::Unavailable)
                     }
                 }

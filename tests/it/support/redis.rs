@@ -37,13 +37,30 @@ impl RedisServer {
                 return None;
             }
         };
-        let server = Self { child, port };
+        let mut server = Self { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // our server, answering: not merely something listening on the port
+        while !server.answers_ping() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("redis-server exited ({status}); is port {port} taken?");
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
         Some(server)
+    }
+
+    fn answers_ping(&mut self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+            && matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn url(&self) -> String {

@@ -95,6 +95,35 @@ async fn setup() -> Setup {
     }
 }
 
+/// A gateway with one ES256 provider `corp` (keys: `signer` in a JWKS file; `options`: more of
+/// the provider's YAML lines, indented by six spaces) guarding `/jwt/**`, and an echo upstream.
+/// `files` are written next to the config first.
+async fn one_provider_gateway(
+    signer: &Signer,
+    options: &str,
+    files: &[(&str, &[u8])],
+) -> (TestUpstream, TestGateway) {
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("jwks.json"), jwks(&[signer])).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    let yaml = format!(
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n{options}",
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+    );
+    let loaded = load_yaml(&yaml, dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let gateway = TestGateway {
+        gateway: Some(gateway),
+        addr,
+        dir,
+    };
+    (upstream, gateway)
+}
+
 async fn call(gateway: &TestGateway, path: &str, headers: &[(&str, &str)]) -> TestResponse {
     let mut request = Request::get(gateway.url(path));
     for (name, value) in headers {
@@ -666,16 +695,8 @@ async fn hs256_secrets_pem_keys_and_cookie_tokens_work() {
 #[tokio::test]
 async fn one_time_tokens_cannot_be_replayed() {
     let ec = Signer::ec("once");
-    let upstream = TestUpstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
-    let yaml = format!(
-        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      one_time_use: true\n",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
-    );
-    let loaded = load_yaml(&yaml, dir.path());
-    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
-    let addr = gateway.local_addr("main").unwrap();
+    let (upstream, gateway) = one_provider_gateway(&ec, "      one_time_use: true\n", &[]).await;
+    let addr = gateway.addr;
     let get = |token: String| {
         send(
             Request::get(format!("http://{addr}/jwt/x"))
@@ -708,16 +729,13 @@ async fn one_time_tokens_cannot_be_replayed() {
 #[tokio::test]
 async fn a_cookie_token_not_to_be_forwarded_is_removed_and_other_cookies_stay() {
     let ec = Signer::ec("c");
-    let upstream = TestUpstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
-    let yaml = format!(
-        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      token_source: {{ cookie: session }}\n      forward_token: false\n",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
-    );
-    let loaded = load_yaml(&yaml, dir.path());
-    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
-    let addr = gateway.local_addr("main").unwrap();
+    let (upstream, gateway) = one_provider_gateway(
+        &ec,
+        "      token_source: { cookie: session }\n      forward_token: false\n",
+        &[],
+    )
+    .await;
+    let addr = gateway.addr;
     let token = ec.sign(&claims("hank"));
     let response = send(
         Request::get(format!("http://{addr}/jwt/x"))
@@ -789,16 +807,9 @@ async fn a_reload_keeps_the_keys_of_an_identity_provider_that_is_down() {
 #[tokio::test]
 async fn a_one_time_token_is_refused_until_it_no_longer_verifies() {
     let ec = Signer::ec("once");
-    let upstream = TestUpstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwks.json"), jwks(&[&ec])).unwrap();
-    let yaml = format!(
-        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      one_time_use: true\n      leeway: 5s\n",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
-    );
-    let loaded = load_yaml(&yaml, dir.path());
-    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
-    let addr = gateway.local_addr("main").unwrap();
+    let (_upstream, gateway) =
+        one_provider_gateway(&ec, "      one_time_use: true\n      leeway: 5s\n", &[]).await;
+    let addr = gateway.addr;
     let get = |token: String| {
         send(
             Request::get(format!("http://{addr}/jwt/x"))
@@ -1110,16 +1121,9 @@ pub(crate) fn dpop_proof(
 async fn dpop_bound_tokens_need_a_fresh_proof_by_their_key_for_this_request() {
     let issuer = Signer::ec("iss");
     let holder = Signer::ec("holder");
-    let upstream = TestUpstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwks.json"), jwks(&[&issuer])).unwrap();
-    let yaml = format!(
-        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      dpop: {{ max_age: 30s }}\n",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
-    );
-    let loaded = load_yaml(&yaml, dir.path());
-    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
-    let addr = gateway.local_addr("main").unwrap();
+    let (upstream, gateway) =
+        one_provider_gateway(&issuer, "      dpop: { max_age: 30s }\n", &[]).await;
+    let addr = gateway.addr;
     let url = format!("http://{addr}/jwt/orders");
     let token = dpop_bound_token(&issuer, &holder, "olga");
     let get = |scheme: &str, proof: Option<String>| {
@@ -1275,18 +1279,16 @@ async fn encrypted_tokens_are_decrypted_then_verified() {
     let (rsa_private, rsa_public) = rsa_encryption_key();
     let (ec_private, ec_public) = ec_encryption_key();
     let (_, stranger_public) = ec_encryption_key();
-    let upstream = TestUpstream::echo().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwks.json"), jwks(&[&signer])).unwrap();
-    std::fs::write(dir.path().join("rsa.pem"), &rsa_private).unwrap();
-    std::fs::write(dir.path().join("ec.pem"), &ec_private).unwrap();
-    let yaml = format!(
-        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      decryption_keys: [rsa.pem, ec.pem]\n",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
-    );
-    let loaded = load_yaml(&yaml, dir.path());
-    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
-    let addr = gateway.local_addr("main").unwrap();
+    let (upstream, gateway) = one_provider_gateway(
+        &signer,
+        "      decryption_keys: [rsa.pem, ec.pem]\n",
+        &[
+            ("rsa.pem", rsa_private.as_bytes()),
+            ("ec.pem", ec_private.as_bytes()),
+        ],
+    )
+    .await;
+    let addr = gateway.addr;
     let get = |token: String| {
         send(
             Request::get(format!("http://{addr}/jwt/x"))

@@ -217,13 +217,25 @@ async fn demo_serves_the_curl_commands_it_prints() {
     )
     .await;
     assert_eq!(missing.status, 404);
-    let ready = send(
-        Request::get(format!("http://127.0.0.1:{admin}/readyz"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(ready.status, 200);
+    // ready once the demo's own identity provider has served its keys
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ready = send(
+            Request::get(format!("http://127.0.0.1:{admin}/readyz"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        if ready.status == 200 {
+            break;
+        }
+        assert_eq!(ready.body, "not ready: waiting for JWKS keys\n");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo becomes ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // the printed token opens /secure; without it, or tampered, the gateway says 401
     let token = text
         .lines()

@@ -494,11 +494,15 @@ async fn api_keys_authenticate_rotate_expire_and_never_reach_the_upstream() {
     );
 }
 
-#[tokio::test]
-async fn jwks_rotation_and_unknown_kids_are_handled_without_a_restart() {
-    let old = Signer::ec("old");
-    let new = Signer::ec("new");
-    let document = std::sync::Arc::new(std::sync::Mutex::new((200u16, jwks(&[&old]))));
+/// A fake identity provider serving one JWKS document; the caller swaps `(status, body)`.
+async fn switchable_idp(
+    status: u16,
+    body: String,
+) -> (
+    std::sync::Arc<std::sync::Mutex<(u16, String)>>,
+    TestUpstream,
+) {
+    let document = std::sync::Arc::new(std::sync::Mutex::new((status, body)));
     let served = document.clone();
     let idp = TestUpstream::start(move |_| {
         let (status, body) = served.lock().unwrap().clone();
@@ -510,6 +514,14 @@ async fn jwks_rotation_and_unknown_kids_are_handled_without_a_restart() {
         }
     })
     .await;
+    (document, idp)
+}
+
+#[tokio::test]
+async fn jwks_rotation_and_unknown_kids_are_handled_without_a_restart() {
+    let old = Signer::ec("old");
+    let new = Signer::ec("new");
+    let (document, idp) = switchable_idp(200, jwks(&[&old])).await;
     let upstream = TestUpstream::echo().await;
     let keys = format!("{{ jwks_url: {{ url: \"http://{}/jwks.json\", refresh_interval: 400ms, min_refresh_interval: 200ms }} }}", idp.addr);
     let yaml = format!(
@@ -1201,19 +1213,6 @@ async fn dpop_bound_tokens_need_a_fresh_proof_by_their_key_for_this_request() {
     drop(gateway);
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    let body = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
-
 /// (private PKCS#8 PEM, public SPKI PEM)
 fn rsa_encryption_key() -> (String, String) {
     use aws_lc_rs::{encoding::AsDer, signature::KeyPair};
@@ -1443,18 +1442,7 @@ async fn api_keys_from_a_keys_file_are_reread_on_reload_and_a_broken_file_change
 #[tokio::test]
 async fn the_gateway_is_not_ready_until_its_jwks_has_been_fetched_once() {
     let signer = Signer::ec("k1");
-    let document = std::sync::Arc::new(std::sync::Mutex::new((503u16, String::new())));
-    let served = document.clone();
-    let idp = TestUpstream::start(move |_| {
-        let (status, body) = served.lock().unwrap().clone();
-        Reply {
-            status,
-            body: Bytes::from(body),
-            delay: Duration::ZERO,
-            headers: vec![("content-type", "application/json".into())],
-        }
-    })
-    .await;
+    let (document, idp) = switchable_idp(503, String::new()).await;
     let upstream = TestUpstream::echo().await;
     let admin = free_port();
     let keys = format!(

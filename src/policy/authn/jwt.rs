@@ -119,21 +119,11 @@ impl JwtProvider {
                 }
                 match other {
                     JwtKeysConfig::JwksFile(path) => {
-                        let path = base_dir.join(path);
-                        let bytes =
-                            std::fs::read(&path).map_err(|source| super::KeyError::Read {
-                                path: path.display().to_string(),
-                                source,
-                            })?;
+                        let bytes = read_key_file(&base_dir.join(path))?;
                         Keys::Static(ArcSwap::from_pointee(KeySet::from_jwks(&bytes)?))
                     }
                     JwtKeysConfig::PublicKeyPem(path) => {
-                        let path = base_dir.join(path);
-                        let bytes =
-                            std::fs::read(&path).map_err(|source| super::KeyError::Read {
-                                path: path.display().to_string(),
-                                source,
-                            })?;
+                        let bytes = read_key_file(&base_dir.join(path))?;
                         Keys::Static(ArcSwap::from_pointee(KeySet::from_pem(&bytes)?))
                     }
                     JwtKeysConfig::JwksUrl {
@@ -656,4 +646,12 @@ fn reason(kind: &ErrorKind) -> &'static str {
         ErrorKind::InvalidAlgorithm => "algorithm does not fit the key",
         _ => "invalid token",
     }
+}
+
+/// Reads a key file named in the config (the error names the file).
+fn read_key_file(path: &Path) -> Result<Vec<u8>, super::KeyError> {
+    std::fs::read(path).map_err(|source| super::KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }

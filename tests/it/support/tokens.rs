@@ -132,7 +132,7 @@ pub fn hs256(header: &Value, claims: &Value, secret: &[u8]) -> String {
     format!("{signing_input}.{}", b64(tag.as_ref()))
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+pub fn pem(label: &str, der: &[u8]) -> String {
     let body = base64::engine::general_purpose::STANDARD.encode(der);
     let lines: Vec<&str> = body
         .as_bytes()

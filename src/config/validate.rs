@@ -272,6 +272,9 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
             }
         }
     }
+    if config.redis.as_ref().is_some_and(|r| r.timeout.0.is_zero()) {
+        sink.error("redis.timeout", "must be greater than zero");
+    }
     for (i, provider) in section.introspection.iter().enumerate() {
         if provider.timeout.0.is_zero() {
             sink.error(
@@ -281,7 +284,7 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
         }
     }
     for (i, set) in section.api_keys.iter().enumerate() {
-        if set.keys.is_empty() {
+        if set.keys.is_empty() && set.keys_file.is_none() {
             sink.warn(
                 format!("authentication.api_keys[{i}].keys"),
                 "this key set has no keys: it accepts nothing",

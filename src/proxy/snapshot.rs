@@ -535,13 +535,6 @@ fn compile_authentication(
         all,
     });
     let shared_store = loaded.config.redis.as_ref().and_then(|redis| {
-        if redis.timeout.0.is_zero() {
-            sink.error(
-                "redis.timeout",
-                "must be more than 0 (every command would time out)",
-            );
-            return None;
-        }
         RedisStore::from_config(redis)
             .map(Arc::new)
             .map_err(|message| sink.error("redis.url", message))

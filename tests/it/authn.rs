@@ -1504,3 +1504,36 @@ async fn call_port(port: u16, token: &str) -> u16 {
         .unwrap();
     send(request).await.status
 }
+
+#[test]
+fn a_key_set_with_only_a_keys_file_gets_no_empty_set_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.yaml"), "[]\n").unwrap();
+    let only_file = format!(
+        "{}authentication:\n  api_keys:\n    - name: partners\n      keys_file: keys.yaml\n",
+        config_with(
+            &["http://127.0.0.1:9".to_owned()],
+            "",
+            "  - name: key\n    match: { path: /key/** }\n    auth: [partners]\n    upstream: app\n"
+        )
+    );
+    let warnings = |yaml: &str| {
+        load_yaml(yaml, dir.path())
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        !warnings(&only_file).contains("no keys"),
+        "{}",
+        warnings(&only_file)
+    );
+    let neither = only_file.replace("      keys_file: keys.yaml\n", "");
+    assert!(
+        warnings(&neither).contains("this key set has no keys"),
+        "{}",
+        warnings(&neither)
+    );
+}

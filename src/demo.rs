@@ -42,11 +42,13 @@ pub fn load_config(
     Ok(loaded)
 }
 
-/// The demo's identity provider: a P-256 key made at start, its public JWKS, and a token.
+/// The demo's identity provider: a P-256 key made at start, its public JWKS, and two tokens.
 pub struct DemoIdentity {
     pub jwks: String,
-    /// A token for `demo-user` (roles `reader`), valid for one hour.
+    /// A token for `demo-user` (role `reader`), valid for one hour.
     pub token: String,
+    /// A token for `demo-admin` (role `admin`), valid for one hour.
+    pub admin_token: String,
 }
 
 impl DemoIdentity {
@@ -64,19 +66,25 @@ impl DemoIdentity {
         }]})
         .to_string();
         let now = crate::policy::authn::unix_now();
-        let claims = serde_json::json!({
-            "sub": "demo-user", "iss": "portcullis-demo", "aud": "demo-api",
-            "iat": now, "nbf": now, "exp": now + 3600, "roles": ["reader"],
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("demo-1".into());
-        let token = jsonwebtoken::encode(
-            &header,
-            &claims,
-            &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
-        )
-        .expect("signing works");
-        Self { jwks, token }
+        let sign = |subject: &str, role: &str| {
+            let claims = serde_json::json!({
+                "sub": subject, "iss": "portcullis-demo", "aud": "demo-api",
+                "iat": now, "nbf": now, "exp": now + 3600, "roles": [role],
+            });
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            header.kid = Some("demo-1".into());
+            jsonwebtoken::encode(
+                &header,
+                &claims,
+                &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+            )
+            .expect("signing works")
+        };
+        Self {
+            jwks,
+            token: sign("demo-user", "reader"),
+            admin_token: sign("demo-admin", "admin"),
+        }
     }
 }
 
@@ -157,8 +165,10 @@ pub fn instructions(
     public: SocketAddr,
     admin: Option<SocketAddr>,
     backend: SocketAddr,
-    token: &str,
+    identity: &DemoIdentity,
 ) -> String {
+    let token = &identity.token;
+    let admin_token = &identity.admin_token;
     let mut text = format!(
         "\nPortcullis demo is running. Try:\n\n\
          \x20 curl -s http://{public}/api/hello                # proxied: the backend echoes what it received\n\
@@ -174,6 +184,13 @@ pub fn instructions(
          \x20 curl -s -i -H \"Authorization: Bearer ${{TOKEN}}x\" http://{public}/secure/orders  # tampered token: 401\n\
          \x20 curl -s -H 'x-auth-subject: admin' http://{public}/api/whoami              # a forged identity header is stripped\n"
     );
+    text.push_str(&format!(
+        "\nAuthorization, deny by default: TOKEN carries role `reader` (GET and HEAD on /secure/**);\n\
+         ADMIN_TOKEN carries `admin`, which includes `reader` and may also change things:\n\n\
+         \x20 export ADMIN_TOKEN={admin_token}\n\
+         \x20 curl -s -i -X DELETE -H \"Authorization: Bearer $TOKEN\" http://{public}/secure/orders/7        # reader: 403 forbidden\n\
+         \x20 curl -s -X DELETE -H \"Authorization: Bearer $ADMIN_TOKEN\" http://{public}/secure/orders/7     # admin: allowed\n\n"
+    ));
     if let Some(admin) = admin {
         text.push_str(&format!(
             "\x20 curl -s http://{admin}/readyz                   # admin: readiness\n\

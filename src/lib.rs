@@ -8,16 +8,18 @@
 //! - [`config`]: the YAML model, `${ENV}` interpolation, validation with `FILE:LINE:COL` errors;
 //! - [`proxy`]: snapshot compile, listeners, connection handling, the request handler, reload;
 //! - [`route`]: path normalisation, patterns and the precedence-ordered route table;
-//! - [`policy`]: the per-route policy chain;
+//! - [`policy`]: the per-route policy chain (authentication, authorization);
 //! - [`upstream`]: pools, load balancing, health, retries;
 //! - [`store`]: state shared by replicas (Redis);
 //! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
 //! - [`telemetry`]: logging and the access log; [`admin`]: the admin API;
-//! - [`demo`]: the embedded demo (config and upstream) behind `portcullis demo`.
+//! - [`demo`]: the embedded demo (config and upstream) behind `portcullis demo`;
+//! - [`explain`]: `portcullis explain`, a decision and its reasons from the config alone.
 
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod explain;
 pub mod pipeline;
 pub mod policy;
 pub mod proxy;

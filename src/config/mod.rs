@@ -263,6 +263,11 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
             config.authentication = authentication;
         }
     }
+    if let Some(value) = map.remove("authorization") {
+        if let Some(authorization) = typed(value, "authorization", sink) {
+            config.authorization = authorization;
+        }
+    }
     if let Some(value) = map.remove("redis") {
         config.redis = typed(value, "redis", sink);
     }
@@ -273,7 +278,7 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
         let key = key.as_str().unwrap_or("?").to_owned();
         let error = sink.make(
             &key,
-            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `redis`"),
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `redis`"),
             true,
         );
         sink.errors.push(error);

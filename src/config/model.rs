@@ -33,9 +33,184 @@ pub struct Config {
     /// Named authentication methods that routes refer to in `auth`.
     #[serde(default)]
     pub authentication: AuthenticationConfig,
+    /// Who may do what once authenticated: roles, permissions, role assignments, external
+    /// policy services. Deny by default: a non-public route serves only what a rule allows.
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
     /// The Redis server that replicas share state through (one-time tokens today).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+}
+
+/// Role-based access control, evaluated after authentication on every non-public route.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthorizationConfig {
+    /// Named sets of permissions. A role may include other roles (no cycles).
+    pub roles: Vec<RoleConfig>,
+    /// Static role grants by subject or by group (a role name a credential carries that is
+    /// not itself a configured role, e.g. an IdP group).
+    pub assignments: Vec<RoleAssignmentConfig>,
+    /// HTTP policy services (OPA's data API shape) that routes may consult with `external`.
+    pub external: Vec<ExternalAuthorizerConfig>,
+}
+
+/// A role: a named set of permissions.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    /// Unique name; credentials carry it (JWT `roles_claim`, API-key `roles`, mTLS `roles`).
+    pub name: String,
+    /// Roles whose permissions this role has too.
+    #[serde(default)]
+    pub includes: Vec<String>,
+    /// What the role allows: `"GET,HEAD /orders/**"` (methods, or `*` for all, then a path
+    /// pattern), or the long form with conditions.
+    #[serde(default)]
+    pub permissions: Vec<PermissionConfig>,
+}
+
+/// One permission: the short form `"METHODS PATH"` or a mapping with conditions.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum PermissionConfig {
+    /// `"GET,HEAD /orders/**"`, `"* /admin/**"`.
+    Short(String),
+    /// Methods, a path pattern and conditions.
+    Full(PermissionRuleConfig),
+}
+
+impl<'de> Deserialize<'de> for PermissionConfig {
+    // hand-written instead of `untagged` so that a mistake in the long form reports its field
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PermissionConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a permission: \"METHODS PATH\" or {methods, path, when}")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                Ok(PermissionConfig::Short(text.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                PermissionRuleConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PermissionConfig::Full)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// The long form of a permission.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionRuleConfig {
+    /// Methods (`GET`, `POST`, ...), or `["*"]` for all.
+    pub methods: Vec<String>,
+    /// A path pattern in the routing language (`/tenants/{tenant}/**`), matched against the
+    /// normalised request path (before any rewrite).
+    pub path: String,
+    /// Conditions that must all hold.
+    #[serde(default)]
+    pub when: Vec<ConditionConfig>,
+}
+
+/// An attribute check beyond roles.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ConditionConfig {
+    /// A path parameter of the permission's pattern must equal a claim (or one element of an
+    /// array claim): `{param: tenant, claim: tenant}`.
+    ParamEqualsClaim { param: String, claim: String },
+    /// A claim (dotted path; any element of an array claim) must be one of these values.
+    ClaimIn { claim: String, values: Vec<String> },
+    /// The client address must be in one of these networks (CIDRs).
+    ClientIpIn(Vec<String>),
+}
+
+/// Grants roles to identities, whatever their credential says.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleAssignmentConfig {
+    /// Subjects that get the roles.
+    #[serde(default)]
+    pub subjects: Vec<String>,
+    /// Groups (names the credential carries in its roles) that get the roles.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Only identities verified by these authentication methods. Empty: any.
+    #[serde(default)]
+    pub providers: Vec<String>,
+    /// The roles granted.
+    pub roles: Vec<String>,
+}
+
+/// An external policy service asked over HTTP: `POST url` with `{"input": {...}}`, answered
+/// `{"result": true}` or `{"result": {"allow": true}}` (OPA's data API).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalAuthorizerConfig {
+    /// Unique name that routes refer to in `authorization.external`.
+    pub name: String,
+    /// e.g. `http://127.0.0.1:8181/v1/data/portcullis/allow` (`https://`, or `http://` to a
+    /// loopback address).
+    pub url: String,
+    /// An answer that takes longer counts as an error.
+    #[serde(default = "default_external_timeout")]
+    pub timeout: HumanDuration,
+    /// How long a decision is remembered for the same identity and request (0: never).
+    #[serde(default = "default_external_cache_ttl")]
+    pub cache_ttl: HumanDuration,
+    /// Decisions remembered at most.
+    #[serde(default = "default_verified_cache")]
+    pub cache_size: usize,
+    /// What an error or timeout means: `deny` (fail closed, the default) or `allow`.
+    #[serde(default)]
+    pub on_error: FailureMode,
+    /// Request headers passed in `input.request.headers` (credentials never are).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// Claims (dotted paths) passed in `input.identity.claims`.
+    #[serde(default)]
+    pub claims: Vec<String>,
+}
+
+fn default_external_timeout() -> HumanDuration {
+    HumanDuration::from_millis(200)
+}
+
+fn default_external_cache_ttl() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+
+/// What an unavailable dependency means for a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Refuse (fail closed).
+    #[default]
+    Deny,
+    /// Let the request through (fail open).
+    Allow,
+}
+
+/// A route's authorization rule. Without one, the route's permissions decide: a role of the
+/// identity must grant the method and path.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteAuthorizationConfig {
+    /// Every verified identity may use the route (an explicit, logged choice).
+    pub any_authenticated: bool,
+    /// The identity must hold one of these roles (directly or by inclusion); replaces the
+    /// permission check.
+    pub roles: Vec<String>,
+    /// The credential must carry all of these OAuth scopes; replaces the permission check.
+    pub scopes: Vec<String>,
+    /// Also ask this external policy service (by name) once the local rule allowed.
+    pub external: Option<String>,
 }
 
 /// A Redis server shared by the gateway's replicas.
@@ -276,6 +451,13 @@ pub struct ApiKeyConfig {
     /// Roles granted to this identity.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// OAuth-style scopes the key carries (for routes that require scopes).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Attributes of the identity that authorization conditions read as claims, e.g.
+    /// `{tenant: acme}`.
+    #[serde(default)]
+    pub claims: std::collections::BTreeMap<String, serde_json::Value>,
     /// The key stops working at this time (RFC 3339, e.g. `2027-01-31T00:00:00Z`).
     #[serde(default)]
     pub expires: Option<String>,
@@ -812,6 +994,9 @@ pub struct RouteConfig {
     /// Listeners (by name) that serve this route. Empty: all listeners.
     #[serde(default)]
     pub listeners: Vec<String>,
+    /// Who may use the route once authenticated. Absent: the roles' permissions decide.
+    #[serde(default)]
+    pub authorization: Option<RouteAuthorizationConfig>,
 }
 
 /// Request matching. All given conditions must hold.

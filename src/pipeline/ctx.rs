@@ -42,6 +42,8 @@ pub struct RequestCtx {
     pub identity: Option<Arc<crate::policy::authn::Identity>>,
     /// Why authentication failed (for the log; the client sees only the challenge).
     pub auth_failure: Option<&'static str>,
+    /// The authorization decision and what it rests on.
+    pub authorization: Option<crate::policy::authz::Decision>,
 }
 
 /// Finishes a request when the response body ends: writes the access-log line and releases the

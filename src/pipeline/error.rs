@@ -29,6 +29,8 @@ pub enum GatewayError {
     ShuttingDown,
     #[error("not authenticated")]
     Unauthorized(Challenge),
+    #[error("not authorized")]
+    Forbidden,
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 style). Deliberately coarse: a client
@@ -66,6 +68,7 @@ impl GatewayError {
             Self::UpstreamConnect | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -81,6 +84,7 @@ impl GatewayError {
             Self::UpstreamProtocol => "upstream_protocol_error",
             Self::ShuttingDown => "shutting_down",
             Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden => "forbidden",
         }
     }
 
@@ -97,6 +101,8 @@ impl GatewayError {
             Self::UpstreamTimeout => "the upstream service did not answer in time",
             Self::ShuttingDown => "the gateway is restarting; retry",
             Self::Unauthorized(_) => "authentication is required",
+            // the same words whatever rule denied: the policy is not the client's to learn
+            Self::Forbidden => "you are not allowed to do this",
         }
     }
 
@@ -158,6 +164,7 @@ mod tests {
             (GatewayError::UpstreamProtocol, 502),
             (GatewayError::ShuttingDown, 503),
             (GatewayError::Unauthorized(Challenge::Bearer), 401),
+            (GatewayError::Forbidden, 403),
         ] {
             let response = error.into_response(&id);
             assert_eq!(response.status().as_u16(), status, "{error:?}");

@@ -6,6 +6,7 @@
 //! carry on, or respond now. Authorization, rate limits and caching plug in as further fields.
 
 pub mod authn;
+pub mod authz;
 
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ pub struct RoutePolicies {
     /// Identity headers, stripped from every request before anything reads them.
     pub identity_headers: Arc<authn::IdentityHeaderNames>,
     pub access: Access,
+    /// What an authenticated identity may do here (`None` on public routes only).
+    pub authorization: Option<Arc<authz::RouteAuthorization>>,
 }
 
 /// Runs the request-side phases in order.
@@ -47,6 +50,7 @@ pub async fn run_request_phase(
     let RoutePolicies {
         identity_headers,
         access,
+        authorization,
     } = policies;
     // 1. a client never speaks for the gateway: strip identity headers it sent, on every route,
     //    before any policy could read them
@@ -69,6 +73,31 @@ pub async fn run_request_phase(
                 return Err(GatewayError::Unauthorized(authenticator.challenge(failure)));
             }
         },
+    }
+    // 3. authorization: deny unless a rule allows (every authenticated route has one)
+    if let (Some(authorization), Some(identity)) = (authorization, ctx.identity.clone()) {
+        let facts = authz::RequestFacts {
+            method: &request.method,
+            path: &ctx.path,
+            client_ip: ctx.client_ip,
+        };
+        let route = ctx.route.as_deref().unwrap_or_default();
+        let decision = authorization
+            .authorize(
+                &identity,
+                &facts,
+                &authz::RequestContext {
+                    host: &ctx.host,
+                    route,
+                    headers: &request.headers,
+                },
+            )
+            .await;
+        let allowed = decision.allowed;
+        ctx.authorization = Some(decision);
+        if !allowed {
+            return Err(GatewayError::Forbidden);
+        }
     }
     Ok(Flow::Continue)
 }

@@ -131,6 +131,9 @@ impl Gateway {
             .max(1);
         let registry = Arc::new(UpstreamRegistry::new(worker_count));
         let snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
+        for warning in &snapshot.warnings {
+            tracing::warn!("{warning}");
+        }
         let mut listeners = HashMap::new();
         for spec in &snapshot.listeners {
             let bound = bind(spec.bind).map_err(|source| StartError::Bind {
@@ -217,6 +220,9 @@ impl Gateway {
     pub fn reload(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
         let generation = self.generation + 1;
         let snapshot = compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
+        for warning in &snapshot.warnings {
+            tracing::warn!("{warning}");
+        }
         if snapshot.workers.is_some_and(|w| w != self.worker_count) {
             tracing::warn!("`server.workers` changed; it takes effect at the next restart");
         }

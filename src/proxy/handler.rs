@@ -78,6 +78,7 @@ pub async fn handle(
         user_agent: request.headers().get(header::USER_AGENT).cloned(),
         identity: None,
         auth_failure: None,
+        authorization: None,
     };
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,

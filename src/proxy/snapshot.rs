@@ -20,6 +20,7 @@ use crate::{
             ApiKeySet, AuthMethod, Authenticator, IdentityHeaderNames, IntrospectionProvider,
             JwtError, JwtProvider, MtlsMethod, RevocationList, SharedRevocations,
         },
+        authz::{self, Policy},
         Access, RoutePolicies,
     },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
@@ -51,6 +52,9 @@ pub struct Snapshot {
     pub watch_config: bool,
     /// The effective config as JSON, secrets redacted (served on the admin `/config`).
     pub effective_config: serde_json::Value,
+    /// Findings of the compile step that do not stop the config (e.g. a route no role can
+    /// reach), for `portcullis validate` and the log at (re)load.
+    pub warnings: Vec<crate::config::ConfigWarning>,
 }
 
 impl Snapshot {
@@ -139,6 +143,7 @@ pub fn compile(
         .map(|(i, l)| (l.name.as_str(), i))
         .collect();
     let authentication = compile_authentication(loaded, registry, &mut sink);
+    let policy = Arc::new(Policy::compile(&config.authorization, &mut sink));
     let mut compiled_routes = Vec::new();
     for (i, route) in config.routes.iter().enumerate() {
         if let Some(compiled) = compile_route(
@@ -147,6 +152,7 @@ pub fn compile(
             &upstreams,
             &listener_index,
             &authentication,
+            &policy,
             &mut sink,
         ) {
             compiled_routes.push(compiled);
@@ -162,6 +168,8 @@ pub fn compile(
     if sink.has_errors() {
         return Err(sink.into_errors());
     }
+    authz::lint(config, &policy, &mut sink);
+    let warnings = std::mem::take(&mut sink.warnings);
     let mut upstream_list: Vec<Arc<Upstream>> = upstreams.into_values().collect();
     upstream_list.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Snapshot {
@@ -188,6 +196,7 @@ pub fn compile(
         workers: config.server.workers,
         watch_config: config.server.watch_config,
         effective_config: crate::config::redacted_json(loaded),
+        warnings,
     })
 }
 
@@ -351,6 +360,7 @@ fn compile_route(
     upstreams: &HashMap<&str, Arc<Upstream>>,
     listener_index: &HashMap<&str, usize>,
     authentication: &Authentication,
+    policy: &Arc<Policy>,
     sink: &mut ErrorSink<'_>,
 ) -> Option<(RouteMatch, Arc<Route>)> {
     let path = format!("routes[{i}]");
@@ -400,6 +410,18 @@ fn compile_route(
             }
         },
     };
+    let authorization = if route.public {
+        if route.authorization.is_some() {
+            sink.error(
+                format!("{path}.authorization"),
+                "a public route has no identity to authorize: remove `authorization` or `public`",
+            );
+            return None;
+        }
+        None
+    } else {
+        Some(Arc::new(policy.route(i, route, sink)?))
+    };
     let access = if route.public {
         Access::Public
     } else {
@@ -428,6 +450,7 @@ fn compile_route(
         policies: RoutePolicies {
             identity_headers: authentication.identity_headers.clone(),
             access,
+            authorization,
         },
         strip_prefix: rewrite.strip_prefix.map(Into::into),
         add_prefix: rewrite.add_prefix.map(Into::into),
@@ -533,6 +556,7 @@ fn compile_authentication(
         provider,
         roles,
         all,
+        policy_claims: authz::claims_read(&loaded.config.authorization),
     });
     let shared_store = loaded.config.redis.as_ref().and_then(|redis| {
         RedisStore::from_config(redis)

@@ -16,7 +16,7 @@ use std::cmp::Ordering;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 pub use normalize::{normalize_path, PathError};
-pub use pattern::{HostPattern, PathPattern};
+pub use pattern::{HostPattern, PathPattern, PatternSegment};
 
 /// The compiled matching conditions of one route.
 #[derive(Clone, Debug)]

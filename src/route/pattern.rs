@@ -1,4 +1,4 @@
-//! The pattern language shared by routes (and, later, permissions): host patterns and path patterns.
+//! The pattern language shared by routes and permissions: host patterns and path patterns.
 //!
 //! Paths: `/exact/path`, templates `/users/{id}/orders` (`{name}` matches one segment), `*` (one
 //! segment, unnamed) and a trailing `/**` (zero or more segments, so `/api/**` matches `/api` and
@@ -141,6 +141,58 @@ impl PathPattern {
     }
 }
 
+/// One piece of a path pattern, as indexes over patterns (the permission index) see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatternSegment<'a> {
+    Literal(&'a str),
+    /// `{name}` or `*`: any one segment.
+    Wildcard(Option<&'a str>),
+}
+
+impl PathPattern {
+    /// The segments before any trailing `/**`.
+    pub fn segments(&self) -> impl Iterator<Item = PatternSegment<'_>> {
+        self.segments.iter().map(|s| match s {
+            Segment::Literal(text) => PatternSegment::Literal(text),
+            Segment::Param(name) => PatternSegment::Wildcard(Some(name)),
+            Segment::Any => PatternSegment::Wildcard(None),
+        })
+    }
+
+    /// Ends in `/**` (matches its segments and anything below).
+    pub fn is_prefix(&self) -> bool {
+        self.prefix
+    }
+
+    /// `/**`: every path.
+    pub fn matches_everything(&self) -> bool {
+        self.prefix && self.segments.is_empty()
+    }
+
+    /// Whether the pattern names parameter `{name}`.
+    pub fn has_param(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Param(n) if &**n == name))
+    }
+
+    /// Whether some path matches both patterns (exact: the languages have no other way to
+    /// differ than literal segments and length).
+    pub fn overlaps(&self, other: &Self) -> bool {
+        let literals_agree = self
+            .segments
+            .iter()
+            .zip(other.segments.iter())
+            .all(|pair| !matches!(pair, (Segment::Literal(a), Segment::Literal(b)) if a != b));
+        literals_agree
+            && match self.segments.len().cmp(&other.segments.len()) {
+                Ordering::Equal => true,
+                Ordering::Less => self.prefix,
+                Ordering::Greater => other.prefix,
+            }
+    }
+}
+
 /// A host pattern: any host, an exact name, or `*.suffix`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostPattern {
@@ -189,6 +241,24 @@ impl HostPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlap_is_exact_for_the_pattern_language() {
+        let p = |s| PathPattern::parse(s).unwrap();
+        for (a, b, expected) in [
+            ("/orders/**", "/orders/{id}", true),
+            ("/orders/{id}", "/orders/7/items", false),
+            ("/orders/*/items", "/orders/7/items", true),
+            ("/orders", "/orders/**", true),
+            ("/orders/7", "/orders/8", false),
+            ("/a/**", "/b/**", false),
+            ("/**", "/anything/at/all", true),
+            ("/x/{y}", "/x", false),
+        ] {
+            assert_eq!(p(a).overlaps(&p(b)), expected, "{a} vs {b}");
+            assert_eq!(p(b).overlaps(&p(a)), expected, "{b} vs {a}");
+        }
+    }
 
     fn p(s: &str) -> PathPattern {
         PathPattern::parse(s).unwrap()

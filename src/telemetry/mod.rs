@@ -65,6 +65,11 @@ pub fn access_log(ctx: &RequestCtx) {
         auth_method = ctx.identity.as_ref().map(|i| i.method),
         auth_provider = ctx.identity.as_ref().map(|i| &*i.provider),
         auth_failure = ctx.auth_failure,
+        authz = ctx
+            .authorization
+            .as_ref()
+            .map(|d| if d.allowed { "allow" } else { "deny" }),
+        authz_reason = ctx.authorization.as_ref().map(|d| tracing::field::display(&d.reason)),
         "request"
     );
 }

@@ -9,6 +9,7 @@ mod balance;
 mod client;
 pub mod health;
 mod retry;
+mod service;
 
 use std::{
     collections::HashMap,
@@ -27,6 +28,7 @@ pub use client::{
     UpstreamResponseBody,
 };
 pub use retry::RetryBudget;
+pub use service::ServiceEndpoint;
 
 use crate::{
     config::model::{HealthCheckConfig, OutlierDetectionConfig},

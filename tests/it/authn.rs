@@ -13,14 +13,17 @@ use crate::support::{tokens::*, *};
 const ROUTES: &str = "  - name: jwt
     match: { path: /jwt/** }
     auth: [corp]
+    authorization: { any_authenticated: true }
     upstream: app
   - name: key
     match: { path: /key/** }
     auth: [partners]
+    authorization: { any_authenticated: true }
     upstream: app
   - name: either
     match: { path: /either/** }
     auth: [corp, partners]
+    authorization: { any_authenticated: true }
     upstream: app
   - name: open
     match: { path: /public/** }
@@ -111,7 +114,7 @@ async fn one_provider_gateway(
     }
     let yaml = format!(
         "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n{options}",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    authorization:\n      any_authenticated: true\n    upstream: app\n")
     );
     let loaded = load_yaml(&yaml, dir.path());
     let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
@@ -629,7 +632,7 @@ async fn hs256_secrets_pem_keys_and_cookie_tokens_work() {
         config_with(
             &[upstream.url()],
             "",
-            "  - name: hs\n    match: { path: /hs }\n    auth: [hs]\n    upstream: app\n  - name: pem\n    match: { path: /pem }\n    auth: [pem]\n    upstream: app\n"
+            "  - name: hs\n    match: { path: /hs }\n    auth: [hs]\n    authorization:\n      any_authenticated: true\n    upstream: app\n  - name: pem\n    match: { path: /pem }\n    auth: [pem]\n    authorization:\n      any_authenticated: true\n    upstream: app\n"
         )
     );
     let loaded = load_yaml(&yaml, dir.path());
@@ -878,7 +881,7 @@ async fn fake_authorization_server() -> TestUpstream {
 fn introspection_config(upstream: &TestUpstream, server: &TestUpstream, secret: &str) -> String {
     format!(
         "{}authentication:\n  introspection:\n    - name: idp\n      endpoint: http://{}/introspect\n      client_id: gateway\n      client_secret: \"{secret}\"\n      timeout: 500ms\n      audiences: [api]\n",
-        config_with(&[upstream.url()], "", "  - name: opaque\n    match: { path: /opaque/** }\n    auth: [idp]\n    upstream: app\n"),
+        config_with(&[upstream.url()], "", "  - name: opaque\n    match: { path: /opaque/** }\n    auth: [idp]\n    authorization:\n      any_authenticated: true\n    upstream: app\n"),
         server.addr
     )
 }
@@ -954,7 +957,7 @@ async fn keys_are_found_through_openid_connect_discovery() {
     let upstream = TestUpstream::echo().await;
     let yaml = format!(
         "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ oidc_issuer: {{ issuer: \"{issuer}\" }} }}\n",
-        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    upstream: app\n")
+        config_with(&[upstream.url()], "", "  - name: jwt\n    match: { path: /jwt/** }\n    auth: [corp]\n    authorization:\n      any_authenticated: true\n    upstream: app\n")
     );
     let gateway = TestGateway::start(&yaml).await;
     let mut good = claims("kim");
@@ -1386,7 +1389,7 @@ async fn api_keys_from_a_keys_file_are_reread_on_reload_and_a_broken_file_change
         config_with(
             &[upstream.url()],
             "",
-            "  - name: key\n    match: { path: /key/** }\n    auth: [partners]\n    upstream: app\n"
+            "  - name: key\n    match: { path: /key/** }\n    auth: [partners]\n    authorization:\n      any_authenticated: true\n    upstream: app\n"
         ),
         digest("inline-key")
     );
@@ -1514,7 +1517,7 @@ fn a_key_set_with_only_a_keys_file_gets_no_empty_set_warning() {
         config_with(
             &["http://127.0.0.1:9".to_owned()],
             "",
-            "  - name: key\n    match: { path: /key/** }\n    auth: [partners]\n    upstream: app\n"
+            "  - name: key\n    match: { path: /key/** }\n    auth: [partners]\n    authorization:\n      any_authenticated: true\n    upstream: app\n"
         )
     );
     let warnings = |yaml: &str| {

@@ -257,6 +257,23 @@ async fn demo_serves_the_curl_commands_it_prints() {
     );
     assert_eq!(secure(None).await.status, 401);
     assert_eq!(secure(Some(format!("Bearer {token}x"))).await.status, 401);
+    // the reader may not delete, the admin may: both curls as printed
+    let admin_token = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("export ADMIN_TOKEN="))
+        .expect("an admin token is printed")
+        .to_owned();
+    assert!(text.contains("-X DELETE"), "{text}");
+    let delete = |token: &str| {
+        send(
+            Request::delete(format!("http://127.0.0.1:{port}/secure/orders/7"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    assert_eq!(delete(&token).await.status, 403);
+    assert_eq!(delete(&admin_token).await.status, 200);
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -283,9 +300,11 @@ routes:
   - name: both
     public: true
     auth: [corp]
+    authorization: { any_authenticated: true }
     upstream: app
   - name: unknown
     auth: [nobody]
+    authorization: { any_authenticated: true }
     upstream: app
 ";
     let (code, out) = validate(yaml);
@@ -300,7 +319,7 @@ routes:
     // key material is checked when the config compiles (after the structural checks pass)
     let cut = yaml.find("routes:").unwrap();
     let compiles = format!(
-        "{}routes:\n  - name: ok\n    auth: [corp]\n    upstream: app\n",
+        "{}routes:\n  - name: ok\n    auth: [corp]\n    authorization:\n      any_authenticated: true\n    upstream: app\n",
         &yaml[..cut].replace(
             "  api_keys:\n    - name: corp",
             "  api_keys:\n    - name: keys"
@@ -315,4 +334,274 @@ routes:
         out.contains("authentication.api_keys[0].keys[0]: `sha256` must be 64 hex digits"),
         "{out}"
     );
+}
+
+/// A config for `explain`: API keys, a JWT provider, roles with a tenant condition.
+fn explain_fixture(
+    dir: &std::path::Path,
+    signer: &crate::support::tokens::Signer,
+) -> std::path::PathBuf {
+    let digest = |key: &str| {
+        portcullis::policy::authn::sha256(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    std::fs::write(
+        dir.join("jwks.json"),
+        crate::support::tokens::jwks(&[signer]),
+    )
+    .unwrap();
+    let yaml = format!(
+        "listeners:
+  - name: main
+    bind: 127.0.0.1:0
+upstreams:
+  - name: app
+    targets:
+      - url: http://127.0.0.1:9
+authentication:
+  jwt:
+    - name: corp
+      algorithms: [ES256]
+      keys: {{ jwks_file: jwks.json }}
+      roles_claim: roles
+  api_keys:
+    - name: keys
+      keys:
+        - {{ id: reporter, sha256: {}, roles: [reader] }}
+authorization:
+  roles:
+    - name: reader
+      permissions: [\"GET,HEAD /orders/**\"]
+    - name: member
+      includes: [reader]
+      permissions:
+        - methods: [PUT]
+          path: /tenants/{{tenant}}/**
+          when:
+            - param_equals_claim: {{ param: tenant, claim: tenant }}
+routes:
+  - name: orders
+    match: {{ path: /orders/** }}
+    auth: [corp, keys]
+    upstream: app
+  - name: tenants
+    match: {{ path: /tenants/** }}
+    auth: [corp]
+    upstream: app
+",
+        digest("the-key")
+    );
+    let path = dir.join("gw.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn explain(config: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let output = Command::new(binary())
+        .arg("explain")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn explain_names_the_route_identity_roles_and_rule_and_exits_0_or_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = crate::support::tokens::Signer::ec("k1");
+    let config = explain_fixture(dir.path(), &signer);
+
+    let (code, out) = explain(
+        &config,
+        &[
+            "--method",
+            "GET",
+            "--path",
+            "/orders/7",
+            "--api-key",
+            "the-key",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    for expected in [
+        "route:     orders",
+        "identity:  reporter (via api_key `keys`)",
+        "roles:     reader",
+        "reason:    role `reader` grants `GET,HEAD /orders/**`",
+        "decision:  ALLOW",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
+
+    let (code, out) = explain(
+        &config,
+        &[
+            "--method",
+            "DELETE",
+            "--path",
+            "/orders/7",
+            "--api-key",
+            "the-key",
+        ],
+    );
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("no permission of the identity's roles matches"),
+        "{out}"
+    );
+    assert!(out.contains("decision:  DENY (403)"), "{out}");
+
+    // a real token, verified against the provider's keys; `member` includes `reader`
+    let mut claims = crate::support::tokens::claims("ann");
+    claims["roles"] = serde_json::json!(["member"]);
+    claims["tenant"] = serde_json::json!("acme");
+    let token = signer.sign(&claims);
+    let (code, out) = explain(&config, &["--path", "/orders/1", "--token", &token]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("roles:     reader, member"), "{out}");
+    let (code, out) = explain(
+        &config,
+        &[
+            "--method",
+            "PUT",
+            "--path",
+            "/tenants/acme/x",
+            "--token",
+            &token,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    // tenant isolation, through a traversal
+    let (code, out) = explain(
+        &config,
+        &[
+            "--method",
+            "PUT",
+            "--path",
+            "/tenants/acme/../other/x",
+            "--token",
+            &token,
+        ],
+    );
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("normalised: /tenants/other/x"), "{out}");
+    assert!(
+        out.contains("path parameter `tenant` equals claim `tenant`"),
+        "{out}"
+    );
+    // a tampered token does not verify
+    let (code, out) = explain(
+        &config,
+        &["--path", "/orders/1", "--token", &format!("{token}x")],
+    );
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("DENY (401)"), "{out}");
+
+    // claims taken as given
+    let (code, out) = explain(
+        &config,
+        &[
+            "--method",
+            "PUT",
+            "--path",
+            "/tenants/b/x",
+            "--claims",
+            r#"{"sub": "bo", "roles": ["member"], "tenant": "b"}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no signature was checked"), "{out}");
+
+    // no credential, no route
+    let (code, out) = explain(&config, &["--path", "/orders/1"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("DENY (401)"), "{out}");
+    let (code, out) = explain(&config, &["--path", "/nowhere"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("DENY (404)"), "{out}");
+    // a broken config is an error, not a decision
+    std::fs::write(&config, "listeners: 3\n").unwrap();
+    let (code, _) = explain(&config, &["--path", "/orders/1"]);
+    assert_eq!(code, 1);
+}
+
+#[test]
+fn validate_warns_about_broad_roles_unreachable_permissions_and_routes_no_role_reaches() {
+    let yaml = "\
+listeners:
+  - name: main
+    bind: 127.0.0.1:0
+upstreams:
+  - name: app
+    targets:
+      - url: http://127.0.0.1:9
+authentication:
+  api_keys:
+    - name: keys
+authorization:
+  roles:
+    - name: root
+      permissions: [\"* /**\"]
+    - name: reader
+      permissions: [\"GET /orders/**\", \"GET /invoices/**\"]
+routes:
+  - name: orders
+    match: { path: /orders/** }
+    auth: [keys]
+    upstream: app
+  - name: admin
+    match: { path: /admin/**, methods: [DELETE] }
+    auth: [keys]
+    authorization:
+      roles: [reader]
+    upstream: app
+  - name: payments
+    match: { path: /payments/** }
+    auth: [keys]
+    upstream: app
+";
+    let (code, out) = validate(yaml);
+    assert_eq!(code, 0, "{out}");
+    for expected in [
+        "gw.yaml:14:21: authorization.roles[0].permissions[0]: role `root` may do anything on any path",
+        "gw.yaml:16:39: authorization.roles[1].permissions[1]: no route that checks permissions can receive `GET /invoices/**`",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
+    // with `root` gone, `payments` is a route no role can reach
+    let narrowed = yaml.replace("    - name: root\n      permissions: [\"* /**\"]\n", "");
+    let (code, out) = validate(&narrowed);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("routes[2]: no role has a permission for this route"),
+        "{out}"
+    );
+    assert!(!out.contains("routes[0]: no role"), "{out}");
+    assert!(
+        !out.contains("routes[1]"),
+        "route roles replace permissions: {out}"
+    );
+
+    // errors: authorization on a public route, unknown role or service, contradictory rule
+    let broken = narrowed
+        .replace("    authorization:\n      roles: [reader]\n", "    authorization:\n      roles: [ghost]\n      external: nowhere\n")
+        .replace("  - name: payments\n    match: { path: /payments/** }\n    auth: [keys]\n", "  - name: payments\n    match: { path: /payments/** }\n    public: true\n    authorization: { any_authenticated: true }\n");
+    let (code, out) = validate(&broken);
+    assert_eq!(code, 1, "{out}");
+    for expected in [
+        "routes[1].authorization.roles[0]: no role is named `ghost`",
+        "routes[1].authorization.external: no `authorization.external` service is named `nowhere`",
+        "routes[2].authorization: a public route has no identity to authorize",
+    ] {
+        assert!(out.contains(expected), "{expected:?} in:\n{out}");
+    }
 }

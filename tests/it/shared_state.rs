@@ -15,6 +15,7 @@ use crate::{
 const ROUTES: &str = "  - name: jwt
     match: { path: /jwt/** }
     auth: [corp]
+    authorization: { any_authenticated: true }
     upstream: app
   - name: open
     match: { path: /public/** }

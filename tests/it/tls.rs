@@ -347,7 +347,7 @@ async fn client_certificates_authenticate_and_bind_tokens() {
     let yaml = config_with(
         &[upstream.url()],
         "",
-        "  - name: svc\n    match: { path: /svc }\n    auth: [services]\n    upstream: app\n  - name: bound\n    match: { path: /bound }\n    auth: [corp]\n    upstream: app\n",
+        "  - name: svc\n    match: { path: /svc }\n    auth: [services]\n    authorization:\n      any_authenticated: true\n    upstream: app\n  - name: bound\n    match: { path: /bound }\n    auth: [corp]\n    authorization:\n      any_authenticated: true\n    upstream: app\n",
     )
     .replace(
         "    bind: 127.0.0.1:0\n",

@@ -51,6 +51,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
     },
+    /// Explain what the gateway would decide for a request, and why. Exits 0 for allow, 3 for deny.
+    Explain(ExplainArgs),
     /// Print the JSON Schema of the config file (for editor completion).
     Schema,
     /// Benchmark helper: writes a JWKS and a token per algorithm (ES256, RS256) to a directory.
@@ -64,6 +66,37 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The config file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The request method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// The request path (as the client would send it; it is normalised like a real request).
+    #[arg(long)]
+    path: String,
+    /// The `Host` of the request (for routes that match hosts).
+    #[arg(long, default_value = "")]
+    host: String,
+    /// The listener the request arrives on (default: the first).
+    #[arg(long)]
+    listener: Option<String>,
+    /// The client's address (for `client_ip_in` conditions).
+    #[arg(long, default_value = "127.0.0.1")]
+    client_ip: std::net::IpAddr,
+    /// A token, verified like the gateway would (sent as `Authorization: Bearer`).
+    #[arg(long, conflicts_with_all = ["claims", "api_key"])]
+    token: Option<String>,
+    /// Claims as JSON, taken as if a verified token carried them.
+    #[arg(long, conflicts_with = "api_key")]
+    claims: Option<String>,
+    /// An API key.
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +115,7 @@ fn main() -> ExitCode {
         Command::Run { config, workers } => run(&config, workers),
         Command::Validate { files } => return validate(&files),
         Command::Demo { listen, admin } => demo(listen, admin),
+        Command::Explain(args) => return explain(args),
         Command::Schema => schema(),
         Command::BenchTokens { dir } => bench_tokens(&dir),
         Command::Key {
@@ -153,11 +187,11 @@ fn validate(files: &[PathBuf]) -> ExitCode {
     for file in files {
         let result = config::load_file(file).and_then(|loaded| {
             let registry = portcullis::upstream::UpstreamRegistry::new(1);
-            portcullis::proxy::compile(&loaded, &registry, 0).map(|_| loaded)
+            portcullis::proxy::compile(&loaded, &registry, 0).map(|snapshot| (loaded, snapshot))
         });
         match result {
-            Ok(loaded) => {
-                for warning in &loaded.warnings {
+            Ok((loaded, snapshot)) => {
+                for warning in loaded.warnings.iter().chain(&snapshot.warnings) {
                     println!("{warning}");
                 }
                 println!("{}: ok", file.display());
@@ -208,14 +242,18 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
     let backend = backend_rx.recv().context("demo backend thread ended")??;
     let loaded = portcullis::demo::load_config(backend, listen, admin)
         .map_err(|errors| anyhow!("demo config:\n{errors}"))?;
-    let token = identity.token;
     serve(
         loaded,
         None,
         None,
         Some(Box::new(move |gateway: &Gateway| {
             let public = gateway.local_addr("public").unwrap_or(listen);
-            portcullis::demo::instructions(public, gateway.snapshot().admin_bind, backend, &token)
+            portcullis::demo::instructions(
+                public,
+                gateway.snapshot().admin_bind,
+                backend,
+                &identity,
+            )
         })),
     )
 }
@@ -269,6 +307,57 @@ fn bench_tokens(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("es256.token"), es)?;
     std::fs::write(dir.join("rs256.token"), rs)?;
     Ok(())
+}
+
+/// Exit status of `explain` for a denied request (0 is allowed, 1 an error).
+const EXIT_DENIED: u8 = 3;
+
+fn explain(args: ExplainArgs) -> ExitCode {
+    match explain_request(args) {
+        Ok(explanation) => {
+            print!("{}", explanation.text);
+            if explanation.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_DENIED)
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain_request(args: ExplainArgs) -> anyhow::Result<portcullis::explain::Explanation> {
+    use portcullis::explain::{Credential, Query};
+    let loaded =
+        config::load_file(&args.config).map_err(|errors| anyhow!("invalid config:\n{errors}"))?;
+    let registry = portcullis::upstream::UpstreamRegistry::new(1);
+    let snapshot = portcullis::proxy::compile(&loaded, &registry, 0)
+        .map_err(|errors| anyhow!("invalid config:\n{errors}"))?;
+    let credential = match (args.token, args.claims, args.api_key) {
+        (Some(token), _, _) => Credential::Token(token),
+        (_, Some(claims), _) => Credential::Claims(
+            serde_json::from_str(&claims).context("--claims must be a JSON object")?,
+        ),
+        (_, _, Some(key)) => Credential::ApiKey(key),
+        _ => Credential::None,
+    };
+    let query = Query {
+        method: http::Method::from_bytes(args.method.as_bytes())
+            .map_err(|_| anyhow!("`{}` is not an HTTP method", args.method))?,
+        path: args.path,
+        host: args.host,
+        listener: args.listener,
+        client_ip: args.client_ip,
+        credential,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build a runtime")?;
+    Ok(runtime.block_on(portcullis::explain::explain(&snapshot, &query)))
 }
 
 fn schema() -> anyhow::Result<()> {

@@ -116,6 +116,8 @@ impl ApiKeySet {
                 subject: key.id.as_str().into(),
                 issuer: None,
                 roles,
+                scopes: key.scopes.iter().map(|s| s.as_str().into()).collect(),
+                claims: identity_names.retain_claims(&key.claims.clone().into_iter().collect()),
                 headers,
                 token_id: None,
                 certificate_thumbprint: None,
@@ -142,6 +144,11 @@ impl ApiKeySet {
             query: config.query.clone(),
             by_digest,
         })
+    }
+
+    /// The header the key is read from.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
     }
 
     pub fn authenticate(&self, request: &mut request::Parts) -> Result<Arc<Identity>, AuthFailure> {

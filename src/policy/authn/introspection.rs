@@ -9,26 +9,19 @@ use std::{sync::Arc, time::Duration};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use http::{header, request, uri::Authority, HeaderValue, Method, Request, Uri};
-use http_body_util::{BodyExt, Limited};
+use http::{header, request, HeaderValue};
 use serde_json::{Map, Value};
 
 use super::{
     cache::{sha256, VerifiedCache},
     unix_now, AuthFailure, Identity, IdentityHeaderNames,
 };
-use crate::{
-    config::model::IntrospectionConfig,
-    pipeline::UpstreamBody,
-    upstream::{ClientSettings, ConnectionPool, TargetScheme},
-};
+use crate::{config::model::IntrospectionConfig, upstream::ServiceEndpoint};
 
 /// A compiled introspection client.
 pub struct IntrospectionProvider {
     pub name: Arc<str>,
-    endpoint: Uri,
-    authority: Authority,
-    pool: Arc<ConnectionPool>,
+    endpoint: ServiceEndpoint,
     credentials: HeaderValue,
     timeout: Duration,
     max_cache_ttl: u64,
@@ -53,42 +46,7 @@ impl IntrospectionProvider {
         config: &IntrospectionConfig,
         identity_names: Arc<IdentityHeaderNames>,
     ) -> Result<Self, String> {
-        let endpoint: Uri = config
-            .endpoint
-            .parse()
-            .map_err(|_| format!("`{}` is not a URL", config.endpoint))?;
-        let host = endpoint.host().ok_or("the endpoint needs a host")?;
-        let loopback = host == "localhost"
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        let (scheme, port) = match endpoint.scheme_str() {
-            Some("https") => (TargetScheme::Https, 443),
-            Some("http") if loopback => (TargetScheme::Http1, 80),
-            _ => {
-                return Err(
-                    "the endpoint must be https:// (http:// only to a loopback address)".into(),
-                )
-            }
-        };
-        let authority: Authority = format!("{host}:{}", endpoint.port_u16().unwrap_or(port))
-            .parse()
-            .map_err(|_| "bad endpoint host".to_owned())?;
-        let tls = crate::tls::client_config(None, None).map_err(|e| e.to_string())?;
-        let pool = Arc::new(ConnectionPool::new(
-            ClientSettings {
-                scheme,
-                tls: Arc::new(tls),
-                tls_fingerprint: String::new(),
-                server_name: None,
-                connect_timeout: config.timeout.0,
-                max_idle: 16,
-                idle_timeout: Duration::from_secs(30),
-            },
-            1,
-        ));
+        let endpoint = ServiceEndpoint::from_url(&config.endpoint, config.timeout.0)?;
         // RFC 6749 §2.3.1: client id and secret are form-encoded before the Basic encoding
         let basic = base64::engine::general_purpose::STANDARD.encode(format!(
             "{}:{}",
@@ -100,8 +58,6 @@ impl IntrospectionProvider {
         Ok(Self {
             name: config.name.as_str().into(),
             endpoint,
-            authority,
-            pool,
             credentials,
             timeout: config.timeout.0,
             max_cache_ttl: config.max_cache_ttl.0.as_secs(),
@@ -203,35 +159,13 @@ impl IntrospectionProvider {
 
     async fn ask(&self, token: &str) -> Result<Map<String, Value>, &'static str> {
         let body = format!("token={}&token_type_hint=access_token", form_encode(token));
-        let mut request = Request::new(UpstreamBody::Empty);
-        *request.method_mut() = Method::POST;
-        *request.uri_mut() = self.endpoint.clone();
-        let headers = request.headers_mut();
-        headers.insert(
-            header::HOST,
-            HeaderValue::from_str(self.authority.as_str()).map_err(|_| "bad host")?,
-        );
-        headers.insert(header::AUTHORIZATION, self.credentials.clone());
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let request = request.map(|_| UpstreamBody::Full(Some(Bytes::from(body))));
-        let response = self
-            .pool
-            .send(&self.authority, request)
+        self.endpoint
+            .post_for_json(
+                "application/x-www-form-urlencoded",
+                &[(header::AUTHORIZATION, self.credentials.clone())],
+                Bytes::from(body),
+            )
             .await
-            .map_err(|_| "the introspection endpoint could not be reached")?;
-        if !response.status().is_success() {
-            return Err("the introspection endpoint refused the request");
-        }
-        let bytes = Limited::new(response.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .map_err(|_| "the introspection answer could not be read")?
-            .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|_| "the introspection answer is not a JSON object")
     }
 
     fn identity(&self, answer: &Map<String, Value>) -> Result<Identity, AuthFailure> {
@@ -245,15 +179,7 @@ impl IntrospectionProvider {
             })
             .ok_or(AuthFailure::Invalid("no subject"))?;
         let issuer = answer.get("iss").and_then(Value::as_str);
-        let roles: Vec<Box<str>> = match answer.get(&self.roles_claim) {
-            Some(Value::String(text)) => text.split_whitespace().map(Into::into).collect(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .map(Into::into)
-                .collect(),
-            _ => Vec::new(),
-        };
+        let roles = super::names_in(answer.get(&self.roles_claim));
         let headers = self.identity_names.headers_for(
             "introspection",
             &self.name,
@@ -268,6 +194,8 @@ impl IntrospectionProvider {
             subject: subject.into(),
             issuer: issuer.map(Into::into),
             roles,
+            scopes: super::names_in(answer.get("scope")),
+            claims: self.identity_names.retain_claims(answer),
             headers,
             token_id: None,
             certificate_thumbprint: super::confirmation(answer.get("cnf"), false)?.certificate,

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 use super::{
     cache::{sha256, VerifiedCache},
+    claim_at,
     dpop::DpopVerifier,
     jwe::{is_jwe, JweKeys},
     jwks::{JwksRegistry, KeySet, RemoteJwks},
@@ -528,6 +529,15 @@ impl JwtProvider {
         Ok(())
     }
 
+    /// The identity unverified claims would give (for `portcullis explain --claims`; the request
+    /// path only ever builds identities from verified tokens).
+    pub fn identity_from_claims(
+        &self,
+        claims: &Map<String, Value>,
+    ) -> Result<Identity, AuthFailure> {
+        self.identity(claims)
+    }
+
     fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, AuthFailure> {
         let confirmation = super::confirmation(claims.get("cnf"), self.dpop.is_some())?;
         let subject = claims
@@ -536,20 +546,11 @@ impl JwtProvider {
             .filter(|s| !s.is_empty())
             .ok_or(AuthFailure::Invalid("no subject"))?;
         let issuer = claims.get("iss").and_then(Value::as_str);
-        let roles: Vec<Box<str>> = self
-            .roles_claim
-            .as_deref()
-            .and_then(|path| claim_at(claims, path))
-            .map(|value| match value {
-                Value::String(text) => text.split_whitespace().map(Into::into).collect(),
-                Value::Array(items) => items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(Into::into)
-                    .collect(),
-                _ => Vec::new(),
-            })
-            .unwrap_or_default();
+        let roles = super::names_in(
+            self.roles_claim
+                .as_deref()
+                .and_then(|path| claim_at(claims, path)),
+        );
         let extra = self
             .claim_headers
             .iter()
@@ -571,6 +572,8 @@ impl JwtProvider {
             subject: subject.into(),
             issuer: issuer.map(Into::into),
             roles,
+            scopes: super::scopes_in(claims),
+            claims: self.identity_names.retain_claims(claims),
             headers,
             token_id: claims.get("jti").and_then(Value::as_str).map(Into::into),
             certificate_thumbprint: confirmation.certificate,
@@ -585,16 +588,6 @@ fn seconds(value: &Value) -> Option<u64> {
     value
         .as_u64()
         .or_else(|| value.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-}
-
-/// A claim by dotted path (`realm_access.roles`).
-fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
-    let mut parts = path.split('.');
-    let mut value = claims.get(parts.next()?)?;
-    for part in parts {
-        value = value.get(part)?;
-    }
-    Some(value)
 }
 
 /// Removes one cookie from the request's `Cookie` headers, keeping the others.

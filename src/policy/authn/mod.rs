@@ -38,7 +38,13 @@ pub struct Identity {
     pub provider: Arc<str>,
     pub subject: Box<str>,
     pub issuer: Option<Box<str>>,
+    /// Role (or group) names the credential carried.
     pub roles: Vec<Box<str>>,
+    /// OAuth scopes the credential carried (`scope`, `scp`).
+    pub scopes: Vec<Box<str>>,
+    /// The claims authorization reads (only those: see [`IdentityHeaderNames::policy_claims`]),
+    /// by the dotted path the config names them with.
+    pub claims: Vec<(Box<str>, serde_json::Value)>,
     /// Headers to send upstream, computed once at verification (cached tokens reuse them).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The token's `jti` and `exp`, for one-time use.
@@ -51,6 +57,14 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A retained claim by its dotted path; `sub` is the subject for every method.
+    pub fn claim(&self, path: &str) -> Option<std::borrow::Cow<'_, serde_json::Value>> {
+        if let Some((_, value)) = self.claims.iter().find(|(name, _)| &**name == path) {
+            return Some(std::borrow::Cow::Borrowed(value));
+        }
+        (path == "sub").then(|| std::borrow::Cow::Owned(serde_json::Value::from(&*self.subject)))
+    }
+
     #[cfg(test)]
     pub(crate) fn for_test(subject: &str) -> Self {
         Self {
@@ -59,6 +73,8 @@ impl Identity {
             subject: subject.into(),
             issuer: None,
             roles: Vec::new(),
+            scopes: Vec::new(),
+            claims: Vec::new(),
             headers: Vec::new(),
             token_id: None,
             certificate_thumbprint: None,
@@ -79,6 +95,53 @@ pub struct IdentityHeaderNames {
     /// Every header an identity may set, including configured claim headers: all are stripped
     /// from client requests.
     pub all: Vec<HeaderName>,
+    /// Claims (dotted paths) that authorization conditions and external policy services read:
+    /// identities keep these and no others, so a cached identity stays small.
+    pub policy_claims: Box<[Box<str>]>,
+}
+
+impl IdentityHeaderNames {
+    /// The claims of `claims` that authorization reads.
+    pub fn retain_claims(
+        &self,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(Box<str>, serde_json::Value)> {
+        self.policy_claims
+            .iter()
+            .filter_map(|path| Some((path.clone(), claim_at(claims, path)?.clone())))
+            .collect()
+    }
+}
+
+/// A claim by dotted path (`realm_access.roles`).
+pub(crate) fn claim_at<'a>(
+    claims: &'a serde_json::Map<String, serde_json::Value>,
+    path: &str,
+) -> Option<&'a serde_json::Value> {
+    let mut parts = path.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.get(part)?;
+    }
+    Some(value)
+}
+
+/// Names from a claim that is either a space-separated string (`scope`) or an array of strings.
+pub(crate) fn names_in(value: Option<&serde_json::Value>) -> Vec<Box<str>> {
+    match value {
+        Some(serde_json::Value::String(text)) => text.split_whitespace().map(Into::into).collect(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .map(Into::into)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// OAuth scopes: `scope` (RFC 8693/9068, space-separated) or `scp` (array, some IdPs).
+pub(crate) fn scopes_in(claims: &serde_json::Map<String, serde_json::Value>) -> Vec<Box<str>> {
+    names_in(claims.get("scope").or_else(|| claims.get("scp")))
 }
 
 impl IdentityHeaderNames {

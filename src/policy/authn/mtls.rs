@@ -141,6 +141,8 @@ impl MtlsMethod {
             subject: subject.as_str().into(),
             issuer: None,
             roles,
+            scopes: Vec::new(),
+            claims: Vec::new(),
             headers,
             token_id: None,
             certificate_thumbprint: None,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What authentication costs: requests per second of JWT-protected routes as a ratio of the same
-# public route, in one interleaved run, pinned like bench/run.sh (Portcullis on CPU 0 with one
+# What authentication and authorization cost: requests per second of JWT-protected routes (one
+# with a permission check) as a ratio of the same public route, in one interleaved run, pinned like bench/run.sh (Portcullis on CPU 0 with one
 # worker, wrk and the upstream on CPU 1). "cached" repeats one token (the verification cache
 # answers); "uncached" verifies the signature on every request (what distinct tokens cost).
 # Writes its table into docs/benchmarks.md between the auth-bench markers.
@@ -30,6 +30,8 @@ taskset -c 0 "$bin" run --config bench/auth.yaml & gw=$!
 trap 'kill $gw $up 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null && break; sleep 0.1; done
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $ES" http://127.0.0.1:18090/uncached)" = 200 ] || { echo "token rejected" >&2; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $ES" http://127.0.0.1:18090/rbac/orders/42)" = 200 ] || { echo "permission refused" >&2; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $ES" http://127.0.0.1:18090/rbac/admin/x)" = 403 ] || { echo "permission not enforced" >&2; exit 1; }
 
 run() {  # path [token] -> requests per second
   local args=(-t1 -c50)
@@ -38,11 +40,11 @@ run() {  # path [token] -> requests per second
   taskset -c 1 wrk "${args[@]}" -d"$DURATION" "http://127.0.0.1:18090$1" | awk '/^Requests\/sec:/{print $2}'
 }
 declare -A sum rpss
-names=(plain es256-repeated es256-verified rs256-repeated rs256-verified)
+names=(plain es256-repeated es256-rbac es256-verified rs256-repeated rs256-verified)
 for r in $(seq "$ROUNDS"); do
   plain=$(run /plain)
   line="round $r plain=$plain"
-  for spec in "es256-repeated /cached $ES" "es256-verified /uncached $ES" "rs256-repeated /cached $RS" "rs256-verified /uncached $RS"; do
+  for spec in "es256-repeated /cached $ES" "es256-rbac /rbac/orders/42 $ES" "es256-verified /uncached $ES" "rs256-repeated /cached $RS" "rs256-verified /uncached $RS"; do
     set -- $spec
     rps=$(run "$2" "$3")
     rpss[$1]="${rpss[$1]:-} $rps"
@@ -61,7 +63,7 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{print (NR%
   echo "| route | requests/s (median) | ratio to the public route |"
   echo "|---|---|---|"
   echo "| public (no authentication) | $(echo "${sum[plain]}" | median) | 1.000 |"
-  for n in es256-repeated es256-verified rs256-repeated rs256-verified; do
+  for n in es256-repeated es256-rbac es256-verified rs256-repeated rs256-verified; do
     echo "| JWT $n | $(echo "${rpss[$n]}" | median) | $(echo "${sum[$n]}" | median) |"
   done
   echo "<!-- auth-bench:end -->"

@@ -17,7 +17,7 @@ use crate::{
         Access,
     },
     proxy::Snapshot,
-    route::normalize_path,
+    route::{normalize_path, request_host},
 };
 
 /// The request to explain.
@@ -27,6 +27,8 @@ pub struct Query {
     pub path: String,
     /// `Host` (routes may match on it).
     pub host: String,
+    /// Other request headers (routes may match on them; external services may read them).
+    pub headers: HeaderMap,
     /// The listener the request arrives on (default: the first).
     pub listener: Option<String>,
     pub client_ip: IpAddr,
@@ -72,16 +74,29 @@ pub async fn explain(snapshot: &Snapshot, query: &Query) -> Explanation {
 
 async fn decide(snapshot: &Snapshot, query: &Query, out: &mut String) -> Result<(), &'static str> {
     let _ = writeln!(out, "request:   {} {}", query.method, query.path);
-    let Ok(path) = normalize_path(&query.path) else {
+    // what the handler reads: the path without its query, the host as `request_host` sees it
+    let raw_path = query
+        .path
+        .split_once('?')
+        .map_or(&*query.path, |(path, _)| path);
+    let Ok(path) = normalize_path(raw_path) else {
         let _ = writeln!(
             out,
             "reason:    the path is malformed (encoded slash, NUL, ...)"
         );
         return Err("400");
     };
-    if path != query.path {
+    if path != raw_path {
         let _ = writeln!(out, "normalised: {path}");
     }
+    let mut headers = query.headers.clone();
+    if !query.host.is_empty() {
+        let host = HeaderValue::from_str(&query.host)
+            .map_err(|_| "400: the host is not a header value")?;
+        headers.insert(http::header::HOST, host);
+    }
+    let uri = http::Uri::from_static("/");
+    let host = request_host(&uri, &headers);
     let listener = match &query.listener {
         None => snapshot.listeners.first(),
         Some(name) => snapshot.listener(name),
@@ -90,13 +105,10 @@ async fn decide(snapshot: &Snapshot, query: &Query, out: &mut String) -> Result<
         let _ = writeln!(out, "reason:    no such listener");
         return Err("no listener");
     };
-    let Some(route) = snapshot.routes.find(
-        listener.index,
-        &query.host,
-        &query.method,
-        &path,
-        &HeaderMap::new(),
-    ) else {
+    let Some(route) = snapshot
+        .routes
+        .find(listener.index, &host, &query.method, &path, &headers)
+    else {
         let _ = writeln!(out, "route:     none matches");
         return Err("404");
     };
@@ -109,7 +121,7 @@ async fn decide(snapshot: &Snapshot, query: &Query, out: &mut String) -> Result<
         Access::Authenticated(authenticator) => authenticator,
     };
 
-    let identity = match identify(authenticator, &query.credential, out).await {
+    let identity = match identify(authenticator, &query.credential, &headers, out).await {
         Ok(identity) => identity,
         Err(reason) => {
             let _ = writeln!(out, "identity:  none ({reason})");
@@ -134,11 +146,7 @@ async fn decide(snapshot: &Snapshot, query: &Query, out: &mut String) -> Result<
         return Ok(());
     };
     let roles = &authorization.policy.roles;
-    let direct = roles.of(&identity);
-    let effective: Vec<&str> = (0..roles.len() as u32)
-        .filter(|&role| direct.iter().any(|d| roles.holders(role).contains(d)))
-        .map(|role| &**roles.name(role))
-        .collect();
+    let effective = roles.expand(&roles.of(&identity));
     let _ = writeln!(
         out,
         "roles:     {}",
@@ -157,9 +165,9 @@ async fn decide(snapshot: &Snapshot, query: &Query, out: &mut String) -> Result<
                 client_ip: query.client_ip,
             },
             &RequestContext {
-                host: &query.host,
+                host: &host,
                 route: &route.name,
-                headers: &HeaderMap::new(),
+                headers: &headers,
             },
         )
         .await;
@@ -174,9 +182,11 @@ async fn decide(snapshot: &Snapshot, query: &Query, out: &mut String) -> Result<
 async fn identify(
     authenticator: &crate::policy::authn::Authenticator,
     credential: &Credential,
+    headers: &HeaderMap,
     out: &mut String,
 ) -> Result<std::sync::Arc<Identity>, String> {
     let mut request = Request::new(()).into_parts().0;
+    request.headers = headers.clone();
     match credential {
         Credential::None => return Err("no credential given: the gateway answers 401".into()),
         Credential::Claims(claims) => {

@@ -48,8 +48,8 @@ pub struct Config {
 pub struct AuthorizationConfig {
     /// Named sets of permissions. A role may include other roles (no cycles).
     pub roles: Vec<RoleConfig>,
-    /// Static role grants by subject or by group (a role name a credential carries that is
-    /// not itself a configured role, e.g. an IdP group).
+    /// Static role grants by subject or by group (a name a credential carries in its roles that
+    /// is not itself a configured role, e.g. an IdP group).
     pub assignments: Vec<RoleAssignmentConfig>,
     /// HTTP policy services (OPA's data API shape) that routes may consult with `external`.
     pub external: Vec<ExternalAuthorizerConfig>,
@@ -64,6 +64,10 @@ pub struct RoleConfig {
     /// Roles whose permissions this role has too.
     #[serde(default)]
     pub includes: Vec<String>,
+    /// Authentication methods (by name) whose credentials may confer this role. Empty: any.
+    /// Assignments grant it regardless.
+    #[serde(default)]
+    pub providers: Vec<String>,
     /// What the role allows: `"GET,HEAD /orders/**"` (methods, or `*` for all, then a path
     /// pattern), or the long form with conditions.
     #[serde(default)]

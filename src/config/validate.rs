@@ -8,7 +8,10 @@ use std::{
 
 use serde_yaml::Value;
 
-use super::{model::Config, ErrorSink};
+use super::{
+    model::{AuthenticationConfig, Config, FailureMode, TokenSourceConfig},
+    ErrorSink,
+};
 use crate::route::{HostPattern, PathPattern};
 
 /// Names declared in the file, including items that failed to parse (so that they do not cause a
@@ -16,7 +19,7 @@ use crate::route::{HostPattern, PathPattern};
 #[derive(Debug, Default)]
 pub struct Declared {
     upstreams: HashSet<String>,
-    /// Names under `authentication.jwt` and `authentication.api_keys`.
+    /// Names of every authentication method (`jwt`, `api_keys`, `introspection`, `mtls`).
     auth_methods: HashSet<String>,
     listeners: HashSet<String>,
     /// Listener items written, parsable or not.
@@ -72,6 +75,7 @@ impl Declared {
 pub fn check(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) {
     check_server(config, sink);
     check_authentication(config, sink);
+    check_authorization(config, declared, sink);
     if declared.listener_items == 0 {
         sink.error("listeners", "at least one listener is required");
     }
@@ -102,6 +106,93 @@ fn identity_header_names(config: &Config) -> Vec<String> {
         );
     }
     all
+}
+
+/// Headers that carry credentials (lower case): never identity headers, never sent to a policy
+/// service.
+fn credential_headers(section: &AuthenticationConfig) -> Vec<String> {
+    let mut headers: Vec<String> = ["authorization", "proxy-authorization", "cookie", "dpop"]
+        .iter()
+        .map(|h| (*h).to_owned())
+        .collect();
+    headers.extend(
+        section
+            .api_keys
+            .iter()
+            .map(|s| s.header.to_ascii_lowercase()),
+    );
+    headers.extend(section.jwt.iter().filter_map(|p| match &p.token_source {
+        TokenSourceConfig::Header(name) => Some(name.to_ascii_lowercase()),
+        _ => None,
+    }));
+    headers
+}
+
+/// Checks of `authorization` against other sections (references into the section itself, the
+/// role graph and permissions are checked where they are compiled, in `policy::authz`).
+fn check_authorization(config: &Config, declared: &Declared, sink: &mut ErrorSink<'_>) {
+    let section = &config.authorization;
+    let provider_lists = section
+        .roles
+        .iter()
+        .enumerate()
+        .map(|(i, role)| (format!("authorization.roles[{i}]"), &role.providers))
+        .chain(
+            section
+                .assignments
+                .iter()
+                .enumerate()
+                .map(|(i, assignment)| {
+                    (
+                        format!("authorization.assignments[{i}]"),
+                        &assignment.providers,
+                    )
+                }),
+        );
+    for (path, providers) in provider_lists {
+        for (j, provider) in providers.iter().enumerate() {
+            if !declared.auth_methods.contains(provider) {
+                sink.error(
+                    format!("{path}.providers[{j}]"),
+                    format!("no authentication method is named `{provider}`"),
+                );
+            }
+        }
+    }
+    for (i, assignment) in section.assignments.iter().enumerate() {
+        if !assignment.subjects.is_empty()
+            && assignment.providers.is_empty()
+            && declared.auth_methods.len() > 1
+        {
+            sink.warn(
+                format!("authorization.assignments[{i}].subjects"),
+                "without `providers`, a subject verified by any authentication method gets these roles (an API key id or a certificate name could equal a user's subject)",
+            );
+        }
+    }
+    let credentials = credential_headers(&config.authentication);
+    for (i, service) in section.external.iter().enumerate() {
+        for (j, header) in service.headers.iter().enumerate() {
+            if credentials.contains(&header.to_ascii_lowercase()) {
+                sink.error(
+                    format!("authorization.external[{i}].headers[{j}]"),
+                    format!("`{header}` carries credentials; it is never sent to a policy service"),
+                );
+            }
+        }
+        if service.timeout.0.is_zero() {
+            sink.error(
+                format!("authorization.external[{i}].timeout"),
+                "must be more than 0",
+            );
+        }
+        if service.on_error == FailureMode::Allow {
+            sink.warn(
+                format!("authorization.external[{i}].on_error"),
+                "`allow` lets requests through whenever the policy service is down or slow (fail open)",
+            );
+        }
+    }
 }
 
 fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
@@ -162,15 +253,7 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
         "x-forwarded-for",
         "forwarded",
     ];
-    let mut credential_headers: Vec<String> = section
-        .api_keys
-        .iter()
-        .map(|s| s.header.to_ascii_lowercase())
-        .collect();
-    credential_headers.extend(section.jwt.iter().filter_map(|p| match &p.token_source {
-        crate::config::model::TokenSourceConfig::Header(name) => Some(name.to_ascii_lowercase()),
-        _ => None,
-    }));
+    let credential_headers = credential_headers(section);
     let names = &section.identity_headers;
     let identity = [
         ("subject", &names.subject),

@@ -75,7 +75,12 @@ pub async fn run_request_phase(
         },
     }
     // 3. authorization: deny unless a rule allows (every authenticated route has one)
-    if let (Some(authorization), Some(identity)) = (authorization, ctx.identity.clone()) {
+    if let Some(authorization) = authorization {
+        // an authorized route without an identity cannot happen today; if it ever could, it
+        // must not mean "allowed"
+        let Some(identity) = ctx.identity.clone() else {
+            return Err(GatewayError::Forbidden);
+        };
         let facts = authz::RequestFacts {
             method: &request.method,
             path: &ctx.path,

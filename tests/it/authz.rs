@@ -239,7 +239,7 @@ async fn jwt_gateway(
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), jwks(&[signer])).unwrap();
     let yaml = format!(
-        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      roles_claim: roles\n{authorization}",
+        "{}authentication:\n  jwt:\n    - name: corp\n      algorithms: [ES256]\n      keys: {{ jwks_file: jwks.json }}\n      roles_claim: roles\n  api_keys:\n    - name: partners\n{authorization}",
         config_with(&[upstream.url()], "", routes)
     );
     let loaded = crate::support::load_yaml(&yaml, dir.path());
@@ -347,7 +347,7 @@ async fn assignments_grant_roles_by_subject_and_by_group() {
     - groups: [engineering]
       roles: [viewer]
     - subjects: [dave]
-      providers: [some-other-provider]
+      providers: [partners]
       roles: [editor]
 ",
     )
@@ -490,7 +490,7 @@ async fn external_gateway(service: &TestUpstream, on_error: &str) -> (TestUpstre
       timeout: 300ms
       cache_ttl: 30s
       on_error: {on_error}
-      headers: [x-api-key, x-trace]
+      headers: [x-trace]
 ",
         config_with(
             &[upstream.url()],

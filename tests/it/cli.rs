@@ -390,6 +390,11 @@ routes:
     match: {{ path: /tenants/** }}
     auth: [corp]
     upstream: app
+  - name: console
+    match: {{ hosts: [console.example.com], path: /console/**, headers: [{{ name: x-canary, value: \"1\" }}] }}
+    auth: [keys]
+    authorization: {{ any_authenticated: true }}
+    upstream: app
 ",
         digest("the-key")
     );
@@ -520,6 +525,30 @@ fn explain_names_the_route_identity_roles_and_rule_and_exits_0_or_3() {
     );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("no signature was checked"), "{out}");
+
+    // host and headers as a real request has them: case and port do not matter; a query is not
+    // part of the path
+    let console = [
+        "--path",
+        "/console/x?debug=1",
+        "--host",
+        "CONSOLE.example.com:8443",
+        "--api-key",
+        "the-key",
+    ];
+    let (code, out) = explain(
+        &config,
+        &[&console[..], &["--header", "x-canary: 1"]].concat(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("route:     console"), "{out}");
+    assert!(
+        out.contains("reason:    the route allows any authenticated identity"),
+        "{out}"
+    );
+    let (code, out) = explain(&config, &console);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("DENY (404)"), "{out}");
 
     // no credential, no route
     let (code, out) = explain(&config, &["--path", "/orders/1"]);

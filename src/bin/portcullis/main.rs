@@ -82,6 +82,9 @@ struct ExplainArgs {
     /// The `Host` of the request (for routes that match hosts).
     #[arg(long, default_value = "")]
     host: String,
+    /// A request header, `NAME: VALUE` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
     /// The listener the request arrives on (default: the first).
     #[arg(long)]
     listener: Option<String>,
@@ -268,7 +271,7 @@ fn bench_tokens(dir: &Path) -> anyhow::Result<()> {
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
     std::fs::create_dir_all(dir)?;
     let now = portcullis::policy::authn::unix_now();
-    let claims = serde_json::json!({"sub": "bench", "iss": "bench", "aud": "bench", "iat": now, "exp": now + 86_400});
+    let claims = serde_json::json!({"sub": "bench", "iss": "bench", "aud": "bench", "iat": now, "exp": now + 86_400, "roles": ["bench"]});
     let ec =
         EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).map_err(|_| anyhow!("EC key"))?;
     let point = ec.public_key().as_ref().to_vec();
@@ -344,7 +347,20 @@ fn explain_request(args: ExplainArgs) -> anyhow::Result<portcullis::explain::Exp
         (_, _, Some(key)) => Credential::ApiKey(key),
         _ => Credential::None,
     };
+    let mut headers = http::HeaderMap::new();
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| anyhow!("--header `{header}` is not `NAME: VALUE`"))?;
+        headers.append(
+            http::HeaderName::from_bytes(name.trim().as_bytes())
+                .with_context(|| format!("`{name}` is not a header name"))?,
+            http::HeaderValue::from_str(value.trim())
+                .with_context(|| format!("`{value}` is not a header value"))?,
+        );
+    }
     let query = Query {
+        headers,
         method: http::Method::from_bytes(args.method.as_bytes())
             .map_err(|_| anyhow!("`{}` is not an HTTP method", args.method))?,
         path: args.path,

@@ -57,12 +57,18 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// A retained claim by its dotted path; `sub` is the subject for every method.
+    /// A retained claim by its dotted path. `sub` is always the verified subject, whatever a
+    /// claims map says (an API key's configured `claims` cannot rename its identity).
     pub fn claim(&self, path: &str) -> Option<std::borrow::Cow<'_, serde_json::Value>> {
-        if let Some((_, value)) = self.claims.iter().find(|(name, _)| &**name == path) {
-            return Some(std::borrow::Cow::Borrowed(value));
+        if path == "sub" {
+            return Some(std::borrow::Cow::Owned(serde_json::Value::from(
+                &*self.subject,
+            )));
         }
-        (path == "sub").then(|| std::borrow::Cow::Owned(serde_json::Value::from(&*self.subject)))
+        self.claims
+            .iter()
+            .find(|(name, _)| &**name == path)
+            .map(|(_, value)| std::borrow::Cow::Borrowed(value))
     }
 
     #[cfg(test)]

@@ -1,10 +1,11 @@
 //! Attribute conditions on a permission: small and declarative, enough for multi-tenant least
 //! privilege without a policy language.
 
-use std::{fmt, net::IpAddr};
+use std::fmt;
 
 use serde_json::Value;
 
+use super::RequestFacts;
 use crate::{config::model::ConditionConfig, policy::authn::Identity, route::PathPattern};
 
 /// A compiled condition.
@@ -21,12 +22,6 @@ pub enum Condition {
         values: Box<[Box<str>]>,
     },
     ClientIpIn(Box<[ipnet::IpNet]>),
-}
-
-/// What a condition reads besides the identity.
-pub struct Facts<'a> {
-    pub path: &'a str,
-    pub client_ip: IpAddr,
 }
 
 impl Condition {
@@ -85,7 +80,12 @@ impl Condition {
     }
 
     /// Whether the condition holds for this request; `pattern` is the permission's.
-    pub fn holds(&self, identity: &Identity, pattern: &PathPattern, facts: &Facts<'_>) -> bool {
+    pub fn holds(
+        &self,
+        identity: &Identity,
+        pattern: &PathPattern,
+        facts: &RequestFacts<'_>,
+    ) -> bool {
         match self {
             Self::ParamEqualsClaim { param, claim } => {
                 let Some(value) = pattern

@@ -2,9 +2,11 @@
 //! may proceed, after the local rules allowed it.
 //!
 //! `POST url` with `{"input": {"request": …, "identity": …}}`; the answer `{"result": true}` or
-//! `{"result": {"allow": true}}` allows, any other well-formed answer denies. Errors, timeouts
-//! and malformed answers follow `on_error` (deny by default: fail closed). Definite answers are
-//! remembered for `cache_ttl`, keyed by the SHA-256 of the exact input.
+//! `{"result": {"allow": true}}` allows, any other JSON answer denies (OPA answers `{}` or
+//! `{"result": {}}` for undefined rules: that is no permission). Only a failure to get an answer
+//! (connection, non-2xx status, a body that is not JSON, timeout) follows `on_error` (deny by
+//! default: fail closed). Answers are remembered for `cache_ttl`, keyed by the SHA-256 of the
+//! exact input. Which headers may be passed is checked by `config::validate` (never credentials).
 
 use std::{
     collections::HashMap,
@@ -22,9 +24,6 @@ use crate::{
     policy::authn::{sha256, Identity},
     upstream::ServiceEndpoint,
 };
-
-/// Headers never passed to a policy service, whatever the config says.
-const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "proxy-authorization", "cookie", "dpop"];
 
 /// A compiled external policy service.
 #[derive(Debug)]
@@ -69,7 +68,7 @@ pub struct ExternalRequest<'a> {
     pub client_ip: IpAddr,
     pub route: &'a str,
     pub headers: &'a HeaderMap,
-    /// The configured roles the identity holds directly.
+    /// The configured roles the identity holds, inclusion expanded.
     pub roles: Vec<&'a str>,
 }
 
@@ -81,13 +80,7 @@ impl ExternalAuthorizer {
         for (i, name) in config.headers.iter().enumerate() {
             let field = format!("headers[{i}]");
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| (field.clone(), format!("`{name}` is not a header name")))?;
-            if CREDENTIAL_HEADERS.contains(&name.as_str()) {
-                return Err((
-                    field,
-                    format!("`{name}` carries credentials; it is never sent to a policy service"),
-                ));
-            }
+                .map_err(|_| (field, format!("`{name}` is not a header name")))?;
             headers.push(name);
         }
         Ok(Self {
@@ -162,7 +155,7 @@ impl ExternalAuthorizer {
         )
         .await;
         let answer = match asked {
-            Ok(Ok(answer)) => verdict(&answer),
+            Ok(Ok(answer)) => Ok(verdict(&answer)),
             Ok(Err(reason)) => Err(reason),
             Err(_) => Err("the policy service did not answer in time"),
         };
@@ -192,17 +185,13 @@ impl ExternalAuthorizer {
     }
 }
 
-/// Reads OPA's answer shapes.
-fn verdict(answer: &Map<String, Value>) -> Result<bool, &'static str> {
+/// Reads OPA's answer shapes: only `true` and `{"allow": true}` allow.
+fn verdict(answer: &Map<String, Value>) -> bool {
     match answer.get("result") {
-        Some(Value::Bool(allowed)) => Ok(*allowed),
-        Some(Value::Object(result)) => match result.get("allow") {
-            Some(Value::Bool(allowed)) => Ok(*allowed),
-            _ => Err("the answer's `result` has no boolean `allow`"),
-        },
-        // OPA answers `{}` when the policy is not defined: that is no permission
-        None => Ok(false),
-        Some(_) => Err("the answer's `result` is neither a boolean nor an object"),
+        Some(Value::Bool(allowed)) => *allowed,
+        Some(Value::Object(result)) => result.get("allow") == Some(&Value::Bool(true)),
+        // `{}` (an undefined rule), or a result of another shape: no permission
+        _ => false,
     }
 }
 
@@ -250,12 +239,13 @@ impl DecisionCache {
         }
         let mut shard = self.shard(&key);
         if shard.len() >= self.per_shard {
+            // drop what expired; if the shard is still full of live answers, start it afresh:
+            // one O(n) sweep per `per_shard` inserts, so a client that makes every request miss
+            // cannot make each insert pay for a sweep
             let now = Instant::now();
             shard.retain(|_, (until, _)| *until > now);
-            if shard.len() >= self.per_shard {
-                if let Some(any) = shard.keys().next().copied() {
-                    shard.remove(&any);
-                }
+            if shard.len() * 2 >= self.per_shard {
+                shard.clear();
             }
         }
         shard.insert(key, (until, allowed));
@@ -275,12 +265,20 @@ mod tests {
                     .unwrap(),
             )
         };
-        assert_eq!(parse(r#"{"result": true}"#), Ok(true));
-        assert_eq!(parse(r#"{"result": false}"#), Ok(false));
-        assert_eq!(parse(r#"{"result": {"allow": true}}"#), Ok(true));
-        assert_eq!(parse(r#"{}"#), Ok(false));
-        assert!(parse(r#"{"result": {"allowed": true}}"#).is_err());
-        assert!(parse(r#"{"result": "yes"}"#).is_err());
+        assert!(parse(r#"{"result": true}"#));
+        assert!(parse(r#"{"result": {"allow": true}}"#));
+        for denied in [
+            r#"{"result": false}"#,
+            r#"{"result": {"allow": false}}"#,
+            r#"{}"#,
+            r#"{"result": {}}"#,
+            r#"{"result": {"allowed": true}}"#,
+            r#"{"result": {"allow": "true"}}"#,
+            r#"{"result": "yes"}"#,
+            r#"{"result": [true]}"#,
+        ] {
+            assert!(!parse(denied), "{denied}");
+        }
     }
 
     #[test]

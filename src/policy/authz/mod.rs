@@ -5,8 +5,8 @@
 //! default), the route's own required roles and scopes, or any authenticated identity (an
 //! explicit choice). An external policy service may be asked as well, after the local rule
 //! allowed. Everything is compiled at load time: a decision is a trie walk over the permissions
-//! whose path matches, a bit of binary search over role ids, and no allocation besides the
-//! identity's role list.
+//! whose path matches and a binary search over role ids per candidate; an allowed decision
+//! without conditions allocates only the identity's role-id list.
 
 mod conditions;
 mod external;
@@ -17,7 +17,7 @@ use std::{collections::HashMap, fmt, net::IpAddr, ops::ControlFlow, sync::Arc};
 
 use http::Method;
 
-pub use conditions::{Condition, Facts};
+pub use conditions::Condition;
 pub use external::{ExternalAnswer, ExternalAuthorizer, ExternalRequest};
 pub use permissions::{MethodSet, Permission, PermissionIndex};
 pub use roles::RoleTable;
@@ -152,6 +152,25 @@ pub struct RequestContext<'a> {
 impl RouteAuthorization {
     /// The local decision (roles, permissions, conditions, scopes), without the external service.
     pub fn decide_local(&self, identity: &Identity, request: &RequestFacts<'_>) -> Decision {
+        let roles = self.held_roles(identity);
+        self.decide_with_roles(identity, &roles, request)
+    }
+
+    /// The configured roles the identity holds directly (only the rules that read roles pay for
+    /// resolving them).
+    fn held_roles(&self, identity: &Identity) -> Vec<u32> {
+        match &self.rule {
+            RouteRule::AnyAuthenticated | RouteRule::Require { holders: None, .. } => Vec::new(),
+            RouteRule::Permissions | RouteRule::Require { .. } => self.policy.roles.of(identity),
+        }
+    }
+
+    fn decide_with_roles(
+        &self,
+        identity: &Identity,
+        roles: &[u32],
+        request: &RequestFacts<'_>,
+    ) -> Decision {
         let deny = |reason| Decision {
             allowed: false,
             reason,
@@ -163,7 +182,6 @@ impl RouteAuthorization {
             },
             RouteRule::Require { holders, scopes } => {
                 if let Some(holders) = holders {
-                    let roles = self.policy.roles.of(identity);
                     if !roles.iter().any(|id| holders.binary_search(id).is_ok()) {
                         return deny(Reason::MissingRole);
                     }
@@ -179,7 +197,7 @@ impl RouteAuthorization {
                     reason: Reason::RouteRequirement,
                 }
             }
-            RouteRule::Permissions => self.policy.decide(identity, request),
+            RouteRule::Permissions => self.policy.decide(identity, roles, request),
         }
     }
 
@@ -190,17 +208,15 @@ impl RouteAuthorization {
         request: &RequestFacts<'_>,
         context: &RequestContext<'_>,
     ) -> Decision {
-        let local = self.decide_local(identity, request);
-        let Some(authorizer) = self.external.as_ref().filter(|_| local.allowed) else {
-            return local;
+        let Some(authorizer) = &self.external else {
+            return self.decide_local(identity, request);
         };
-        let roles = self
-            .policy
-            .roles
-            .of(identity)
-            .into_iter()
-            .map(|id| &**self.policy.roles.name(id))
-            .collect();
+        // the external service is told every role the identity amounts to
+        let roles = self.policy.roles.of(identity);
+        let local = self.decide_with_roles(identity, &roles, request);
+        if !local.allowed {
+            return local;
+        }
         let external = ExternalRequest {
             method: request.method,
             path: request.path,
@@ -208,7 +224,7 @@ impl RouteAuthorization {
             client_ip: request.client_ip,
             route: context.route,
             headers: context.headers,
-            roles,
+            roles: self.policy.roles.expand(&roles),
         };
         let answer = authorizer.decide(&external, identity).await;
         Decision {
@@ -224,28 +240,29 @@ impl RouteAuthorization {
 impl Policy {
     /// The permission check: the most specific matching permission held by one of the
     /// identity's roles whose conditions hold.
-    pub fn decide(&self, identity: &Identity, request: &RequestFacts<'_>) -> Decision {
-        let roles = self.roles.of(identity);
+    /// `roles` are the identity's role ids ([`RoleTable::of`]).
+    pub fn decide(
+        &self,
+        identity: &Identity,
+        roles: &[u32],
+        request: &RequestFacts<'_>,
+    ) -> Decision {
         if roles.is_empty() {
             return Decision {
                 allowed: false,
                 reason: Reason::NoPermission,
             };
         }
-        let facts = Facts {
-            path: request.path,
-            client_ip: request.client_ip,
-        };
         let mut failed_condition = None;
         let found = self.index.for_each_match(request.path, &mut |id| {
             let permission = &self.permissions[id as usize];
-            if !permission.methods.contains(request.method) || !permission.held_by_any(&roles) {
+            if !permission.methods.contains(request.method) || !permission.held_by_any(roles) {
                 return ControlFlow::Continue(());
             }
             match permission
                 .conditions
                 .iter()
-                .find(|c| !c.holds(identity, &permission.path, &facts))
+                .find(|c| !c.holds(identity, &permission.path, request))
             {
                 None => ControlFlow::Break(permission),
                 Some(condition) => {
@@ -288,14 +305,18 @@ impl Policy {
             let role_name = roles.name(id).clone();
             for (j, permission) in role.permissions.iter().enumerate() {
                 let field = format!("authorization.roles[{i}].permissions[{j}]");
-                let compiled = match compile_permission(permission) {
+                let CompiledPermission {
+                    text,
+                    methods,
+                    path,
+                    conditions,
+                } = match compile_permission(permission) {
                     Ok(compiled) => compiled,
                     Err((subfield, message)) => {
                         sink.error(format!("{field}{subfield}"), message);
                         continue;
                     }
                 };
-                let (text, methods, path, conditions) = compiled;
                 let permission_id = permissions.len() as u32;
                 index.insert(&path, permission_id);
                 permissions.push(Permission {
@@ -412,7 +433,13 @@ impl Policy {
     }
 }
 
-type CompiledPermission = (Arc<str>, MethodSet, PathPattern, Box<[Condition]>);
+/// A permission's own parts, before it is given its role and index.
+struct CompiledPermission {
+    text: Arc<str>,
+    methods: MethodSet,
+    path: PathPattern,
+    conditions: Box<[Condition]>,
+}
 
 /// Compiles one permission; the error names the sub-field (`.path`, `.when[0]`, or none).
 fn compile_permission(config: &PermissionConfig) -> Result<CompiledPermission, (String, String)> {
@@ -428,7 +455,12 @@ fn compile_permission(config: &PermissionConfig) -> Result<CompiledPermission, (
             };
             let methods = MethodSet::parse(methods.split(',')).map_err(whole)?;
             let path = PathPattern::parse(path).map_err(whole)?;
-            Ok((text.trim().into(), methods, path, Box::default()))
+            Ok(CompiledPermission {
+                text: text.trim().into(),
+                methods,
+                path,
+                conditions: Box::default(),
+            })
         }
         PermissionConfig::Full(rule) => {
             let methods = MethodSet::parse(rule.methods.iter().map(String::as_str))
@@ -447,7 +479,12 @@ fn compile_permission(config: &PermissionConfig) -> Result<CompiledPermission, (
                 let list: Vec<String> = conditions.iter().map(ToString::to_string).collect();
                 text.push_str(&format!(" when {}", list.join(" and ")));
             }
-            Ok((text.into(), methods, path, conditions.into()))
+            Ok(CompiledPermission {
+                text: text.into(),
+                methods,
+                path,
+                conditions: conditions.into(),
+            })
         }
     }
 }
@@ -707,8 +744,10 @@ mod tests {
                     identity.claims = vec![("tenant".into(), serde_json::json!(tenant))];
                 }
                 let method = Method::from_bytes(method.as_bytes()).unwrap();
+                let held = policy.roles.of(&identity);
                 let decision = policy.decide(
                     &identity,
+                    &held,
                     &RequestFacts {
                         method: &method,
                         path: &path,
@@ -726,6 +765,80 @@ mod tests {
         }
         // the generator must exercise both outcomes
         assert!(allowed_count > 500, "{allowed_count}");
+    }
+
+    #[test]
+    fn credential_roles_count_only_from_the_roles_trusted_providers() {
+        let loaded = load(
+            "authentication:\n  api_keys:\n    - name: corp\n    - name: partner-idp\n      header: x-partner-key\nauthorization:\n  roles:\n    - name: admin\n      providers: [corp]\n      permissions: [\"* /admin/**\"]\n  assignments:\n    - subjects: [ops]\n      providers: [partner-idp]\n      roles: [admin]\n",
+        );
+        let policy = compile(&loaded).unwrap();
+        let facts = RequestFacts {
+            method: &Method::DELETE,
+            path: "/admin/x",
+            client_ip: "127.0.0.1".parse().unwrap(),
+        };
+        let decide = |provider: &str, subject: &str, roles: &[&str]| {
+            let mut identity = Identity::for_test(subject);
+            identity.provider = provider.into();
+            identity.roles = roles.iter().map(|r| (*r).into()).collect();
+            policy
+                .decide(&identity, &policy.roles.of(&identity), &facts)
+                .allowed
+        };
+        assert!(decide("corp", "ann", &["admin"]));
+        // another issuer naming the role does not confer it
+        assert!(!decide("partner-idp", "ann", &["admin"]));
+        // an assignment does, whoever verified the subject
+        assert!(decide("partner-idp", "ops", &[]));
+    }
+
+    #[test]
+    fn sub_is_always_the_verified_subject() {
+        let mut identity = Identity::for_test("bot-7");
+        identity.claims = vec![("sub".into(), serde_json::json!("alice"))];
+        assert_eq!(identity.claim("sub").unwrap().as_str(), Some("bot-7"));
+    }
+
+    #[test]
+    fn cross_section_mistakes_are_refused_at_load() {
+        let base = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: all\n    public: true\n    upstream: app\nauthentication:\n  api_keys:\n    - name: keys\n      header: x-key\n  jwt:\n    - name: corp\n      keys: { secret: 0123456789abcdef0123456789abcdef }\n      algorithms: [HS256]\n      token_source: { header: x-token }\n";
+        let attempt = |authorization: &str| {
+            load_str(
+                &format!("{base}{authorization}"),
+                "t.yaml".as_ref(),
+                ".".into(),
+                &|_| None,
+            )
+        };
+        for (authorization, expected) in [
+            ("authorization:\n  roles:\n    - name: a\n      providers: [nobody]\n", "authorization.roles[0].providers[0]: no authentication method is named `nobody`"),
+            ("authorization:\n  assignments:\n    - subjects: [x]\n      providers: [ghost]\n      roles: []\n", "authorization.assignments[0].providers[0]: no authentication method is named `ghost`"),
+            ("authorization:\n  external:\n    - name: opa\n      url: http://127.0.0.1:8181/v1/data/x\n      headers: [X-Key]\n", "authorization.external[0].headers[0]: `X-Key` carries credentials"),
+            ("authorization:\n  external:\n    - name: opa\n      url: http://127.0.0.1:8181/v1/data/x\n      headers: [x-token, cookie]\n", "`x-token` carries credentials"),
+            ("authorization:\n  external:\n    - name: opa\n      url: http://127.0.0.1:8181/v1/data/x\n      timeout: 0s\n", "authorization.external[0].timeout: must be more than 0"),
+        ] {
+            let error = attempt(authorization).unwrap_err().to_string();
+            assert!(error.contains(expected), "expected {expected:?} in:\n{error}");
+        }
+        let warned = attempt("authorization:\n  roles:\n    - name: r\n  assignments:\n    - subjects: [alice]\n      roles: [r]\n  external:\n    - name: opa\n      url: http://127.0.0.1:8181/v1/data/x\n      on_error: allow\n").unwrap();
+        let warnings: Vec<String> = warned.warnings.iter().map(ToString::to_string).collect();
+        let warnings = warnings.join("\n");
+        assert!(
+            warnings.contains("authorization.assignments[0].subjects: without `providers`"),
+            "{warnings}"
+        );
+        assert!(
+            warnings.contains("authorization.external[0].on_error: `allow` lets requests through"),
+            "{warnings}"
+        );
+        // a group spelled like a role is a compile error
+        let loaded = attempt("authorization:\n  roles:\n    - name: admin\n  assignments:\n    - groups: [admin]\n      roles: [admin]\n").unwrap();
+        let error = compile(&loaded).unwrap_err();
+        assert!(
+            error.contains("authorization.assignments[0].groups[0]: `admin` is a role name"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -39,12 +39,16 @@ impl MethodSet {
 
     /// Parses `GET,HEAD` or `*` (and a list of names, as the long form writes them).
     pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let names: Vec<&str> = names.into_iter().map(str::trim).collect();
+        if names.contains(&"*") {
+            return if names.len() == 1 {
+                Ok(Self::ALL)
+            } else {
+                Err("`*` means every method: write it alone".into())
+            };
+        }
         let mut bits = 0;
         for name in names {
-            let name = name.trim();
-            if name == "*" {
-                return Ok(Self::ALL);
-            }
             let method = KNOWN
                 .iter()
                 .find(|m| m.as_str() == name)
@@ -257,6 +261,7 @@ mod tests {
         assert!(!set.contains(&Method::from_bytes(b"PURGE").unwrap()));
         assert!(MethodSet::ALL.contains(&Method::from_bytes(b"PURGE").unwrap()));
         assert!(MethodSet::parse(["get"]).is_err());
+        assert!(MethodSet::parse(["*", "FETCH"]).is_err());
         assert!(MethodSet::parse(std::iter::empty()).is_err());
     }
 }

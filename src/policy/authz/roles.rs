@@ -16,6 +16,8 @@ use crate::{
 pub struct RoleTable {
     ids: HashMap<Box<str>, u32>,
     names: Vec<Arc<str>>,
+    /// Per role: the authentication methods whose credentials may confer it (`None`: any).
+    conferred_by: Vec<Option<Box<[Box<str>]>>>,
     /// Per role: sorted ids of the roles that have it (itself and every role that includes it,
     /// directly or not).
     holders: Vec<Box<[u32]>>,
@@ -53,6 +55,10 @@ impl RoleTable {
                 );
             }
             table.names.push(role.name.as_str().into());
+            table.conferred_by.push(
+                (!role.providers.is_empty())
+                    .then(|| role.providers.iter().map(|p| p.as_str().into()).collect()),
+            );
         }
         // inclusion edges by id; unknown names are reported and skipped
         let mut includes: Vec<Vec<u32>> = vec![Vec::new(); roles.len()];
@@ -125,7 +131,13 @@ impl RoleTable {
                     .or_default()
                     .push(index);
             }
-            for group in &assignment.groups {
+            for (j, group) in assignment.groups.iter().enumerate() {
+                if table.ids.contains_key(group.as_str()) {
+                    sink.error(
+                        format!("{path}.groups[{j}]"),
+                        format!("`{group}` is a role name: a credential naming it has that role already; name groups and roles apart"),
+                    );
+                }
                 table
                     .by_group
                     .entry(group.as_str().into())
@@ -152,18 +164,34 @@ impl RoleTable {
         &self.names[id as usize]
     }
 
+    /// Names of every role the held roles amount to, inclusion expanded, in config order.
+    pub fn expand(&self, held: &[u32]) -> Vec<&str> {
+        (0..self.names.len() as u32)
+            .filter(|&role| {
+                held.iter()
+                    .any(|h| self.holders(role).binary_search(h).is_ok())
+            })
+            .map(|role| &*self.names[role as usize])
+            .collect()
+    }
+
     /// Sorted ids of the roles that have role `id`.
     pub fn holders(&self, id: u32) -> &[u32] {
         &self.holders[id as usize]
     }
 
-    /// The configured roles an identity holds directly: those its credential names, and those
-    /// assigned to its subject or to a group its credential names. Inclusion is not expanded
+    /// The configured roles an identity holds directly: those its credential names (where the
+    /// role trusts the identity's provider), and those assigned to its subject or to a group its
+    /// credential names. Inclusion is not expanded
     /// here: permissions and route requirements list their holders instead.
     pub fn of(&self, identity: &Identity) -> Vec<u32> {
         let mut ids = Vec::with_capacity(identity.roles.len());
         for name in &identity.roles {
-            if let Some(id) = self.id(name) {
+            let Some(id) = self.id(name) else { continue };
+            let trusted = self.conferred_by[id as usize]
+                .as_ref()
+                .is_none_or(|providers| providers.iter().any(|p| **p == *identity.provider));
+            if trusted {
                 ids.push(id);
             }
         }

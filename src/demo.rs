@@ -191,6 +191,11 @@ pub fn instructions(
          \x20 curl -s -i -X DELETE -H \"Authorization: Bearer $TOKEN\" http://{public}/secure/orders/7        # reader: 403 forbidden\n\
          \x20 curl -s -X DELETE -H \"Authorization: Bearer $ADMIN_TOKEN\" http://{public}/secure/orders/7     # admin: allowed\n\n"
     ));
+    text.push_str(&format!(
+        "Rate limits: /limited/** allows 5 requests a minute per client, then answers 429:\n\n\
+         \x20 for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' http://{public}/limited/x; done; echo\n\
+         \x20 curl -s -i http://{public}/limited/x                # 429, Retry-After, RateLimit-Policy, RateLimit\n\n"
+    ));
     if let Some(admin) = admin {
         text.push_str(&format!(
             "\x20 curl -s http://{admin}/readyz                   # admin: readiness\n\

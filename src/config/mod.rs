@@ -268,6 +268,11 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
             config.authorization = authorization;
         }
     }
+    if let Some(value) = map.remove("rate_limits") {
+        if let Some(rate_limits) = typed(value, "rate_limits", sink) {
+            config.rate_limits = rate_limits;
+        }
+    }
     if let Some(value) = map.remove("redis") {
         config.redis = typed(value, "redis", sink);
     }
@@ -278,7 +283,7 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
         let key = key.as_str().unwrap_or("?").to_owned();
         let error = sink.make(
             &key,
-            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `redis`"),
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `rate_limits`, `redis`"),
             true,
         );
         sink.errors.push(error);

@@ -37,9 +37,115 @@ pub struct Config {
     /// policy services. Deny by default: a non-public route serves only what a rule allows.
     #[serde(default)]
     pub authorization: AuthorizationConfig,
+    /// Rate limits: rules, where their state lives, what clients are told.
+    #[serde(default)]
+    pub rate_limits: RateLimitsConfig,
     /// The Redis server that replicas share state through (one-time tokens today).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+}
+
+/// Rate limiting: named rules that routes list (or that apply to every route), and where their
+/// state lives.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    /// The rules.
+    pub rules: Vec<RateLimitRuleConfig>,
+    /// Send `RateLimit-Policy` and `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers) on
+    /// allowed and refused responses.
+    pub headers: bool,
+    /// Keys remembered in this process at most; keys whose limit has fully recovered are
+    /// dropped first (they hold no information).
+    pub max_keys: usize,
+    /// Where the counts live: `memory` (this process) or `redis` (the top-level `redis` server,
+    /// one limit for all replicas: one atomic script per request phase decides all its rules).
+    pub store: StoreKind,
+    /// With `store: redis`, when Redis fails or is slower than `redis.timeout`:
+    /// `fail_open` enforces the limits in this process, sized to its share (`1/replicas`);
+    /// `fail_closed` refuses with 503.
+    pub on_store_error: StoreFailure,
+    /// How many replicas share the limits (sizes this replica's share under `fail_open`).
+    pub replicas: u32,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            headers: true,
+            max_keys: 100_000,
+            store: StoreKind::Memory,
+            on_store_error: StoreFailure::FailOpen,
+            replicas: 1,
+        }
+    }
+}
+
+/// What a failing shared store means for the requests that need it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFailure {
+    /// Decide locally instead.
+    #[default]
+    FailOpen,
+    /// Refuse with 503.
+    FailClosed,
+}
+
+/// One rate-limit rule.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRuleConfig {
+    /// Unique name; routes list rules by name, and it names the policy in the headers.
+    pub name: String,
+    /// What is counted separately, combined: `client_ip`, `client_network`, `subject`,
+    /// `api_key`, `route`, `method`, `class` (read = GET/HEAD/OPTIONS, write = the rest),
+    /// `claim:NAME`, `header:NAME`. Empty: one counter for everything the rule sees.
+    #[serde(default)]
+    pub key: Vec<String>,
+    /// `100/s`, `600/min`, `5000/h`, `100000/d`.
+    pub rate: String,
+    /// Requests allowed at once above the sustained rate's spacing. Default: the rate's count.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Apply to every route (routes need not list it).
+    #[serde(default)]
+    pub global: bool,
+    /// Only requests of this class: `read` or `write`. Absent: both.
+    #[serde(default)]
+    pub class: Option<RequestClass>,
+    /// Only these methods. Empty: all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Prefix lengths for `client_network`.
+    #[serde(default)]
+    pub network: NetworkPrefixConfig,
+    /// Count and log, but never refuse (for a safe rollout).
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+/// Read (GET, HEAD, OPTIONS) or write (everything else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestClass {
+    Read,
+    Write,
+}
+
+/// How much of an address is the client's network.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkPrefixConfig {
+    pub ipv4: u8,
+    pub ipv6: u8,
+}
+
+impl Default for NetworkPrefixConfig {
+    fn default() -> Self {
+        Self { ipv4: 24, ipv6: 56 }
+    }
 }
 
 /// Role-based access control, evaluated after authentication on every non-public route.
@@ -1001,6 +1107,9 @@ pub struct RouteConfig {
     /// Who may use the route once authenticated. Absent: the roles' permissions decide.
     #[serde(default)]
     pub authorization: Option<RouteAuthorizationConfig>,
+    /// Rate-limit rules (by name) for this route, besides the global ones.
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
 }
 
 /// Request matching. All given conditions must hold.

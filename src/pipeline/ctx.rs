@@ -44,6 +44,8 @@ pub struct RequestCtx {
     pub auth_failure: Option<&'static str>,
     /// The authorization decision and what it rests on.
     pub authorization: Option<crate::policy::authz::Decision>,
+    /// What the rate limits decided.
+    pub rate_limit: crate::policy::ratelimit::Record,
 }
 
 /// Finishes a request when the response body ends: writes the access-log line and releases the

@@ -31,6 +31,10 @@ pub enum GatewayError {
     Unauthorized(Challenge),
     #[error("not authorized")]
     Forbidden,
+    #[error("rate limited")]
+    TooManyRequests { retry_after_secs: u32 },
+    #[error("rate limits unavailable")]
+    LimiterUnavailable,
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 style). Deliberately coarse: a client
@@ -64,11 +68,14 @@ impl GatewayError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NoHealthyTarget | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyTarget | Self::ShuttingDown | Self::LimiterUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamConnect | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -85,6 +92,8 @@ impl GatewayError {
             Self::ShuttingDown => "shutting_down",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::TooManyRequests { .. } => "rate_limited",
+            Self::LimiterUnavailable => "rate_limit_unavailable",
         }
     }
 
@@ -94,7 +103,9 @@ impl GatewayError {
             Self::NoRoute => "no route matches this request",
             Self::BadRequest(reason) => reason,
             Self::PayloadTooLarge => "request body is too large",
-            Self::NoHealthyTarget => "the service is temporarily unavailable",
+            Self::NoHealthyTarget | Self::LimiterUnavailable => {
+                "the service is temporarily unavailable"
+            }
             Self::UpstreamConnect | Self::UpstreamProtocol => {
                 "the upstream service failed to answer"
             }
@@ -103,6 +114,9 @@ impl GatewayError {
             Self::Unauthorized(_) => "authentication is required",
             // the same words whatever rule denied: the policy is not the client's to learn
             Self::Forbidden => "you are not allowed to do this",
+            Self::TooManyRequests { .. } => {
+                "too many requests; retry after the time in Retry-After"
+            }
         }
     }
 
@@ -114,10 +128,19 @@ impl GatewayError {
             self.public_message(),
             request_id,
         );
-        if let Self::Unauthorized(challenge) = self {
-            response
-                .headers_mut()
-                .insert(http::header::WWW_AUTHENTICATE, challenge.header_value());
+        match self {
+            Self::Unauthorized(challenge) => {
+                response
+                    .headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, challenge.header_value());
+            }
+            Self::TooManyRequests { retry_after_secs } => {
+                response.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs),
+                );
+            }
+            _ => {}
         }
         response
     }
@@ -165,6 +188,13 @@ mod tests {
             (GatewayError::ShuttingDown, 503),
             (GatewayError::Unauthorized(Challenge::Bearer), 401),
             (GatewayError::Forbidden, 403),
+            (
+                GatewayError::TooManyRequests {
+                    retry_after_secs: 3,
+                },
+                429,
+            ),
+            (GatewayError::LimiterUnavailable, 503),
         ] {
             let response = error.into_response(&id);
             assert_eq!(response.status().as_u16(), status, "{error:?}");

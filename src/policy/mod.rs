@@ -7,6 +7,7 @@
 
 pub mod authn;
 pub mod authz;
+pub mod ratelimit;
 
 use std::sync::Arc;
 
@@ -39,6 +40,8 @@ pub struct RoutePolicies {
     pub access: Access,
     /// What an authenticated identity may do here (`None` on public routes only).
     pub authorization: Option<Arc<authz::RouteAuthorization>>,
+    /// The route's rate-limit rules (`None`: no rule applies).
+    pub rate_limits: Option<Arc<ratelimit::RouteLimits>>,
 }
 
 /// Runs the request-side phases in order.
@@ -51,11 +54,17 @@ pub async fn run_request_phase(
         identity_headers,
         access,
         authorization,
+        rate_limits,
     } = policies;
     // 1. a client never speaks for the gateway: strip identity headers it sent, on every route,
     //    before any policy could read them
     identity_headers.strip(&mut request.headers);
-    // 2. authentication: public routes by explicit configuration, others by one of their methods
+    // 2. rate limits that need no identity: a flood or a password-guessing client is stopped
+    //    before any credential is verified
+    if let Some(limits) = rate_limits {
+        check_limits(limits, ratelimit::Phase::BeforeAuth, ctx, request).await?;
+    }
+    // 3. authentication: public routes by explicit configuration, others by one of their methods
     match access {
         Access::Public => {}
         Access::Authenticated(authenticator) => match authenticator.authenticate(request).await {
@@ -74,7 +83,7 @@ pub async fn run_request_phase(
             }
         },
     }
-    // 3. authorization: deny unless a rule allows (every authenticated route has one)
+    // 4. authorization: deny unless a rule allows (every authenticated route has one)
     if let Some(authorization) = authorization {
         // an authorized route without an identity cannot happen today; if it ever could, it
         // must not mean "allowed"
@@ -104,5 +113,33 @@ pub async fn run_request_phase(
             return Err(GatewayError::Forbidden);
         }
     }
+    // 5. rate limits keyed by identity (subject, API key, claims)
+    if let Some(limits) = rate_limits {
+        check_limits(limits, ratelimit::Phase::AfterAuth, ctx, request).await?;
+    }
     Ok(Flow::Continue)
+}
+
+/// Runs one phase of a route's rate limits, recording the outcome in `ctx`.
+async fn check_limits(
+    limits: &ratelimit::RouteLimits,
+    phase: ratelimit::Phase,
+    ctx: &mut RequestCtx,
+    request: &request::Parts,
+) -> Result<(), GatewayError> {
+    let mut record = std::mem::take(&mut ctx.rate_limit);
+    let identity = ctx.identity.clone();
+    let checked = limits
+        .check(
+            phase,
+            &ratelimit::KeySource {
+                ctx,
+                request,
+                identity: identity.as_deref(),
+            },
+            &mut record,
+        )
+        .await;
+    ctx.rate_limit = record;
+    checked
 }

@@ -26,6 +26,8 @@ use crate::{
 };
 
 const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
+const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 const X_ORIGINAL_URL: http::HeaderName = http::HeaderName::from_static("x-original-url");
 const X_REWRITE_URL: http::HeaderName = http::HeaderName::from_static("x-rewrite-url");
 
@@ -79,6 +81,7 @@ pub async fn handle(
         identity: None,
         auth_failure: None,
         authorization: None,
+        rate_limit: Default::default(),
     };
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
@@ -100,6 +103,16 @@ pub async fn handle(
     response
         .headers_mut()
         .insert(X_REQUEST_ID, ctx.request_id.clone());
+    if ctx.rate_limit.send_headers {
+        if let Some(outcome) = &ctx.rate_limit.outcome {
+            let (policy, state) = outcome.headers();
+            let headers = response.headers_mut();
+            headers.insert(RATELIMIT_POLICY, policy);
+            if let Some(state) = state {
+                headers.insert(RATELIMIT, state);
+            }
+        }
+    }
     ctx.status = response.status().as_u16();
     let access_log = snapshot.access_log;
     response.map(|body| body.with_completion(Completion::new(ctx, access_log, in_flight)))

@@ -21,6 +21,7 @@ use crate::{
             JwtError, JwtProvider, MtlsMethod, RevocationList, SharedRevocations,
         },
         authz::{self, Policy},
+        ratelimit::RateLimits,
         Access, RoutePolicies,
     },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
@@ -144,17 +145,22 @@ pub fn compile(
         .collect();
     let authentication = compile_authentication(loaded, registry, &mut sink);
     let policy = Arc::new(Policy::compile(&config.authorization, &mut sink));
+    let rate_limits = RateLimits::compile(
+        &config.rate_limits,
+        authentication.shared_store.as_ref(),
+        &mut sink,
+    );
     let mut compiled_routes = Vec::new();
+    let context = RouteContext {
+        upstreams: &upstreams,
+        listener_index: &listener_index,
+        authentication: &authentication,
+        policy: &policy,
+        rate_limits: &rate_limits,
+        registry,
+    };
     for (i, route) in config.routes.iter().enumerate() {
-        if let Some(compiled) = compile_route(
-            i,
-            route,
-            &upstreams,
-            &listener_index,
-            &authentication,
-            &policy,
-            &mut sink,
-        ) {
+        if let Some(compiled) = compile_route(i, route, &context, &mut sink) {
             compiled_routes.push(compiled);
         }
     }
@@ -169,6 +175,9 @@ pub fn compile(
         return Err(sink.into_errors());
     }
     authz::lint(config, &policy, &mut sink);
+    registry
+        .rate_limit_buckets
+        .set_max_keys(config.rate_limits.max_keys);
     let warnings = std::mem::take(&mut sink.warnings);
     let mut upstream_list: Vec<Arc<Upstream>> = upstreams.into_values().collect();
     upstream_list.sort_by(|a, b| a.name.cmp(&b.name));
@@ -354,15 +363,30 @@ fn compile_upstream(
     })
 }
 
+/// What every route's compile reads: the compiled sections routes refer to.
+struct RouteContext<'a> {
+    upstreams: &'a HashMap<&'a str, Arc<Upstream>>,
+    listener_index: &'a HashMap<&'a str, usize>,
+    authentication: &'a Authentication,
+    policy: &'a Arc<Policy>,
+    rate_limits: &'a RateLimits,
+    registry: &'a UpstreamRegistry,
+}
+
 fn compile_route(
     i: usize,
     route: &RouteConfig,
-    upstreams: &HashMap<&str, Arc<Upstream>>,
-    listener_index: &HashMap<&str, usize>,
-    authentication: &Authentication,
-    policy: &Arc<Policy>,
+    context: &RouteContext<'_>,
     sink: &mut ErrorSink<'_>,
 ) -> Option<(RouteMatch, Arc<Route>)> {
+    let RouteContext {
+        upstreams,
+        listener_index,
+        authentication,
+        policy,
+        rate_limits,
+        registry,
+    } = context;
     let path = format!("routes[{i}]");
     let upstream = upstreams.get(route.upstream.as_str())?.clone();
     let matcher = &route.matcher;
@@ -451,6 +475,12 @@ fn compile_route(
             identity_headers: authentication.identity_headers.clone(),
             access,
             authorization,
+            rate_limits: rate_limits.route(
+                i,
+                &route.rate_limits,
+                &registry.rate_limit_buckets,
+                sink,
+            ),
         },
         strip_prefix: rewrite.strip_prefix.map(Into::into),
         add_prefix: rewrite.add_prefix.map(Into::into),
@@ -492,6 +522,8 @@ fn tls_fingerprint(
 /// The compiled `authentication` section.
 struct Authentication {
     identity_headers: Arc<IdentityHeaderNames>,
+    /// The `redis` section's store (one per config generation), shared with rate limits.
+    shared_store: Option<Arc<RedisStore>>,
     revocations: Arc<RevocationList>,
     shared_revocations: Option<Arc<SharedRevocations>>,
     methods: HashMap<String, AuthMethod>,
@@ -640,6 +672,7 @@ fn compile_authentication(
     }
     Authentication {
         identity_headers,
+        shared_store,
         methods,
         revocations: registry.revocations.clone(),
         shared_revocations,

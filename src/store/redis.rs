@@ -82,6 +82,28 @@ impl RedisStore {
         .await
     }
 
+    /// Runs a Lua script (`EVALSHA`, loading it when the server does not know it yet) with
+    /// `keys` (made with [`Self::key`]) and `args`, within the timeout.
+    pub async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        keys: &[String],
+        args: &[u64],
+    ) -> Result<T, StoreError> {
+        self.bounded(async {
+            let mut connection = self.connection().await?;
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(key);
+            }
+            for arg in args {
+                invocation.arg(*arg);
+            }
+            invocation.invoke_async(&mut connection).await
+        })
+        .await
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout)

@@ -70,6 +70,13 @@ pub fn access_log(ctx: &RequestCtx) {
             .as_ref()
             .map(|d| if d.allowed { "allow" } else { "deny" }),
         authz_reason = ctx.authorization.as_ref().map(|d| tracing::field::display(&d.reason)),
+        ratelimit_rule = ctx.rate_limit.outcome.as_ref().map(|o| &*o.rule.name),
+        ratelimit = ctx
+            .rate_limit
+            .outcome
+            .as_ref()
+            .map(|o| if o.refused { "refuse" } else { "allow" }),
+        ratelimit_shadow_refusal = ctx.rate_limit.shadow_refusal.as_deref(),
         "request"
     );
 }

@@ -109,6 +109,8 @@ pub struct UpstreamRegistry {
     pub jwks: crate::policy::authn::JwksRegistry,
     /// So do revocations.
     pub revocations: Arc<crate::policy::authn::RevocationList>,
+    /// Rate-limit state, kept across reloads (a reload does not hand every client a new burst).
+    pub rate_limit_buckets: Arc<crate::policy::ratelimit::LocalBuckets>,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +132,7 @@ impl UpstreamRegistry {
             inner: Mutex::default(),
             jwks: Default::default(),
             revocations: Default::default(),
+            rate_limit_buckets: Default::default(),
         }
     }
 

@@ -274,6 +274,20 @@ async fn demo_serves_the_curl_commands_it_prints() {
     };
     assert_eq!(delete(&token).await.status, 403);
     assert_eq!(delete(&admin_token).await.status, 200);
+    // the visible limit: five a minute, then 429
+    assert!(text.contains("/limited/x"), "{text}");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let response = send(
+            Request::get(format!("http://127.0.0.1:{port}/limited/x"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        statuses.push(response.status);
+        assert!(response.headers.contains_key("ratelimit-policy"));
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
     let _ = child.kill();
     let _ = child.wait();
 }

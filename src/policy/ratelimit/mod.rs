@@ -1,0 +1,368 @@
+//! Rate limiting: layered GCRA limits on keys made of the client's address or network, its
+//! identity, the route, the method or request class, claims and headers.
+//!
+//! Every rule that applies to a request is checked; the request is refused with 429 if any
+//! (non-shadow) rule refuses, and then the rules it had already passed are refunded, so a refused
+//! request costs nothing. Rules whose key needs no identity run before authentication (a flood or
+//! a password-guessing client is stopped before any token is verified); the others run after
+//! authorization. A rule whose key has no value for a request (no identity, a missing header)
+//! does not count it.
+
+mod gcra;
+mod local;
+mod rule;
+mod shared;
+
+use std::{fmt::Write as _, sync::Arc};
+
+use http::HeaderValue;
+
+pub use gcra::{Limit, Verdict};
+pub use local::{now_ns, LocalBuckets};
+pub use rule::{class_of, parse_rate, KeyPart, KeySource, Rule};
+pub use shared::{SharedLimiter, SharedVerdict};
+
+use crate::{
+    config::{
+        model::{RateLimitsConfig, StoreFailure, StoreKind},
+        ErrorSink,
+    },
+    pipeline::GatewayError,
+    store::RedisStore,
+};
+
+/// The compiled `rate_limits` section.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    pub rules: std::collections::HashMap<String, Arc<Rule>>,
+    /// Rules with `global: true`, in config order.
+    pub global: Vec<Arc<Rule>>,
+    pub headers: bool,
+    /// With `store: redis`.
+    pub shared: Option<Arc<SharedLimiter>>,
+    /// Every rule name written, compiled or not (a broken rule is reported once, not again by
+    /// each route that lists it).
+    declared: std::collections::HashSet<String>,
+}
+
+impl RateLimits {
+    pub fn compile(
+        config: &RateLimitsConfig,
+        redis: Option<&Arc<RedisStore>>,
+        sink: &mut ErrorSink<'_>,
+    ) -> Self {
+        let shared = match (config.store, redis) {
+            (StoreKind::Memory, _) => None,
+            (StoreKind::Redis, Some(store)) => Some(Arc::new(SharedLimiter::new(
+                store.clone(),
+                config.on_store_error,
+                config.replicas,
+            ))),
+            (StoreKind::Redis, None) => {
+                sink.error(
+                    "rate_limits.store",
+                    "`store: redis` needs the top-level `redis` section",
+                );
+                None
+            }
+        };
+        if config.replicas == 0 {
+            sink.error("rate_limits.replicas", "must be at least 1");
+        }
+        let mut compiled = Self {
+            headers: config.headers,
+            shared,
+            ..Self::default()
+        };
+        let mut names = std::collections::HashSet::new();
+        for (i, rule) in config.rules.iter().enumerate() {
+            compiled.declared.insert(rule.name.clone());
+            if !names.insert(rule.name.as_str()) {
+                sink.error(
+                    format!("rate_limits.rules[{i}].name"),
+                    format!("rule `{}` is defined twice", rule.name),
+                );
+                continue;
+            }
+            match Rule::compile(rule) {
+                Ok(rule) => {
+                    let rule = Arc::new(rule);
+                    if rule.global {
+                        compiled.global.push(rule.clone());
+                    }
+                    compiled.rules.insert(rule.name.to_string(), rule);
+                }
+                Err((field, message)) => {
+                    sink.error(format!("rate_limits.rules[{i}].{field}"), message)
+                }
+            }
+        }
+        if config.max_keys == 0 {
+            sink.error("rate_limits.max_keys", "must be more than 0");
+        }
+        compiled
+    }
+
+    /// A route's limits: the global rules and those it lists. `None` when no rule applies.
+    pub fn route(
+        &self,
+        i: usize,
+        names: &[String],
+        store: &Arc<LocalBuckets>,
+        sink: &mut ErrorSink<'_>,
+    ) -> Option<Arc<RouteLimits>> {
+        let mut rules = self.global.clone();
+        for (j, name) in names.iter().enumerate() {
+            match self.rules.get(name) {
+                Some(rule) if !rules.iter().any(|r| Arc::ptr_eq(r, rule)) => {
+                    rules.push(rule.clone())
+                }
+                Some(_) => {}
+                None if self.declared.contains(name) => {}
+                None => sink.error(
+                    format!("routes[{i}].rate_limits[{j}]"),
+                    format!("no rate-limit rule is named `{name}`"),
+                ),
+            }
+        }
+        if rules.is_empty() {
+            return None;
+        }
+        let (after_auth, before_auth): (Vec<_>, Vec<_>) =
+            rules.into_iter().partition(|rule| rule.needs_identity());
+        Some(Arc::new(RouteLimits {
+            before_auth: before_auth.into(),
+            after_auth: after_auth.into(),
+            store: store.clone(),
+            shared: self.shared.clone(),
+            headers: self.headers,
+        }))
+    }
+}
+
+/// The rules of one route, split by when they can run.
+#[derive(Debug)]
+pub struct RouteLimits {
+    /// Keys without identity parts: checked before authentication.
+    pub before_auth: Box<[Arc<Rule>]>,
+    /// Keys with identity parts: checked after authorization.
+    pub after_auth: Box<[Arc<Rule>]>,
+    pub store: Arc<LocalBuckets>,
+    /// The shared store, when limits are kept in Redis.
+    pub shared: Option<Arc<SharedLimiter>>,
+    pub headers: bool,
+}
+
+/// Which phase of the route's rules to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    BeforeAuth,
+    AfterAuth,
+}
+
+/// What the rate limits decided about a request, for the headers and the access log.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// The enforced rule closest to its limit (or the one that refused).
+    pub outcome: Option<Outcome>,
+    /// A shadow rule that would have refused the request.
+    pub shadow_refusal: Option<Arc<str>>,
+    /// Send `RateLimit-Policy` / `RateLimit` on the response.
+    pub send_headers: bool,
+    /// Keys this request was counted against (to refund them if a later rule refuses it).
+    counted: Vec<(u64, Limit)>,
+    /// The same in the shared store.
+    shared_counted: Vec<(String, Arc<Rule>)>,
+}
+
+/// One enforced rule's state after a request.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub rule: Arc<Rule>,
+    pub remaining: u32,
+    pub reset_after_ns: u64,
+    /// This rule refused the request.
+    pub refused: bool,
+}
+
+impl Outcome {
+    /// `RateLimit-Policy` and `RateLimit` header values (draft-ietf-httpapi-ratelimit-headers).
+    pub fn headers(&self) -> (HeaderValue, Option<HeaderValue>) {
+        let mut value = String::with_capacity(self.rule.name.len() + 24);
+        let _ = write!(
+            value,
+            "\"{}\";r={};t={}",
+            self.rule.name,
+            self.remaining,
+            self.reset_after_ns.div_ceil(1_000_000_000)
+        );
+        (
+            self.rule.policy_header.clone(),
+            HeaderValue::from_str(&value).ok(),
+        )
+    }
+}
+
+impl RouteLimits {
+    /// Checks the phase's rules; `record` keeps the most restrictive enforced rule met across
+    /// phases.
+    pub async fn check(
+        &self,
+        phase: Phase,
+        source: &KeySource<'_>,
+        record: &mut Record,
+    ) -> Result<(), GatewayError> {
+        let rules = match phase {
+            Phase::BeforeAuth => &self.before_auth,
+            Phase::AfterAuth => &self.after_auth,
+        };
+        if rules.is_empty() {
+            return Ok(());
+        }
+        record.send_headers = self.headers;
+        let Some(shared) = &self.shared else {
+            return self.check_local(rules, source, record, 1.0);
+        };
+        // shadow rules stay local (they are a rollout aid); enforced rules go to Redis
+        let (shadow, enforced): (Vec<&Arc<Rule>>, Vec<&Arc<Rule>>) = rules
+            .iter()
+            .filter(|rule| rule.applies(&source.request.method))
+            .partition(|rule| rule.shadow);
+        if !shadow.is_empty() {
+            self.check_local_rules(shadow.into_iter(), source, record, 1.0)?;
+        }
+        let keys: Vec<(String, Arc<Rule>)> = enforced
+            .iter()
+            .filter_map(|rule| Some((rule.shared_key(source)?, (*rule).clone())))
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        match shared.check(&keys).await {
+            Ok(SharedVerdict::Allowed(aheads)) => {
+                for ((name, rule), ahead) in keys.into_iter().zip(aheads) {
+                    let limit = &rule.limit;
+                    let slack = (limit.tolerance + limit.interval).saturating_sub(ahead);
+                    note(
+                        record,
+                        &rule,
+                        u32::try_from(slack / limit.interval).unwrap_or(u32::MAX),
+                        ahead,
+                    );
+                    record.shared_counted.push((name, rule));
+                }
+                Ok(())
+            }
+            Ok(SharedVerdict::Refused {
+                index,
+                retry_after_ns,
+                reset_after_ns,
+            }) => {
+                let refused = keys.get(index).map(|(_, rule)| rule.clone());
+                let earlier = std::mem::take(&mut record.shared_counted);
+                if !earlier.is_empty() {
+                    shared.refund(&earlier).await;
+                }
+                self.refund_local(record);
+                if let Some(rule) = refused {
+                    record.outcome = Some(Outcome {
+                        rule,
+                        remaining: 0,
+                        reset_after_ns,
+                        refused: true,
+                    });
+                }
+                Err(too_many(retry_after_ns))
+            }
+            Err(_) => match shared.on_error {
+                StoreFailure::FailOpen => {
+                    self.check_local_rules(enforced.into_iter(), source, record, shared.share)
+                }
+                StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
+            },
+        }
+    }
+
+    fn check_local(
+        &self,
+        rules: &[Arc<Rule>],
+        source: &KeySource<'_>,
+        record: &mut Record,
+        share: f64,
+    ) -> Result<(), GatewayError> {
+        let applicable = rules
+            .iter()
+            .filter(|rule| rule.applies(&source.request.method));
+        self.check_local_rules(applicable, source, record, share)
+    }
+
+    /// Checks rules against this process' buckets, each limit scaled by `share`.
+    fn check_local_rules<'r>(
+        &self,
+        rules: impl Iterator<Item = &'r Arc<Rule>>,
+        source: &KeySource<'_>,
+        record: &mut Record,
+        share: f64,
+    ) -> Result<(), GatewayError> {
+        let now = now_ns();
+        for rule in rules {
+            let Some(key) = rule.key(self.store.hasher(), source) else {
+                continue;
+            };
+            let limit = rule.limit.scaled(share);
+            let verdict = self.store.check(key, &limit, now);
+            if rule.shadow {
+                if !verdict.allowed {
+                    tracing::info!(rule = &*rule.name, "shadow rate limit would refuse");
+                    record
+                        .shadow_refusal
+                        .get_or_insert_with(|| rule.name.clone());
+                }
+                continue;
+            }
+            if !verdict.allowed {
+                // a refused request costs nothing against the rules it had passed, in either phase
+                self.refund_local(record);
+                record.outcome = Some(Outcome {
+                    rule: rule.clone(),
+                    remaining: 0,
+                    reset_after_ns: verdict.reset_after,
+                    refused: true,
+                });
+                return Err(too_many(verdict.retry_after));
+            }
+            record.counted.push((key, limit));
+            note(record, rule, verdict.remaining, verdict.reset_after);
+        }
+        Ok(())
+    }
+
+    fn refund_local(&self, record: &mut Record) {
+        for (key, limit) in record.counted.drain(..) {
+            self.store.refund(key, &limit);
+        }
+    }
+}
+
+/// Keeps the rule closest to its limit for the headers.
+fn note(record: &mut Record, rule: &Arc<Rule>, remaining: u32, reset_after_ns: u64) {
+    let tighter = record
+        .outcome
+        .as_ref()
+        .is_none_or(|current| remaining < current.remaining);
+    if tighter {
+        record.outcome = Some(Outcome {
+            rule: rule.clone(),
+            remaining,
+            reset_after_ns,
+            refused: false,
+        });
+    }
+}
+
+fn too_many(retry_after_ns: u64) -> GatewayError {
+    let seconds = retry_after_ns.div_ceil(1_000_000_000).max(1);
+    GatewayError::TooManyRequests {
+        retry_after_secs: u32::try_from(seconds).unwrap_or(u32::MAX),
+    }
+}

@@ -1,0 +1,172 @@
+//! Limits shared by every replica through Redis (`store: redis`): one atomic Lua script per
+//! request phase checks all the phase's rules against the server's clock and records the request
+//! only if every rule allows it, so N replicas enforce one limit exactly.
+//!
+//! TATs are kept in microseconds (Lua numbers are doubles: exact to 2^53). Each key expires when
+//! its limit has fully recovered, so Redis holds only keys that still carry information.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use super::{local::now_ns, rule::Rule};
+use crate::{
+    config::model::StoreFailure,
+    store::{RedisStore, StoreError},
+};
+
+/// Checks every key (KEYS[i], with ARGV[2i-1] = interval µs, ARGV[2i] = tolerance µs); returns
+/// `{1, ahead_1, ..., ahead_n}` (allowed: each key's new TAT minus now) or `{0, i, retry, ahead}`
+/// (refused by key i).
+const CHECK: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tats = {}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  if tat - now > tolerance then
+    return {0, i, tat - now - tolerance, tat - now}
+  end
+  tats[i] = tat + interval
+end
+local result = {1}
+for i = 1, #KEYS do
+  local ahead = tats[i] - now
+  redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.floor(ahead / 1000) + 1)
+  result[i + 1] = ahead
+end
+return result
+"#;
+
+/// Takes one request back from each key (ARGV[i] = interval µs).
+const REFUND: &str = r#"
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat > 0 then
+    redis.call('SET', KEYS[i], tostring(tat - tonumber(ARGV[i])), 'KEEPTTL')
+  end
+end
+return 1
+"#;
+
+/// The shared store and what to do when it fails.
+pub struct SharedLimiter {
+    store: Arc<RedisStore>,
+    check: redis::Script,
+    refund: redis::Script,
+    pub on_error: StoreFailure,
+    /// Under `fail_open`, this replica's share of each limit.
+    pub share: f64,
+    /// Decisions Redis could not make (errors and timeouts).
+    pub errors: AtomicU64,
+    last_warning: AtomicU64,
+}
+
+impl std::fmt::Debug for SharedLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimiter")
+            .field("on_error", &self.on_error)
+            .field("share", &self.share)
+            .finish()
+    }
+}
+
+/// What the shared store decided for a phase.
+#[derive(Debug)]
+pub enum SharedVerdict {
+    /// Every rule allowed; per rule, how far its TAT now runs ahead (ns).
+    Allowed(Vec<u64>),
+    /// Rule `index` refused.
+    Refused {
+        index: usize,
+        retry_after_ns: u64,
+        reset_after_ns: u64,
+    },
+}
+
+impl SharedLimiter {
+    pub fn new(store: Arc<RedisStore>, on_error: StoreFailure, replicas: u32) -> Self {
+        Self {
+            store,
+            check: redis::Script::new(CHECK),
+            refund: redis::Script::new(REFUND),
+            on_error,
+            share: 1.0 / f64::from(replicas.max(1)),
+            errors: AtomicU64::new(0),
+            last_warning: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks and records one request against `keys` (names from [`Rule::shared_key`]).
+    pub async fn check(&self, keys: &[(String, Arc<Rule>)]) -> Result<SharedVerdict, StoreError> {
+        let names: Vec<String> = keys.iter().map(|(name, _)| self.store.key(name)).collect();
+        let mut args = Vec::with_capacity(keys.len() * 2);
+        for (_, rule) in keys {
+            args.push((rule.limit.interval / 1_000).max(1));
+            args.push(rule.limit.tolerance / 1_000);
+        }
+        let reply: Vec<i64> = self
+            .store
+            .run_script(&self.check, &names, &args)
+            .await
+            .inspect_err(|error| self.failed(error))?;
+        let micros = |v: Option<&i64>| u64::try_from(*v.unwrap_or(&0)).unwrap_or(0) * 1_000;
+        match reply.first() {
+            Some(1) => Ok(SharedVerdict::Allowed(
+                reply[1..].iter().map(|v| micros(Some(v))).collect(),
+            )),
+            Some(0) => Ok(SharedVerdict::Refused {
+                index: usize::try_from(reply.get(1).copied().unwrap_or(1) - 1).unwrap_or(0),
+                retry_after_ns: micros(reply.get(2)),
+                reset_after_ns: micros(reply.get(3)),
+            }),
+            _ => Err(StoreError::Redis(redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "unexpected rate-limit script reply",
+            )))),
+        }
+    }
+
+    /// Takes one request back from `keys` (a later phase refused the request).
+    pub async fn refund(&self, keys: &[(String, Arc<Rule>)]) {
+        let names: Vec<String> = keys.iter().map(|(name, _)| self.store.key(name)).collect();
+        let args: Vec<u64> = keys
+            .iter()
+            .map(|(_, rule)| (rule.limit.interval / 1_000).max(1))
+            .collect();
+        if let Err(error) = self
+            .store
+            .run_script::<i64>(&self.refund, &names, &args)
+            .await
+        {
+            self.failed(&error);
+        }
+    }
+
+    /// Counts a failure; warns at most once a second (a down Redis must not flood the log).
+    fn failed(&self, error: &StoreError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let now = now_ns();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= Duration::from_secs(1).as_nanos() as u64
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %error,
+                on_error = ?self.on_error,
+                failures = self.errors.load(Ordering::Relaxed),
+                "rate limits could not reach Redis"
+            );
+        }
+    }
+}

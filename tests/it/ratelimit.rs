@@ -1,0 +1,411 @@
+//! Rate limits through the real gateway: exact bursts, keys (client, network, subject), request
+//! classes, shadow rules, 429 with `Retry-After` and the `RateLimit` headers, state kept across
+//! reloads.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use crate::support::{config_with, send, TestGateway, TestResponse, TestUpstream};
+
+fn digest(key: &str) -> String {
+    portcullis::policy::authn::sha256(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A request from `client` (through the trusted loopback proxy), with an optional API key.
+async fn from(
+    gateway: &TestGateway,
+    method: &str,
+    path: &str,
+    client: &str,
+    key: Option<&str>,
+) -> TestResponse {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(gateway.url(path))
+        .header("x-forwarded-for", client);
+    if let Some(key) = key {
+        builder = builder.header("x-api-key", key);
+    }
+    send(builder.body(Full::<Bytes>::default()).unwrap()).await
+}
+
+fn with_trusted_proxy(yaml: String) -> String {
+    yaml.replacen(
+        "server:\n",
+        "server:\n  trusted_proxies: [127.0.0.1/32]\n",
+        1,
+    )
+}
+
+async fn gateway(rules: &str, routes: &str) -> (TestUpstream, TestGateway) {
+    let upstream = TestUpstream::echo().await;
+    let yaml = format!(
+        "{}authentication:\n  api_keys:\n    - name: keys\n      keys:\n        - {{ id: alice, sha256: {} }}\n        - {{ id: bob, sha256: {} }}\nrate_limits:\n{rules}",
+        config_with(&[upstream.url()], "", routes),
+        digest("key-alice"),
+        digest("key-bob"),
+    );
+    (
+        upstream,
+        TestGateway::start(&with_trusted_proxy(yaml)).await,
+    )
+}
+
+const OPEN: &str =
+    "  - name: open\n    match: { path: /open/** }\n    public: true\n    upstream: app\n";
+
+#[tokio::test]
+async fn a_burst_is_exact_and_the_refusal_says_when_to_retry() {
+    let (upstream, gateway) = gateway(
+        "  rules:\n    - name: per-client\n      key: [client_ip]\n      rate: 5/min\n      global: true\n",
+        OPEN,
+    )
+    .await;
+    let first = from(&gateway, "GET", "/open/a", "198.51.100.7", None).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.headers["ratelimit-policy"], "\"per-client\";q=5;w=60");
+    assert_eq!(first.headers["ratelimit"], "\"per-client\";r=4;t=12");
+    let mut statuses = Vec::new();
+    for _ in 0..9 {
+        statuses.push(
+            from(&gateway, "GET", "/open/a", "198.51.100.7", None)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429, 429, 429, 429]);
+    assert_eq!(
+        upstream.hits(),
+        5,
+        "refused requests never reach the upstream"
+    );
+
+    let refused = from(&gateway, "GET", "/open/a", "198.51.100.7", None).await;
+    assert_eq!(refused.status, 429);
+    let retry_after: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=12).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        refused.headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .split(";r=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next(),
+        Some("0")
+    );
+    let body = refused.json();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(
+        body["request_id"].as_str().unwrap(),
+        refused.headers["x-request-id"].to_str().unwrap()
+    );
+
+    // another client has its own budget
+    assert_eq!(
+        from(&gateway, "GET", "/open/a", "198.51.100.8", None)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn networks_share_a_limit_and_classes_split_reads_from_writes() {
+    let (_upstream, gateway) = gateway(
+        "  rules:\n    - name: per-network\n      key: [client_network]\n      rate: 3/min\n      network: { ipv4: 24, ipv6: 48 }\n      global: true\n    - name: writes\n      key: [client_ip]\n      class: write\n      rate: 1/min\n      global: true\n",
+        OPEN,
+    )
+    .await;
+    // three clients of one /24 share 3 requests
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "203.0.113.1", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "203.0.113.2", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "203.0.113.3", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "203.0.113.4", None)
+            .await
+            .status,
+        429
+    );
+    // the neighbouring /24 is another network
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "203.0.114.1", None)
+            .await
+            .status,
+        200
+    );
+    // one write per client per minute; reads do not count against it
+    assert_eq!(
+        from(&gateway, "POST", "/open/x", "192.0.2.1", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "192.0.2.1", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "PUT", "/open/x", "192.0.2.1", None)
+            .await
+            .status,
+        429
+    );
+    // IPv6 networks by their prefix
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "2001:db8:1:1::1", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "2001:db8:1:2::1", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "2001:db8:1:3::1", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "2001:db8:1:4::1", None)
+            .await
+            .status,
+        429
+    );
+}
+
+#[tokio::test]
+async fn subjects_have_their_own_budgets_and_failed_logins_are_limited_before_authentication() {
+    let routes = "  - name: api\n    match: { path: /api/** }\n    auth: [keys]\n    authorization: { any_authenticated: true }\n    rate_limits: [per-subject, guesses]\n    upstream: app\n";
+    let (_upstream, gateway) = gateway(
+        "  rules:\n    - name: per-subject\n      key: [subject]\n      rate: 2/min\n    - name: guesses\n      key: [client_ip]\n      rate: 6/min\n",
+        routes,
+    )
+    .await;
+    let ip = "198.51.100.20";
+    assert_eq!(
+        from(&gateway, "GET", "/api/1", ip, Some("key-alice"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/api/1", ip, Some("key-alice"))
+            .await
+            .status,
+        200
+    );
+    let third = from(&gateway, "GET", "/api/1", ip, Some("key-alice")).await;
+    assert_eq!(third.status, 429);
+    assert_eq!(
+        third.headers["ratelimit-policy"],
+        "\"per-subject\";q=2;w=60"
+    );
+    // bob, from the same address, is another subject
+    assert_eq!(
+        from(&gateway, "GET", "/api/1", ip, Some("key-bob"))
+            .await
+            .status,
+        200
+    );
+    // the refused request was refunded to the address rule, so 3 of its 6 are used (alice 2,
+    // bob 1): wrong keys get 3 tries, each counted although authentication then fails
+    let guesses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(
+                from(&gateway, "GET", "/api/1", ip, Some("wrong"))
+                    .await
+                    .status,
+            );
+        }
+        statuses
+    };
+    assert_eq!(guesses, [401, 401, 401, 429]);
+}
+
+#[tokio::test]
+async fn shadow_rules_count_but_never_refuse() {
+    let (_upstream, gateway) = gateway(
+        "  rules:\n    - name: trial\n      key: [client_ip]\n      rate: 1/min\n      shadow: true\n      global: true\n",
+        OPEN,
+    )
+    .await;
+    for _ in 0..5 {
+        let response = from(&gateway, "GET", "/open/x", "198.51.100.30", None).await;
+        assert_eq!(response.status, 200);
+        assert!(
+            !response.headers.contains_key("ratelimit"),
+            "shadow rules are not announced"
+        );
+    }
+}
+
+#[tokio::test]
+async fn limits_survive_a_reload_and_headers_can_be_turned_off() {
+    let upstream = TestUpstream::echo().await;
+    let rules = |headers: bool| {
+        with_trusted_proxy(format!(
+            "{}rate_limits:\n  headers: {headers}\n  rules:\n    - name: per-client\n      key: [client_ip]\n      rate: 2/min\n      global: true\n",
+            config_with(&[upstream.url()], "", OPEN)
+        ))
+    };
+    let mut gateway = TestGateway::start(&rules(true)).await;
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "198.51.100.40", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        from(&gateway, "GET", "/open/x", "198.51.100.40", None)
+            .await
+            .status,
+        200
+    );
+    gateway.reload(&rules(false)).unwrap();
+    let refused = from(&gateway, "GET", "/open/x", "198.51.100.40", None).await;
+    assert_eq!(
+        refused.status, 429,
+        "a reload does not hand out a new burst"
+    );
+    assert!(refused.headers.contains_key("retry-after"));
+    assert!(!refused.headers.contains_key("ratelimit"));
+}
+
+/// `portcullis run` with a shared limit of `rate` per route, kept in `redis_url`.
+fn replica_process(
+    upstream: &TestUpstream,
+    redis_url: &str,
+    rate: &str,
+    on_error: &str,
+) -> (crate::support::GatewayProcess, u16) {
+    let port = crate::support::free_port();
+    let yaml = format!(
+        "{}redis:\n  url: {redis_url}\n  timeout: 200ms\n  key_prefix: \"rl-test:\"\nrate_limits:\n  store: redis\n  on_store_error: {on_error}\n  replicas: 3\n  rules:\n    - name: per-route\n      key: [route]\n      rate: {rate}\n      global: true\n",
+        config_with(&[upstream.url()], "", OPEN).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+    );
+    (crate::support::GatewayProcess::start(&yaml, port), port)
+}
+
+async fn get_status(port: u16) -> u16 {
+    send(
+        Request::get(format!("http://127.0.0.1:{port}/open/x"))
+            .body(Full::<Bytes>::default())
+            .unwrap(),
+    )
+    .await
+    .status
+}
+
+#[tokio::test]
+async fn three_processes_sharing_redis_enforce_one_limit_exactly_and_survive_redis_going_away() {
+    let Some(mut redis) = crate::support::redis::RedisServer::start() else {
+        return;
+    };
+    let upstream = TestUpstream::echo().await;
+    // 60 per hour for the route, whichever replica a request reaches
+    let replicas: Vec<_> = (0..3)
+        .map(|_| replica_process(&upstream, &redis.url(), "60/h", "fail_closed"))
+        .collect();
+    let mut allowed = 0;
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..150 {
+        let status = get_status(replicas[i % 3].1).await;
+        *statuses.entry(status).or_insert(0) += 1;
+        allowed += usize::from(status == 200);
+    }
+    assert_eq!(allowed, 60, "{statuses:?}");
+    assert_eq!(upstream.hits(), 60);
+
+    // Redis gone: fail_closed refuses with 503, within the 200 ms timeout, not hanging
+    redis.stop();
+    let started = std::time::Instant::now();
+    assert_eq!(get_status(replicas[0].1).await, 503);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // Redis back (empty): the replicas reconnect on their own
+    let _redis = crate::support::redis::RedisServer::start_on(redis.port).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut back = false;
+    while !back && std::time::Instant::now() < deadline {
+        back = get_status(replicas[1].1).await == 200;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(back, "a replica serves again once Redis is back");
+}
+
+#[tokio::test]
+async fn fail_open_enforces_this_replicas_share_while_redis_is_down() {
+    let Some(mut redis) = crate::support::redis::RedisServer::start() else {
+        return;
+    };
+    let upstream = TestUpstream::echo().await;
+    // 30 per hour shared by 3 replicas: alone, a replica allows its share of 10
+    let (_replica, port) = replica_process(&upstream, &redis.url(), "30/h", "fail_open");
+    assert_eq!(get_status(port).await, 200, "Redis up: shared limit");
+    redis.stop();
+    let mut allowed = 0;
+    for _ in 0..30 {
+        allowed += usize::from(get_status(port).await == 200);
+    }
+    assert_eq!(allowed, 10, "this replica's share");
+}
+
+#[test]
+fn rule_mistakes_are_config_errors_at_their_field() {
+    let base = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: r\n    public: true\n    rate_limits: [nope]\n    upstream: app\n";
+    let yaml = format!(
+        "{base}rate_limits:\n  store: redis\n  rules:\n    - name: a\n      rate: 10/fortnight\n    - name: b\n      rate: 5/s\n      key: [client_ip, cookie:session]\n    - name: c\n      rate: 5/s\n      burst: 0\n    - name: c\n      rate: 1/s\n"
+    );
+    let loaded =
+        portcullis::config::load_str(&yaml, "gw.yaml".as_ref(), ".".into(), &|_| None).unwrap();
+    let errors =
+        portcullis::proxy::compile(&loaded, &portcullis::upstream::UpstreamRegistry::new(1), 0)
+            .unwrap_err()
+            .to_string();
+    for expected in [
+        "rate_limits.store: `store: redis` needs the top-level `redis` section",
+        "rate_limits.rules[0].rate: `10/fortnight` is not a rate",
+        "rate_limits.rules[1].key: `cookie:session` is not a key part",
+        "rate_limits.rules[2].burst: must be at least 1",
+        "rate_limits.rules[3].name: rule `c` is defined twice",
+        "routes[0].rate_limits[0]: no rate-limit rule is named `nope`",
+    ] {
+        assert!(errors.contains(expected), "{expected:?} in:\n{errors}");
+    }
+    assert!(errors.contains("gw.yaml:"), "{errors}");
+}

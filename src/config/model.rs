@@ -67,6 +67,23 @@ pub struct RateLimitsConfig {
     pub on_store_error: StoreFailure,
     /// How many replicas share the limits (sizes this replica's share under `fail_open`).
     pub replicas: u32,
+    /// With `store: redis`: `fast` (the default) decides in this process and syncs counts with
+    /// Redis every `sync_interval`, so no request waits on Redis and replicas may overshoot a
+    /// limit by a bounded amount; `exact` asks Redis on every request (one round trip).
+    pub redis_mode: RedisLimitMode,
+    /// How often `fast` mode syncs counts with Redis.
+    pub sync_interval: HumanDuration,
+}
+
+/// How limits kept in Redis are decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisLimitMode {
+    /// Locally, with counts synced in the background.
+    #[default]
+    Fast,
+    /// By Redis, on every request.
+    Exact,
 }
 
 impl Default for RateLimitsConfig {
@@ -78,6 +95,8 @@ impl Default for RateLimitsConfig {
             store: StoreKind::Memory,
             on_store_error: StoreFailure::FailOpen,
             replicas: 1,
+            redis_mode: RedisLimitMode::Fast,
+            sync_interval: HumanDuration::from_millis(50),
         }
     }
 }

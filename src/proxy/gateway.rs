@@ -26,7 +26,10 @@ use super::{
 };
 use crate::{
     config::{ConfigErrors, LoadedConfig},
-    policy::authn::{KeyRefreshers, RevocationSync},
+    policy::{
+        authn::{KeyRefreshers, RevocationSync},
+        ratelimit::FastSyncTask,
+    },
     upstream::{health::HealthChecks, set_worker_slot, UpstreamRegistry},
 };
 
@@ -117,6 +120,7 @@ pub struct Gateway {
     health: HealthChecks,
     key_refreshers: KeyRefreshers,
     revocation_sync: RevocationSync,
+    rate_limit_sync: FastSyncTask,
     generation: u64,
     worker_count: usize,
 }
@@ -149,6 +153,7 @@ impl Gateway {
             snapshot.shared_revocations.clone(),
             registry.revocations.clone(),
         );
+        let rate_limit_sync = FastSyncTask::start(snapshot.rate_limit_sync.clone());
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let (draining, draining_rx) = watch::channel(false);
         let workers = (0..worker_count)
@@ -169,6 +174,7 @@ impl Gateway {
             health,
             key_refreshers,
             revocation_sync,
+            rate_limit_sync,
             generation: 1,
             worker_count,
         };
@@ -271,12 +277,14 @@ impl Gateway {
             snapshot.shared_revocations.clone(),
             self.registry.revocations.clone(),
         );
+        let rate_limit_sync = FastSyncTask::start(snapshot.rate_limit_sync.clone());
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
         self.state.snapshot.store(Arc::new(snapshot));
         self.generation = generation;
         self.health = health;
         self.key_refreshers = key_refreshers;
         self.revocation_sync = revocation_sync;
+        self.rate_limit_sync = rate_limit_sync;
         // stop listeners that are gone or moved
         let fresh_names: Vec<Arc<str>> = fresh.iter().map(|(n, _)| n.clone()).collect();
         let stale: Vec<Arc<str>> = self

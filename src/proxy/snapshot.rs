@@ -56,6 +56,8 @@ pub struct Snapshot {
     /// Findings of the compile step that do not stop the config (e.g. a route no role can
     /// reach), for `portcullis validate` and the log at (re)load.
     pub warnings: Vec<crate::config::ConfigWarning>,
+    /// Rate limits in Redis `fast` mode: the background sync the gateway runs.
+    pub rate_limit_sync: Option<Arc<crate::policy::ratelimit::FastSync>>,
 }
 
 impl Snapshot {
@@ -148,6 +150,7 @@ pub fn compile(
     let rate_limits = RateLimits::compile(
         &config.rate_limits,
         authentication.shared_store.as_ref(),
+        &registry.rate_limit_buckets,
         &mut sink,
     );
     let mut compiled_routes = Vec::new();
@@ -206,6 +209,7 @@ pub fn compile(
         watch_config: config.server.watch_config,
         effective_config: crate::config::redacted_json(loaded),
         warnings,
+        rate_limit_sync: rate_limits.fast_sync(),
     })
 }
 

@@ -82,6 +82,16 @@ impl LocalBuckets {
         verdict
     }
 
+    /// Moves a key's TAT forward to `tat` if it is behind (what other replicas allowed, learnt
+    /// from a shared store).
+    pub fn raise(&self, key: u64, tat: u64) {
+        let mut shard = self.shard(key);
+        let entry = shard.entry(key).or_insert(0);
+        if *entry < tat {
+            *entry = tat;
+        }
+    }
+
     /// Takes back one request recorded by [`check`](Self::check) (a later rule refused it).
     pub fn refund(&self, key: u64, limit: &Limit) {
         if let Some(tat) = self.shard(key).get_mut(&key) {

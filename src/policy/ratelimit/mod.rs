@@ -8,6 +8,7 @@
 //! authorization. A rule whose key has no value for a request (no identity, a missing header)
 //! does not count it.
 
+mod fast;
 mod gcra;
 mod local;
 mod rule;
@@ -17,14 +18,24 @@ use std::{fmt::Write as _, sync::Arc};
 
 use http::HeaderValue;
 
+pub use fast::{FastSync, FastSyncTask};
 pub use gcra::{Limit, Verdict};
 pub use local::{now_ns, LocalBuckets};
 pub use rule::{class_of, parse_rate, KeyPart, KeySource, Rule};
 pub use shared::{SharedLimiter, SharedVerdict};
 
+/// Where limits shared by replicas are decided.
+#[derive(Debug, Clone)]
+pub enum SharedMode {
+    /// By Redis on every request.
+    Exact(Arc<SharedLimiter>),
+    /// Locally, synced with Redis in the background.
+    Fast(Arc<FastSync>),
+}
+
 use crate::{
     config::{
-        model::{RateLimitsConfig, StoreFailure, StoreKind},
+        model::{RateLimitsConfig, RedisLimitMode, StoreFailure, StoreKind},
         ErrorSink,
     },
     pipeline::GatewayError,
@@ -39,7 +50,7 @@ pub struct RateLimits {
     pub global: Vec<Arc<Rule>>,
     pub headers: bool,
     /// With `store: redis`.
-    pub shared: Option<Arc<SharedLimiter>>,
+    pub shared: Option<SharedMode>,
     /// Every rule name written, compiled or not (a broken rule is reported once, not again by
     /// each route that lists it).
     declared: std::collections::HashSet<String>,
@@ -49,15 +60,25 @@ impl RateLimits {
     pub fn compile(
         config: &RateLimitsConfig,
         redis: Option<&Arc<RedisStore>>,
+        buckets: &Arc<LocalBuckets>,
         sink: &mut ErrorSink<'_>,
     ) -> Self {
         let shared = match (config.store, redis) {
             (StoreKind::Memory, _) => None,
-            (StoreKind::Redis, Some(store)) => Some(Arc::new(SharedLimiter::new(
-                store.clone(),
-                config.on_store_error,
-                config.replicas,
-            ))),
+            (StoreKind::Redis, Some(store)) => Some(match config.redis_mode {
+                RedisLimitMode::Exact => SharedMode::Exact(Arc::new(SharedLimiter::new(
+                    store.clone(),
+                    config.on_store_error,
+                    config.replicas,
+                ))),
+                RedisLimitMode::Fast => SharedMode::Fast(Arc::new(FastSync::new(
+                    store.clone(),
+                    buckets.clone(),
+                    config.sync_interval.0,
+                    config.on_store_error,
+                    config.replicas,
+                ))),
+            }),
             (StoreKind::Redis, None) => {
                 sink.error(
                     "rate_limits.store",
@@ -68,6 +89,9 @@ impl RateLimits {
         };
         if config.replicas == 0 {
             sink.error("rate_limits.replicas", "must be at least 1");
+        }
+        if config.sync_interval.0 < std::time::Duration::from_millis(5) {
+            sink.error("rate_limits.sync_interval", "must be at least 5ms");
         }
         let mut compiled = Self {
             headers: config.headers,
@@ -149,7 +173,7 @@ pub struct RouteLimits {
     pub after_auth: Box<[Arc<Rule>]>,
     pub store: Arc<LocalBuckets>,
     /// The shared store, when limits are kept in Redis.
-    pub shared: Option<Arc<SharedLimiter>>,
+    pub shared: Option<SharedMode>,
     pub headers: bool,
 }
 
@@ -171,8 +195,20 @@ pub struct Record {
     pub send_headers: bool,
     /// Keys this request was counted against (to refund them if a later rule refuses it).
     counted: Vec<(u64, Limit)>,
-    /// The same in the shared store.
+    /// The same in the shared store (`exact` mode).
     shared_counted: Vec<(String, Arc<Rule>)>,
+    /// Counts waiting for the next sync (`fast` mode).
+    fast_counted: Vec<[u8; 16]>,
+}
+
+impl RateLimits {
+    /// The fast-mode sync of this generation, for the gateway to run in the background.
+    pub fn fast_sync(&self) -> Option<Arc<FastSync>> {
+        match &self.shared {
+            Some(SharedMode::Fast(sync)) => Some(sync.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// One enforced rule's state after a request.
@@ -220,8 +256,20 @@ impl RouteLimits {
             return Ok(());
         }
         record.send_headers = self.headers;
-        let Some(shared) = &self.shared else {
-            return self.check_local(rules, source, record, 1.0);
+        let shared = match &self.shared {
+            None => return self.check_local(rules, source, record, 1.0, None),
+            Some(SharedMode::Fast(sync)) if sync.healthy() => {
+                return self.check_local(rules, source, record, 1.0, Some(sync))
+            }
+            Some(SharedMode::Fast(sync)) => {
+                return match sync.on_error {
+                    StoreFailure::FailOpen => {
+                        self.check_local(rules, source, record, sync.share, None)
+                    }
+                    StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
+                }
+            }
+            Some(SharedMode::Exact(shared)) => shared,
         };
         // shadow rules stay local (they are a rollout aid); enforced rules go to Redis
         let (shadow, enforced): (Vec<&Arc<Rule>>, Vec<&Arc<Rule>>) = rules
@@ -229,7 +277,7 @@ impl RouteLimits {
             .filter(|rule| rule.applies(&source.request.method))
             .partition(|rule| rule.shadow);
         if !shadow.is_empty() {
-            self.check_local_rules(shadow.into_iter(), source, record, 1.0)?;
+            self.check_local_rules(shadow.into_iter(), source, record, 1.0, None)?;
         }
         let keys: Vec<(String, Arc<Rule>)> = enforced
             .iter()
@@ -276,7 +324,7 @@ impl RouteLimits {
             }
             Err(_) => match shared.on_error {
                 StoreFailure::FailOpen => {
-                    self.check_local_rules(enforced.into_iter(), source, record, shared.share)
+                    self.check_local_rules(enforced.into_iter(), source, record, shared.share, None)
                 }
                 StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
             },
@@ -289,27 +337,45 @@ impl RouteLimits {
         source: &KeySource<'_>,
         record: &mut Record,
         share: f64,
+        fast: Option<&FastSync>,
     ) -> Result<(), GatewayError> {
         let applicable = rules
             .iter()
             .filter(|rule| rule.applies(&source.request.method));
-        self.check_local_rules(applicable, source, record, share)
+        self.check_local_rules(applicable, source, record, share, fast)
     }
 
-    /// Checks rules against this process' buckets, each limit scaled by `share`.
+    /// Checks rules against this process' buckets, each limit scaled by `share`; with `fast`,
+    /// enforced rules use keys every replica shares and their requests are counted for the sync.
     fn check_local_rules<'r>(
         &self,
         rules: impl Iterator<Item = &'r Arc<Rule>>,
         source: &KeySource<'_>,
         record: &mut Record,
         share: f64,
+        fast: Option<&FastSync>,
     ) -> Result<(), GatewayError> {
         let now = now_ns();
         for rule in rules {
-            let Some(key) = rule.key(self.store.hasher(), source) else {
-                continue;
+            let sync = fast.filter(|_| !rule.shadow);
+            let (key, digest) = match sync {
+                Some(_) => {
+                    let Some(digest) = rule.shared_digest(source) else {
+                        continue;
+                    };
+                    (FastSync::local_key(&digest), Some(digest))
+                }
+                None => {
+                    let Some(key) = rule.key(self.store.hasher(), source) else {
+                        continue;
+                    };
+                    (key, None)
+                }
             };
-            let limit = rule.limit.scaled(share);
+            let (key, limit) = match sync {
+                Some(sync) => sync.bucket_for(key, rule.limit),
+                None => (key, rule.limit.scaled(share)),
+            };
             let verdict = self.store.check(key, &limit, now);
             if rule.shadow {
                 if !verdict.allowed {
@@ -332,6 +398,11 @@ impl RouteLimits {
                 return Err(too_many(verdict.retry_after));
             }
             record.counted.push((key, limit));
+            if let (Some(sync), Some(digest)) = (sync, digest) {
+                // the shared state counts every request at the whole limit's interval
+                sync.count(digest, &rule.limit);
+                record.fast_counted.push(digest);
+            }
             note(record, rule, verdict.remaining, verdict.reset_after);
         }
         Ok(())
@@ -340,6 +411,11 @@ impl RouteLimits {
     fn refund_local(&self, record: &mut Record) {
         for (key, limit) in record.counted.drain(..) {
             self.store.refund(key, &limit);
+        }
+        if let Some(SharedMode::Fast(sync)) = &self.shared {
+            for digest in record.fast_counted.drain(..) {
+                sync.uncount(&digest);
+            }
         }
     }
 }

@@ -162,18 +162,21 @@ impl Rule {
         Some(state.finish())
     }
 
-    /// The key as a name every replica computes alike (a SHA-256 of the same parts), for a
-    /// shared store.
-    pub fn shared_key(&self, source: &KeySource<'_>) -> Option<String> {
+    /// The key as every replica computes it alike (128 bits of a SHA-256 of the same parts),
+    /// for a shared store.
+    pub fn shared_digest(&self, source: &KeySource<'_>) -> Option<[u8; 16]> {
         let mut state = Sha256Writer(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256));
         self.write_key(&mut state, source)?;
         let digest = state.0.finish();
-        let mut name = String::with_capacity(3 + 32);
-        name.push_str("rl:");
-        for byte in &digest.as_ref()[..16] {
-            let _ = std::fmt::Write::write_fmt(&mut name, format_args!("{byte:02x}"));
-        }
-        Some(name)
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&digest.as_ref()[..16]);
+        Some(out)
+    }
+
+    /// [`shared_digest`](Self::shared_digest) as a Redis key name (before the prefix).
+    pub fn shared_key(&self, source: &KeySource<'_>) -> Option<String> {
+        self.shared_digest(source)
+            .map(|digest| shared_name(&digest))
     }
 
     fn write_key(&self, state: &mut impl Hasher, source: &KeySource<'_>) -> Option<()> {
@@ -222,6 +225,16 @@ impl Hasher for Sha256Writer {
     fn finish(&self) -> u64 {
         0 // only the digest is used
     }
+}
+
+/// `rl:` and the digest in hex.
+pub fn shared_name(digest: &[u8; 16]) -> String {
+    let mut name = String::with_capacity(3 + 32);
+    name.push_str("rl:");
+    for byte in digest {
+        let _ = std::fmt::Write::write_fmt(&mut name, format_args!("{byte:02x}"));
+    }
+    name
 }
 
 /// Read: GET, HEAD, OPTIONS; write: everything else.

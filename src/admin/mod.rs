@@ -100,7 +100,50 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
                 )
             }
         }
-        (_, "/healthz" | "/readyz" | "/config" | "/revocations") => error_response(
+        (Method::GET | Method::HEAD, "/ratelimits") => {
+            json(StatusCode::OK, &rate_limit_state(state))
+        }
+        (Method::GET | Method::HEAD, "/ratelimits/suspicious") => {
+            let limit = query_param(&request, "limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(50);
+            match &state.snapshot.load().adaptive {
+                Some(adaptive) => json(
+                    StatusCode::OK,
+                    &serde_json::to_value(adaptive.suspicious(limit)).unwrap_or_default(),
+                ),
+                None => json(StatusCode::OK, &serde_json::json!([])),
+            }
+        }
+        (Method::DELETE, "/ratelimits/suspicious") => {
+            let client = query_param(&request, "client").unwrap_or_default();
+            let cleared = state
+                .snapshot
+                .load()
+                .adaptive
+                .as_ref()
+                .is_some_and(|adaptive| adaptive.clear(&client));
+            if cleared {
+                tracing::warn!(client, "behaviour score cleared through the admin API");
+                text(StatusCode::NO_CONTENT, "")
+            } else {
+                error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no score for that client",
+                    &new_request_id(),
+                )
+            }
+        }
+        (
+            _,
+            "/healthz"
+            | "/readyz"
+            | "/config"
+            | "/revocations"
+            | "/ratelimits"
+            | "/ratelimits/suspicious",
+        ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed here",
@@ -113,6 +156,62 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
             &new_request_id(),
         ),
     }
+}
+
+/// A query parameter, percent-decoded (`client=ip%3A203.0.113.7`).
+fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = request.uri().query()?;
+    let raw = query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key == name).then_some(value)
+    })?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `GET /ratelimits`: where limits are kept and how that is going.
+fn rate_limit_state(state: &GatewayState) -> serde_json::Value {
+    use crate::policy::ratelimit::SharedMode;
+    let snapshot = state.snapshot.load();
+    let buckets = &snapshot.rate_limit_buckets;
+    let shared = match &snapshot.rate_limit_shared {
+        None => serde_json::Value::Null,
+        Some(SharedMode::Exact(limiter)) => serde_json::json!({
+            "mode": "exact",
+            "redis_errors": limiter.errors.load(Ordering::Relaxed),
+        }),
+        Some(SharedMode::Fast(sync)) => serde_json::json!({
+            "mode": "fast",
+            "healthy": sync.healthy(),
+            "syncs": sync.syncs.load(Ordering::Relaxed),
+            "redis_errors": sync.failures.load(Ordering::Relaxed),
+        }),
+    };
+    serde_json::json!({
+        "local_keys": buckets.len(),
+        "evicted_while_limited": buckets.evicted_active.load(Ordering::Relaxed),
+        "redis": shared,
+        "adaptive": snapshot.adaptive.is_some(),
+    })
 }
 
 /// With `admin.token` set, every endpoint but the probes needs `Authorization: Bearer <token>`

@@ -73,6 +73,96 @@ pub struct RateLimitsConfig {
     pub redis_mode: RedisLimitMode,
     /// How often `fast` mode syncs counts with Redis.
     pub sync_interval: HumanDuration,
+    /// Adaptive limits: clients that behave suspiciously get tighter limits or a block.
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// A behaviour score per client address, client network and subject, raised by suspicious
+/// events and decaying over time; thresholds map it to a multiplier on that client's limits or
+/// a temporary block.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConfig {
+    /// Points added per event.
+    pub points: AdaptivePointsConfig,
+    /// A score halves in this time without new events.
+    pub half_life: HumanDuration,
+    /// Prefix lengths of the scored client network.
+    pub network: NetworkPrefixConfig,
+    /// From the lowest score up; the highest threshold reached applies.
+    pub thresholds: Vec<AdaptiveThresholdConfig>,
+    /// A multiplier above 1 for subjects with a clean authenticated history.
+    pub bonus: Option<AdaptiveBonusConfig>,
+    /// Scored clients remembered at most (the lowest scores are forgotten first).
+    pub max_entries: usize,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        Self {
+            points: AdaptivePointsConfig::default(),
+            half_life: HumanDuration::from_secs(600),
+            network: NetworkPrefixConfig::default(),
+            thresholds: Vec::new(),
+            bonus: None,
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Points per suspicious event.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptivePointsConfig {
+    /// A 401: a missing or refused credential.
+    pub auth_failure: f64,
+    /// A 403.
+    pub forbidden: f64,
+    /// A 404 (a burst of them is scanning).
+    pub not_found: f64,
+    /// A malformed request (400, 413).
+    pub malformed: f64,
+    /// A 429.
+    pub rate_limited: f64,
+}
+
+impl Default for AdaptivePointsConfig {
+    fn default() -> Self {
+        Self {
+            auth_failure: 5.0,
+            forbidden: 3.0,
+            not_found: 1.0,
+            malformed: 5.0,
+            rate_limited: 2.0,
+        }
+    }
+}
+
+/// What a score leads to: `multiplier` (0 < m < 1) on the client's limits, or `block` for a
+/// period (every request refused with 429).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveThresholdConfig {
+    pub score: f64,
+    #[serde(default)]
+    pub multiplier: Option<f64>,
+    #[serde(default)]
+    pub block: Option<HumanDuration>,
+}
+
+/// Subjects with at least `min_requests` successful authenticated requests and a score below
+/// `max_score` get their limits multiplied by `multiplier` (> 1).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveBonusConfig {
+    pub min_requests: u64,
+    pub multiplier: f64,
+    #[serde(default = "default_bonus_max_score")]
+    pub max_score: f64,
+}
+
+fn default_bonus_max_score() -> f64 {
+    1.0
 }
 
 /// How limits kept in Redis are decided.
@@ -97,6 +187,7 @@ impl Default for RateLimitsConfig {
             replicas: 1,
             redis_mode: RedisLimitMode::Fast,
             sync_interval: HumanDuration::from_millis(50),
+            adaptive: None,
         }
     }
 }

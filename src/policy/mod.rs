@@ -42,6 +42,8 @@ pub struct RoutePolicies {
     pub authorization: Option<Arc<authz::RouteAuthorization>>,
     /// The route's rate-limit rules (`None`: no rule applies).
     pub rate_limits: Option<Arc<ratelimit::RouteLimits>>,
+    /// Adaptive limits (the same for every route): blocks and multipliers by behaviour.
+    pub adaptive: Option<Arc<ratelimit::Adaptive>>,
 }
 
 /// Runs the request-side phases in order.
@@ -55,12 +57,16 @@ pub async fn run_request_phase(
         access,
         authorization,
         rate_limits,
+        adaptive,
     } = policies;
     // 1. a client never speaks for the gateway: strip identity headers it sent, on every route,
     //    before any policy could read them
     identity_headers.strip(&mut request.headers);
     // 2. rate limits that need no identity: a flood or a password-guessing client is stopped
     //    before any credential is verified
+    if let Some(adaptive) = adaptive {
+        assess(adaptive, ctx, None)?;
+    }
     if let Some(limits) = rate_limits {
         check_limits(limits, ratelimit::Phase::BeforeAuth, ctx, request).await?;
     }
@@ -113,11 +119,31 @@ pub async fn run_request_phase(
             return Err(GatewayError::Forbidden);
         }
     }
-    // 5. rate limits keyed by identity (subject, API key, claims)
+    // 5. rate limits keyed by identity (subject, API key, claims), with the subject's score
+    if let (Some(adaptive), Some(identity)) = (adaptive, ctx.identity.clone()) {
+        assess(adaptive, ctx, Some(&identity))?;
+    }
     if let Some(limits) = rate_limits {
         check_limits(limits, ratelimit::Phase::AfterAuth, ctx, request).await?;
     }
     Ok(Flow::Continue)
+}
+
+/// Applies a client's behaviour score: a block refuses, a multiplier tightens its limits.
+fn assess(
+    adaptive: &ratelimit::Adaptive,
+    ctx: &mut RequestCtx,
+    identity: Option<&authn::Identity>,
+) -> Result<(), GatewayError> {
+    let assessment = adaptive.assess(ctx.client_ip, identity);
+    if assessment.blocked_for > 0 {
+        let seconds = assessment.blocked_for.div_ceil(1_000_000_000).max(1);
+        return Err(GatewayError::TooManyRequests {
+            retry_after_secs: u32::try_from(seconds).unwrap_or(u32::MAX),
+        });
+    }
+    ctx.rate_limit.multiplier = assessment.multiplier;
+    Ok(())
 }
 
 /// Runs one phase of a route's rate limits, recording the outcome in `ctx`.

@@ -82,6 +82,14 @@ pub struct GatewayState {
     pub revocations: Arc<crate::policy::authn::RevocationList>,
 }
 
+/// The background sync of a snapshot in Redis `fast` mode.
+fn fast_sync(snapshot: &Snapshot) -> Option<Arc<crate::policy::ratelimit::FastSync>> {
+    match &snapshot.rate_limit_shared {
+        Some(crate::policy::ratelimit::SharedMode::Fast(sync)) => Some(sync.clone()),
+        _ => None,
+    }
+}
+
 struct BoundListener {
     /// The address as configured (port 0 allowed).
     configured: SocketAddr,
@@ -153,7 +161,7 @@ impl Gateway {
             snapshot.shared_revocations.clone(),
             registry.revocations.clone(),
         );
-        let rate_limit_sync = FastSyncTask::start(snapshot.rate_limit_sync.clone());
+        let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let (draining, draining_rx) = watch::channel(false);
         let workers = (0..worker_count)
@@ -277,7 +285,7 @@ impl Gateway {
             snapshot.shared_revocations.clone(),
             self.registry.revocations.clone(),
         );
-        let rate_limit_sync = FastSyncTask::start(snapshot.rate_limit_sync.clone());
+        let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
         self.state.snapshot.store(Arc::new(snapshot));
         self.generation = generation;

@@ -114,6 +114,9 @@ pub async fn handle(
         }
     }
     ctx.status = response.status().as_u16();
+    if let Some(adaptive) = &snapshot.adaptive {
+        adaptive.observe(&ctx);
+    }
     let access_log = snapshot.access_log;
     response.map(|body| body.with_completion(Completion::new(ctx, access_log, in_flight)))
 }

@@ -56,8 +56,12 @@ pub struct Snapshot {
     /// Findings of the compile step that do not stop the config (e.g. a route no role can
     /// reach), for `portcullis validate` and the log at (re)load.
     pub warnings: Vec<crate::config::ConfigWarning>,
-    /// Rate limits in Redis `fast` mode: the background sync the gateway runs.
-    pub rate_limit_sync: Option<Arc<crate::policy::ratelimit::FastSync>>,
+    /// Rate limits kept in Redis (`fast` mode's background sync runs with the snapshot).
+    pub rate_limit_shared: Option<crate::policy::ratelimit::SharedMode>,
+    /// The in-process rate-limit buckets (for the admin API's counts).
+    pub rate_limit_buckets: Arc<crate::policy::ratelimit::LocalBuckets>,
+    /// Adaptive limits: scored after every request, listed on the admin API.
+    pub adaptive: Option<Arc<crate::policy::ratelimit::Adaptive>>,
 }
 
 impl Snapshot {
@@ -151,6 +155,7 @@ pub fn compile(
         &config.rate_limits,
         authentication.shared_store.as_ref(),
         &registry.rate_limit_buckets,
+        &registry.adaptive_scores,
         &mut sink,
     );
     let mut compiled_routes = Vec::new();
@@ -209,7 +214,9 @@ pub fn compile(
         watch_config: config.server.watch_config,
         effective_config: crate::config::redacted_json(loaded),
         warnings,
-        rate_limit_sync: rate_limits.fast_sync(),
+        rate_limit_shared: rate_limits.shared.clone(),
+        rate_limit_buckets: registry.rate_limit_buckets.clone(),
+        adaptive: rate_limits.adaptive.clone(),
     })
 }
 
@@ -479,6 +486,7 @@ fn compile_route(
             identity_headers: authentication.identity_headers.clone(),
             access,
             authorization,
+            adaptive: rate_limits.adaptive.clone(),
             rate_limits: rate_limits.route(
                 i,
                 &route.rate_limits,

@@ -111,6 +111,8 @@ pub struct UpstreamRegistry {
     pub revocations: Arc<crate::policy::authn::RevocationList>,
     /// Rate-limit state, kept across reloads (a reload does not hand every client a new burst).
     pub rate_limit_buckets: Arc<crate::policy::ratelimit::LocalBuckets>,
+    /// Adaptive behaviour scores, kept across reloads too.
+    pub adaptive_scores: Arc<crate::policy::ratelimit::Scores>,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +135,7 @@ impl UpstreamRegistry {
             jwks: Default::default(),
             revocations: Default::default(),
             rate_limit_buckets: Default::default(),
+            adaptive_scores: Default::default(),
         }
     }
 

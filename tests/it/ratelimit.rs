@@ -59,11 +59,31 @@ async fn gateway(rules: &str, routes: &str) -> (TestUpstream, TestGateway) {
         config_with(&[upstream.url()], "", routes),
         digest("key-alice"),
         digest("key-bob"),
+    )
+    .replacen(
+        "admin:\n  enabled: false\n",
+        &format!("admin:\n  enabled: false\n  token: \"{ADMIN_TOKEN}\"\n"),
+        1,
     );
     (
         upstream,
         TestGateway::start(&with_trusted_proxy(yaml)).await,
     )
+}
+
+const ADMIN_TOKEN: &str = "rate-limit-admin-token";
+
+/// An admin API call with the admin token.
+async fn admin_call(method: &str, url: String) -> TestResponse {
+    send(
+        Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(Full::<Bytes>::default())
+            .unwrap(),
+    )
+    .await
 }
 
 const OPEN: &str =
@@ -420,4 +440,133 @@ async fn three_processes_in_fast_mode_stay_within_the_documented_overshoot() {
         started.elapsed() < std::time::Duration::from_millis(100),
         "no request waits on Redis"
     );
+}
+
+async fn admin(gateway: &mut TestGateway) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(portcullis::admin::serve(
+        listener,
+        gateway.gateway().state(),
+    ));
+    addr
+}
+
+#[tokio::test]
+async fn clients_that_fail_authentication_get_tighter_limits_then_a_block_and_recover() {
+    let routes = "  - name: api\n    match: { path: /api/** }\n    auth: [keys]\n    authorization: { any_authenticated: true }\n    upstream: app\n";
+    let (_upstream, mut gateway) = gateway(
+        "  rules:\n    - name: per-client\n      key: [client_ip]\n      rate: 600/min\n      burst: 10\n      global: true\n  adaptive:\n    points: { auth_failure: 10 }\n    half_life: 1s\n    thresholds:\n      - { score: 15, multiplier: 0.5 }\n      - { score: 35, block: 2s }\n",
+        routes,
+    )
+    .await;
+    let admin = admin(&mut gateway).await;
+    // a client with two failed logins: score 20, its limits halved (600/min burst 10 becomes
+    // 300/min burst 5); the two requests already counted took 200 ms of the limit's time, one
+    // interval at the halved rate, so 4 more pass at once
+    let suspect = "203.0.113.50";
+    for _ in 0..2 {
+        assert_eq!(
+            code(&gateway, "GET", "/api/x", suspect, Some("guess")).await,
+            401
+        );
+    }
+    let mut allowed = 0;
+    for _ in 0..10 {
+        allowed +=
+            usize::from(code(&gateway, "GET", "/api/x", suspect, Some("key-alice")).await == 200);
+    }
+    assert_eq!(allowed, 4, "halved limit");
+    // a bystander in another network keeps its whole limit
+    let mut allowed = 0;
+    for _ in 0..10 {
+        allowed += usize::from(
+            code(&gateway, "GET", "/api/x", "198.51.100.60", Some("key-bob")).await == 200,
+        );
+    }
+    assert_eq!(allowed, 10);
+
+    // an attacker with four failed logins: score 40, blocked for 2 s, even with a good key
+    let attacker = "192.0.2.70";
+    for _ in 0..4 {
+        assert_eq!(
+            code(&gateway, "GET", "/api/x", attacker, Some("guess")).await,
+            401
+        );
+    }
+    let blocked = from(&gateway, "GET", "/api/x", attacker, Some("key-alice")).await;
+    assert_eq!(blocked.status, 429);
+    let retry: u64 = blocked.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+
+    // the admin API lists the most suspicious clients, blocked first, with their networks
+    let listed = admin_call(
+        "GET",
+        format!("http://{admin}/ratelimits/suspicious?limit=3"),
+    )
+    .await
+    .json();
+    let listed = listed.as_array().unwrap();
+    for client in [format!("ip:{attacker}"), "net:192.0.2.0/24".to_owned()] {
+        let entry = listed
+            .iter()
+            .find(|c| c["client"] == *client.as_str())
+            .unwrap_or_else(|| panic!("{client} in {listed:?}"));
+        assert!(entry["blocked_for_secs"].as_u64().unwrap() >= 1, "{entry}");
+        assert!(entry["score"].as_f64().unwrap() >= 35.0, "{entry}");
+    }
+
+    // after the block and the decay (half-life 1 s), the attacker has its whole limit back
+    tokio::time::sleep(std::time::Duration::from_millis(3_200)).await;
+    let mut allowed = 0;
+    for _ in 0..10 {
+        allowed +=
+            usize::from(code(&gateway, "GET", "/api/x", attacker, Some("key-alice")).await == 200);
+    }
+    assert_eq!(allowed, 10, "recovered");
+}
+
+#[tokio::test]
+async fn the_admin_api_clears_a_score() {
+    let (_upstream, mut gateway) = gateway(
+        "  adaptive:\n    points: { not_found: 50 }\n    thresholds:\n      - { score: 40, block: 1h }\n",
+        OPEN,
+    )
+    .await;
+    let admin = admin(&mut gateway).await;
+    let scanner = "192.0.2.99";
+    assert_eq!(code(&gateway, "GET", "/nowhere", scanner, None).await, 404);
+    assert_eq!(code(&gateway, "GET", "/open/x", scanner, None).await, 429);
+    let clear = format!("http://{admin}/ratelimits/suspicious?client=ip%3A{scanner}");
+    // the admin token is needed
+    let refused = send(
+        Request::delete(&clear)
+            .body(Full::<Bytes>::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(admin_call("DELETE", clear.clone()).await.status, 204);
+    assert_eq!(admin_call("DELETE", clear).await.status, 404);
+    // the address is free; its network (also scored by the 404) is still blocked for the others
+    assert_eq!(code(&gateway, "GET", "/open/x", scanner, None).await, 429);
+    assert_eq!(
+        admin_call(
+            "DELETE",
+            format!("http://{admin}/ratelimits/suspicious?client=net%3A192.0.2.0%2F24")
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(code(&gateway, "GET", "/open/x", scanner, None).await, 200);
+    let state = admin_call("GET", format!("http://{admin}/ratelimits"))
+        .await
+        .json();
+    assert_eq!(state["adaptive"], true, "{state}");
+    assert_eq!(state["redis"], serde_json::Value::Null, "{state}");
 }

@@ -8,6 +8,7 @@
 //! authorization. A rule whose key has no value for a request (no identity, a missing header)
 //! does not count it.
 
+mod adaptive;
 mod fast;
 mod gcra;
 mod local;
@@ -18,6 +19,7 @@ use std::{fmt::Write as _, sync::Arc};
 
 use http::HeaderValue;
 
+pub use adaptive::{Adaptive, Assessment, Report, Scores};
 pub use fast::{FastSync, FastSyncTask};
 pub use gcra::{Limit, Verdict};
 pub use local::{now_ns, LocalBuckets};
@@ -51,6 +53,8 @@ pub struct RateLimits {
     pub headers: bool,
     /// With `store: redis`.
     pub shared: Option<SharedMode>,
+    /// Adaptive limits (`rate_limits.adaptive`).
+    pub adaptive: Option<Arc<Adaptive>>,
     /// Every rule name written, compiled or not (a broken rule is reported once, not again by
     /// each route that lists it).
     declared: std::collections::HashSet<String>,
@@ -61,6 +65,7 @@ impl RateLimits {
         config: &RateLimitsConfig,
         redis: Option<&Arc<RedisStore>>,
         buckets: &Arc<LocalBuckets>,
+        scores: &Arc<Scores>,
         sink: &mut ErrorSink<'_>,
     ) -> Self {
         let shared = match (config.store, redis) {
@@ -96,6 +101,10 @@ impl RateLimits {
         let mut compiled = Self {
             headers: config.headers,
             shared,
+            adaptive: config
+                .adaptive
+                .as_ref()
+                .map(|adaptive| Arc::new(Adaptive::compile(adaptive, scores.clone(), sink))),
             ..Self::default()
         };
         let mut names = std::collections::HashSet::new();
@@ -185,8 +194,10 @@ pub enum Phase {
 }
 
 /// What the rate limits decided about a request, for the headers and the access log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Record {
+    /// The adaptive multiplier on this request's limits (1.0: none).
+    pub multiplier: f64,
     /// The enforced rule closest to its limit (or the one that refused).
     pub outcome: Option<Outcome>,
     /// A shadow rule that would have refused the request.
@@ -196,17 +207,21 @@ pub struct Record {
     /// Keys this request was counted against (to refund them if a later rule refuses it).
     counted: Vec<(u64, Limit)>,
     /// The same in the shared store (`exact` mode).
-    shared_counted: Vec<(String, Arc<Rule>)>,
+    shared_counted: Vec<(String, Arc<Rule>, Limit)>,
     /// Counts waiting for the next sync (`fast` mode).
     fast_counted: Vec<[u8; 16]>,
 }
 
-impl RateLimits {
-    /// The fast-mode sync of this generation, for the gateway to run in the background.
-    pub fn fast_sync(&self) -> Option<Arc<FastSync>> {
-        match &self.shared {
-            Some(SharedMode::Fast(sync)) => Some(sync.clone()),
-            _ => None,
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            multiplier: 1.0,
+            outcome: None,
+            shadow_refusal: None,
+            send_headers: false,
+            counted: Vec::new(),
+            shared_counted: Vec::new(),
+            fast_counted: Vec::new(),
         }
     }
 }
@@ -279,17 +294,20 @@ impl RouteLimits {
         if !shadow.is_empty() {
             self.check_local_rules(shadow.into_iter(), source, record, 1.0, None)?;
         }
-        let keys: Vec<(String, Arc<Rule>)> = enforced
+        let multiplier = record.multiplier;
+        let keys: Vec<(String, Arc<Rule>, Limit)> = enforced
             .iter()
-            .filter_map(|rule| Some((rule.shared_key(source)?, (*rule).clone())))
+            .filter_map(|rule| {
+                let limit = rule.limit.scaled(multiplier);
+                Some((rule.shared_key(source)?, (*rule).clone(), limit))
+            })
             .collect();
         if keys.is_empty() {
             return Ok(());
         }
         match shared.check(&keys).await {
             Ok(SharedVerdict::Allowed(aheads)) => {
-                for ((name, rule), ahead) in keys.into_iter().zip(aheads) {
-                    let limit = &rule.limit;
+                for ((name, rule, limit), ahead) in keys.into_iter().zip(aheads) {
                     let slack = (limit.tolerance + limit.interval).saturating_sub(ahead);
                     note(
                         record,
@@ -297,7 +315,7 @@ impl RouteLimits {
                         u32::try_from(slack / limit.interval).unwrap_or(u32::MAX),
                         ahead,
                     );
-                    record.shared_counted.push((name, rule));
+                    record.shared_counted.push((name, rule, limit));
                 }
                 Ok(())
             }
@@ -306,7 +324,7 @@ impl RouteLimits {
                 retry_after_ns,
                 reset_after_ns,
             }) => {
-                let refused = keys.get(index).map(|(_, rule)| rule.clone());
+                let refused = keys.get(index).map(|(_, rule, _)| rule.clone());
                 let earlier = std::mem::take(&mut record.shared_counted);
                 if !earlier.is_empty() {
                     shared.refund(&earlier).await;
@@ -372,9 +390,10 @@ impl RouteLimits {
                     (key, None)
                 }
             };
+            let base = rule.limit.scaled(record.multiplier);
             let (key, limit) = match sync {
-                Some(sync) => sync.bucket_for(key, rule.limit),
-                None => (key, rule.limit.scaled(share)),
+                Some(sync) => sync.bucket_for(key, base),
+                None => (key, base.scaled(share)),
             };
             let verdict = self.store.check(key, &limit, now);
             if rule.shadow {

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use super::{local::now_ns, rule::Rule};
+use super::{gcra::Limit, local::now_ns, rule::Rule};
 use crate::{
     config::model::StoreFailure,
     store::{RedisStore, StoreError},
@@ -104,13 +104,17 @@ impl SharedLimiter {
         }
     }
 
-    /// Checks and records one request against `keys` (names from [`Rule::shared_key`]).
-    pub async fn check(&self, keys: &[(String, Arc<Rule>)]) -> Result<SharedVerdict, StoreError> {
-        let names: Vec<String> = keys.iter().map(|(name, _)| self.store.key(name)).collect();
+    /// Checks and records one request against `keys` (names from [`Rule::shared_key`], each
+    /// with the limit to apply, adaptive multiplier included).
+    pub async fn check(
+        &self,
+        keys: &[(String, Arc<Rule>, Limit)],
+    ) -> Result<SharedVerdict, StoreError> {
+        let names: Vec<String> = keys.iter().map(|(name, ..)| self.store.key(name)).collect();
         let mut args = Vec::with_capacity(keys.len() * 2);
-        for (_, rule) in keys {
-            args.push((rule.limit.interval / 1_000).max(1));
-            args.push(rule.limit.tolerance / 1_000);
+        for (_, _, limit) in keys {
+            args.push((limit.interval / 1_000).max(1));
+            args.push(limit.tolerance / 1_000);
         }
         let reply: Vec<i64> = self
             .store
@@ -135,11 +139,11 @@ impl SharedLimiter {
     }
 
     /// Takes one request back from `keys` (a later phase refused the request).
-    pub async fn refund(&self, keys: &[(String, Arc<Rule>)]) {
-        let names: Vec<String> = keys.iter().map(|(name, _)| self.store.key(name)).collect();
+    pub async fn refund(&self, keys: &[(String, Arc<Rule>, Limit)]) {
+        let names: Vec<String> = keys.iter().map(|(name, ..)| self.store.key(name)).collect();
         let args: Vec<u64> = keys
             .iter()
-            .map(|(_, rule)| (rule.limit.interval / 1_000).max(1))
+            .map(|(_, _, limit)| (limit.interval / 1_000).max(1))
             .collect();
         if let Err(error) = self
             .store

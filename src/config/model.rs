@@ -75,6 +75,9 @@ pub struct RateLimitsConfig {
     pub sync_interval: HumanDuration,
     /// Adaptive limits: clients that behave suspiciously get tighter limits or a block.
     pub adaptive: Option<AdaptiveConfig>,
+    /// Open connections one client address (the TCP peer) may have, over all listeners; more
+    /// are closed at once.
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// A behaviour score per client address, client network and subject, raised by suspicious
@@ -188,6 +191,7 @@ impl Default for RateLimitsConfig {
             redis_mode: RedisLimitMode::Fast,
             sync_interval: HumanDuration::from_millis(50),
             adaptive: None,
+            max_connections_per_ip: None,
         }
     }
 }
@@ -1031,6 +1035,10 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept.
     #[serde(default = "default_pool_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// Requests in flight to this upstream at most (over all routes); more are refused with 503,
+    /// so a backend stays within its capacity.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 /// One backend target.
@@ -1220,6 +1228,9 @@ pub struct RouteConfig {
     /// Rate-limit rules (by name) for this route, besides the global ones.
     #[serde(default)]
     pub rate_limits: Vec<String>,
+    /// Requests in flight on this route at most; more are refused with 503 (load shedding).
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 /// Request matching. All given conditions must hold.

@@ -46,6 +46,8 @@ pub struct RequestCtx {
     pub authorization: Option<crate::policy::authz::Decision>,
     /// What the rate limits decided.
     pub rate_limit: crate::policy::ratelimit::Record,
+    /// In-flight permits of the route and upstream, held until the response has been sent.
+    pub in_flight: Vec<crate::policy::ratelimit::InFlightPermit>,
 }
 
 /// Finishes a request when the response body ends: writes the access-log line and releases the

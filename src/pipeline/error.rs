@@ -35,6 +35,8 @@ pub enum GatewayError {
     TooManyRequests { retry_after_secs: u32 },
     #[error("rate limits unavailable")]
     LimiterUnavailable,
+    #[error("too many requests in flight")]
+    Overloaded,
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 style). Deliberately coarse: a client
@@ -68,9 +70,10 @@ impl GatewayError {
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NoHealthyTarget | Self::ShuttingDown | Self::LimiterUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoHealthyTarget
+            | Self::ShuttingDown
+            | Self::LimiterUnavailable
+            | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamConnect | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -94,6 +97,7 @@ impl GatewayError {
             Self::Forbidden => "forbidden",
             Self::TooManyRequests { .. } => "rate_limited",
             Self::LimiterUnavailable => "rate_limit_unavailable",
+            Self::Overloaded => "overloaded",
         }
     }
 
@@ -103,7 +107,7 @@ impl GatewayError {
             Self::NoRoute => "no route matches this request",
             Self::BadRequest(reason) => reason,
             Self::PayloadTooLarge => "request body is too large",
-            Self::NoHealthyTarget | Self::LimiterUnavailable => {
+            Self::NoHealthyTarget | Self::LimiterUnavailable | Self::Overloaded => {
                 "the service is temporarily unavailable"
             }
             Self::UpstreamConnect | Self::UpstreamProtocol => {
@@ -139,6 +143,11 @@ impl GatewayError {
                     http::header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs),
                 );
+            }
+            Self::Overloaded => {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -195,6 +204,7 @@ mod tests {
                 429,
             ),
             (GatewayError::LimiterUnavailable, 503),
+            (GatewayError::Overloaded, 503),
         ] {
             let response = error.into_response(&id);
             assert_eq!(response.status().as_u16(), status, "{error:?}");

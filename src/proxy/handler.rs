@@ -82,6 +82,7 @@ pub async fn handle(
         auth_failure: None,
         authorization: None,
         rate_limit: Default::default(),
+        in_flight: Vec::new(),
     };
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
@@ -198,6 +199,15 @@ async fn proxy(
         .clone();
     ctx.route = Some(route.name.clone());
     ctx.upstream = Some(route.upstream.name.clone());
+
+    // load shedding: the route's and the upstream's caps on requests in flight
+    for limit in [&route.max_in_flight, &route.upstream_max_in_flight]
+        .into_iter()
+        .flatten()
+    {
+        ctx.in_flight
+            .push(limit.try_acquire().ok_or(GatewayError::Overloaded)?);
+    }
 
     // 4. body limit: refuse early what is declared too large; the stream is capped as it flows
     let max_body = route

@@ -103,6 +103,16 @@ pub async fn accept_loop(
         let Some(spec) = snapshot.listener(&name).cloned() else {
             continue;
         };
+        let ip_slot = match snapshot.max_connections_per_ip {
+            None => None,
+            Some(max) => match snapshot.connection_counts.acquire(peer.ip(), max) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(listener = &*name, %peer, "connections per address limit reached; closing");
+                    continue;
+                }
+            },
+        };
         if listener_count.fetch_add(1, Ordering::AcqRel) >= spec.max_connections {
             listener_count.fetch_sub(1, Ordering::AcqRel);
             tracing::debug!(listener = &*name, %peer, "connection limit reached; closing");
@@ -118,6 +128,7 @@ pub async fn accept_loop(
         tokio::spawn(async move {
             serve_connection(stream, peer, spec, cx).await;
             drop(open);
+            drop(ip_slot);
         });
     }
 }

@@ -21,7 +21,7 @@ use crate::{
             JwtError, JwtProvider, MtlsMethod, RevocationList, SharedRevocations,
         },
         authz::{self, Policy},
-        ratelimit::RateLimits,
+        ratelimit::{InFlightLimit, RateLimits},
         Access, RoutePolicies,
     },
     route::{HostPattern, PathPattern, RouteMatch, RouteTable},
@@ -60,6 +60,9 @@ pub struct Snapshot {
     pub rate_limit_shared: Option<crate::policy::ratelimit::SharedMode>,
     /// The in-process rate-limit buckets (for the admin API's counts).
     pub rate_limit_buckets: Arc<crate::policy::ratelimit::LocalBuckets>,
+    /// Open connections one client address may have.
+    pub max_connections_per_ip: Option<usize>,
+    pub connection_counts: Arc<crate::policy::ratelimit::ConnectionCounts>,
     /// Adaptive limits: scored after every request, listed on the admin API.
     pub adaptive: Option<Arc<crate::policy::ratelimit::Adaptive>>,
 }
@@ -107,6 +110,10 @@ pub struct Route {
     pub host: HostRewrite,
     /// `None`: the listener's limit.
     pub max_body: Option<u64>,
+    /// The route's cap on requests in flight.
+    pub max_in_flight: Option<crate::policy::ratelimit::InFlightLimit>,
+    /// The upstream's cap on requests in flight (shared by every route to it).
+    pub upstream_max_in_flight: Option<crate::policy::ratelimit::InFlightLimit>,
 }
 
 /// The `Host` header sent upstream.
@@ -166,6 +173,15 @@ pub fn compile(
         policy: &policy,
         rate_limits: &rate_limits,
         registry,
+        upstream_limits: config
+            .upstreams
+            .iter()
+            .filter_map(|u| {
+                let max = u.max_in_flight?;
+                let counter = registry.in_flight.counter(format!("upstream:{}", u.name));
+                Some((u.name.as_str(), InFlightLimit::new(max, counter)))
+            })
+            .collect(),
     };
     for (i, route) in config.routes.iter().enumerate() {
         if let Some(compiled) = compile_route(i, route, &context, &mut sink) {
@@ -216,6 +232,8 @@ pub fn compile(
         warnings,
         rate_limit_shared: rate_limits.shared.clone(),
         rate_limit_buckets: registry.rate_limit_buckets.clone(),
+        max_connections_per_ip: config.rate_limits.max_connections_per_ip,
+        connection_counts: registry.connection_counts.clone(),
         adaptive: rate_limits.adaptive.clone(),
     })
 }
@@ -382,6 +400,8 @@ struct RouteContext<'a> {
     policy: &'a Arc<Policy>,
     rate_limits: &'a RateLimits,
     registry: &'a UpstreamRegistry,
+    /// Upstreams' caps on requests in flight, by name.
+    upstream_limits: HashMap<&'a str, InFlightLimit>,
 }
 
 fn compile_route(
@@ -397,6 +417,7 @@ fn compile_route(
         policy,
         rate_limits,
         registry,
+        upstream_limits,
     } = context;
     let path = format!("routes[{i}]");
     let upstream = upstreams.get(route.upstream.as_str())?.clone();
@@ -498,6 +519,13 @@ fn compile_route(
         add_prefix: rewrite.add_prefix.map(Into::into),
         host,
         max_body: route.max_body.map(|b| b.0),
+        max_in_flight: route.max_in_flight.map(|max| {
+            InFlightLimit::new(
+                max,
+                registry.in_flight.counter(format!("route:{}", route.name)),
+            )
+        }),
+        upstream_max_in_flight: upstream_limits.get(route.upstream.as_str()).cloned(),
     };
     Some((
         RouteMatch {

@@ -113,6 +113,10 @@ pub struct UpstreamRegistry {
     pub rate_limit_buckets: Arc<crate::policy::ratelimit::LocalBuckets>,
     /// Adaptive behaviour scores, kept across reloads too.
     pub adaptive_scores: Arc<crate::policy::ratelimit::Scores>,
+    /// Open connections per client address.
+    pub connection_counts: Arc<crate::policy::ratelimit::ConnectionCounts>,
+    /// Requests in flight per route and upstream.
+    pub in_flight: crate::policy::ratelimit::InFlightCounters,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +140,8 @@ impl UpstreamRegistry {
             revocations: Default::default(),
             rate_limit_buckets: Default::default(),
             adaptive_scores: Default::default(),
+            connection_counts: Default::default(),
+            in_flight: Default::default(),
         }
     }
 

@@ -570,3 +570,92 @@ async fn the_admin_api_clears_a_score() {
     assert_eq!(state["adaptive"], true, "{state}");
     assert_eq!(state["redis"], serde_json::Value::Null, "{state}");
 }
+
+#[tokio::test]
+async fn routes_and_upstreams_shed_load_beyond_their_requests_in_flight() {
+    let upstream = TestUpstream::start(|_| {
+        crate::support::Reply::ok("slow").delayed(std::time::Duration::from_millis(400))
+    })
+    .await;
+    let yaml = config_with(
+        &[upstream.url()],
+        "    max_in_flight: 3\n",
+        "  - name: a\n    match: { path: /a/** }\n    public: true\n    max_in_flight: 2\n    upstream: app\n  - name: b\n    match: { path: /b/** }\n    public: true\n    upstream: app\n",
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let get = |path: &'static str| {
+        let url = gateway.url(path);
+        tokio::spawn(async move {
+            send(Request::get(url).body(Full::<Bytes>::default()).unwrap()).await
+        })
+    };
+    // route a takes 2 at once; the upstream 3 over both routes
+    let a: Vec<_> = (0..3).map(|_| get("/a/x")).collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let b: Vec<_> = (0..2).map(|_| get("/b/x")).collect();
+    let mut a_statuses = Vec::new();
+    for task in a {
+        let response = task.await.unwrap();
+        if response.status == 503 {
+            assert_eq!(
+                response
+                    .headers
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap()),
+                Some("1"),
+                "{}",
+                response.body
+            );
+            assert_eq!(response.json()["error"], "overloaded");
+        }
+        a_statuses.push(response.status);
+    }
+    a_statuses.sort_unstable();
+    assert_eq!(a_statuses, [200, 200, 503]);
+    let mut b_statuses = Vec::new();
+    for task in b {
+        b_statuses.push(task.await.unwrap().status);
+    }
+    b_statuses.sort_unstable();
+    assert_eq!(b_statuses, [200, 503], "the upstream had room for one more");
+    // all done: room again
+    assert_eq!(gateway.get("/a/x").await.status, 200);
+}
+
+#[tokio::test]
+async fn one_address_may_hold_only_so_many_connections() {
+    use std::io::{Read, Write};
+    let upstream = TestUpstream::echo().await;
+    let yaml = format!(
+        "{}rate_limits:\n  max_connections_per_ip: 2\n",
+        config_with(&[upstream.url()], "", crate::support::CATCH_ALL)
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let addr = gateway.addr;
+    tokio::task::spawn_blocking(move || {
+        let open = || {
+            let stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+            stream
+        };
+        let exchange = |stream: &mut std::net::TcpStream| -> bool {
+            if stream.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n").is_err() {
+                return false;
+            }
+            let mut buffer = [0u8; 4096];
+            matches!(stream.read(&mut buffer), Ok(n) if n > 0 && buffer.starts_with(b"HTTP/1.1 200"))
+        };
+        let mut first = open();
+        let mut second = open();
+        assert!(exchange(&mut first));
+        assert!(exchange(&mut second));
+        let mut third = open();
+        assert!(!exchange(&mut third), "a third connection is closed");
+        drop(first);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut fourth = open();
+        assert!(exchange(&mut fourth), "room again once one closed");
+    })
+    .await
+    .unwrap();
+}

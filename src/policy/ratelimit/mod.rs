@@ -9,6 +9,7 @@
 //! does not count it.
 
 mod adaptive;
+mod concurrency;
 mod fast;
 mod gcra;
 mod local;
@@ -20,6 +21,9 @@ use std::{fmt::Write as _, sync::Arc};
 use http::HeaderValue;
 
 pub use adaptive::{Adaptive, Assessment, Report, Scores};
+pub use concurrency::{
+    ConnectionCounts, ConnectionSlot, InFlightCounters, InFlightLimit, InFlightPermit,
+};
 pub use fast::{FastSync, FastSyncTask};
 pub use gcra::{Limit, Verdict};
 pub use local::{now_ns, LocalBuckets};

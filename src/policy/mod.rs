@@ -121,7 +121,13 @@ pub async fn run_request_phase(
     }
     // 5. rate limits keyed by identity (subject, API key, claims), with the subject's score
     if let (Some(adaptive), Some(identity)) = (adaptive, ctx.identity.clone()) {
-        assess(adaptive, ctx, Some(&identity))?;
+        if let Err(blocked) = assess(adaptive, ctx, Some(&identity)) {
+            // what the first phase counted is given back: a blocked request costs nothing
+            if let Some(limits) = rate_limits {
+                limits.refund(&mut ctx.rate_limit).await;
+            }
+            return Err(blocked);
+        }
     }
     if let Some(limits) = rate_limits {
         check_limits(limits, ratelimit::Phase::AfterAuth, ctx, request).await?;
@@ -137,6 +143,7 @@ fn assess(
 ) -> Result<(), GatewayError> {
     let assessment = adaptive.assess(ctx.client_ip, identity);
     if assessment.blocked_for > 0 {
+        ctx.rate_limit.blocked = true;
         let seconds = assessment.blocked_for.div_ceil(1_000_000_000).max(1);
         return Err(GatewayError::TooManyRequests {
             retry_after_secs: u32::try_from(seconds).unwrap_or(u32::MAX),

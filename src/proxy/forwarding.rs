@@ -96,6 +96,9 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 /// The client's address: the peer, or (through trusted proxies) the right-most untrusted address
 /// in `X-Forwarded-For`.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    // an IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d: it is an IPv4 client
+    // (for trusted proxies, limits by network, scores and the log)
+    let peer = peer.to_canonical();
     if !is_trusted(peer, trusted) {
         return peer;
     }
@@ -109,6 +112,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     for entry in entries.iter().rev() {
         match entry.trim().parse::<IpAddr>() {
             Ok(ip) => {
+                let ip = ip.to_canonical();
                 client = ip;
                 if !is_trusted(ip, trusted) {
                     break;
@@ -253,6 +257,22 @@ pub fn new_request_id() -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_clients_of_dual_stack_listeners_are_ipv4_clients() {
+        let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        let plain: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(client_ip(mapped, &HeaderMap::new(), &[]), plain);
+        // and a trusted proxy's forwarded address likewise
+        let trusted: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, "::ffff:198.51.100.1".parse().unwrap());
+        let proxy: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_ip(proxy, &headers, &trusted),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+    }
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|s| s.parse().unwrap()).collect()

@@ -200,15 +200,6 @@ async fn proxy(
     ctx.route = Some(route.name.clone());
     ctx.upstream = Some(route.upstream.name.clone());
 
-    // load shedding: the route's and the upstream's caps on requests in flight
-    for limit in [&route.max_in_flight, &route.upstream_max_in_flight]
-        .into_iter()
-        .flatten()
-    {
-        ctx.in_flight
-            .push(limit.try_acquire().ok_or(GatewayError::Overloaded)?);
-    }
-
     // 4. body limit: refuse early what is declared too large; the stream is capped as it flows
     let max_body = route
         .max_body
@@ -252,6 +243,16 @@ async fn proxy(
         policy::run_request_phase(&route.policies, ctx, &mut parts).await?
     {
         return Ok(*response);
+    }
+
+    // load shedding: the route's and the upstream's caps on requests in flight, taken once the
+    // request has passed its policies (an unauthenticated flood cannot hold them)
+    for limit in [&route.max_in_flight, &route.upstream_max_in_flight]
+        .into_iter()
+        .flatten()
+    {
+        ctx.in_flight
+            .push(limit.try_acquire().ok_or(GatewayError::Overloaded)?);
     }
 
     // 7. the upstream request: path rewrite, forwarding headers

@@ -105,7 +105,10 @@ pub async fn accept_loop(
         };
         let ip_slot = match snapshot.max_connections_per_ip {
             None => None,
-            Some(max) => match snapshot.connection_counts.acquire(peer.ip(), max) {
+            Some(max) => match snapshot
+                .connection_counts
+                .acquire(peer.ip().to_canonical(), max)
+            {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::debug!(listener = &*name, %peer, "connections per address limit reached; closing");

@@ -166,6 +166,14 @@ pub fn compile(
         &mut sink,
     );
     let mut compiled_routes = Vec::new();
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        if upstream.max_in_flight == Some(0) {
+            sink.error(
+                format!("upstreams[{i}].max_in_flight"),
+                "must be more than 0 (0 would refuse every request)",
+            );
+        }
+    }
     let context = RouteContext {
         upstreams: &upstreams,
         listener_index: &listener_index,
@@ -177,7 +185,7 @@ pub fn compile(
             .upstreams
             .iter()
             .filter_map(|u| {
-                let max = u.max_in_flight?;
+                let max = u.max_in_flight.filter(|max| *max > 0)?;
                 let counter = registry.in_flight.counter(format!("upstream:{}", u.name));
                 Some((u.name.as_str(), InFlightLimit::new(max, counter)))
             })
@@ -466,6 +474,12 @@ fn compile_route(
             }
         },
     };
+    if route.max_in_flight == Some(0) {
+        sink.error(
+            format!("{path}.max_in_flight"),
+            "must be more than 0 (0 would refuse every request)",
+        );
+    }
     let authorization = if route.public {
         if route.authorization.is_some() {
             sink.error(
@@ -628,7 +642,15 @@ fn compile_authentication(
         provider,
         roles,
         all,
-        policy_claims: authz::claims_read(&loaded.config.authorization),
+        policy_claims: {
+            let mut claims: Vec<Box<str>> = authz::claims_read(&loaded.config.authorization).into();
+            claims.extend(
+                crate::policy::ratelimit::claims_read(&loaded.config.rate_limits).map(Into::into),
+            );
+            claims.sort_unstable();
+            claims.dedup();
+            claims.into()
+        },
     });
     let shared_store = loaded.config.redis.as_ref().and_then(|redis| {
         RedisStore::from_config(redis)

@@ -16,6 +16,8 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("redis failed recently; not asked again yet")]
+    Unavailable,
 }
 
 /// A Redis server shared by the replicas, with this gateway's key prefix.
@@ -63,6 +65,11 @@ impl RedisStore {
             .arg(ttl_ms);
         let reply: Option<String> = self.query(&command).await?;
         Ok(reply.is_some())
+    }
+
+    /// How long one command may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// `name` under this gateway's key prefix.

@@ -154,8 +154,11 @@ impl Adaptive {
             );
         }
         let bonus = config.bonus.as_ref().and_then(|bonus| {
-            if bonus.multiplier <= 1.0 {
-                sink.error(format!("{field}.bonus.multiplier"), "a bonus is above 1");
+            if !(bonus.multiplier > 1.0 && bonus.multiplier <= 100.0) {
+                sink.error(
+                    format!("{field}.bonus.multiplier"),
+                    "a bonus is above 1 (and at most 100)",
+                );
                 return None;
             }
             Some((bonus.min_requests, bonus.multiplier, bonus.max_score))
@@ -240,9 +243,21 @@ impl Adaptive {
             401 => self.points.auth_failure,
             403 => self.points.forbidden,
             404 => self.points.not_found,
-            400 | 413 | 431 => self.points.malformed,
+            400 | 413 => self.points.malformed,
+            // a 429 counts against the client only when a rule on the client itself refused
+            // it: not a block (which would extend itself), not a shared budget (a route's) that
+            // others exhausted
+            429 if ctx.rate_limit.blocked => return,
+            429 if !ctx
+                .rate_limit
+                .outcome
+                .as_ref()
+                .is_some_and(|outcome| outcome.refused && outcome.rule.keys_client()) =>
+            {
+                return
+            }
             429 => self.points.rate_limited,
-            status if status < 400 => {
+            status if (200..300).contains(&status) => {
                 if let (Some(identity), Some(_)) = (&ctx.identity, self.bonus) {
                     self.update(&Client::Subject(identity), |entry, _| entry.good += 1);
                 }
@@ -254,8 +269,13 @@ impl Adaptive {
             return;
         }
         for client in self.clients(ctx.client_ip, ctx.identity.as_deref()) {
+            // a network is many clients: its score tightens limits, but never blocks it whole
+            let may_block = !matches!(client, Client::Network(_));
             self.update(&client, |entry, score_now| {
                 entry.score = score_now + points;
+                if !may_block {
+                    return;
+                }
                 if let Some((_, _, block)) = self
                     .thresholds
                     .iter()
@@ -285,10 +305,14 @@ impl Adaptive {
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && shard.len() >= self.max_per_shard {
             // forget the least suspicious client of the shard
+            // (blocked ones last: the map stays bounded even when all are blocked)
             let lowest = shard
                 .iter()
-                .filter(|(_, e)| e.blocked_until <= now)
-                .min_by(|a, b| self.decayed(a.1, now).total_cmp(&self.decayed(b.1, now)))
+                .min_by(|a, b| {
+                    (a.1.blocked_until > now)
+                        .cmp(&(b.1.blocked_until > now))
+                        .then(self.decayed(a.1, now).total_cmp(&self.decayed(b.1, now)))
+                })
                 .map(|(k, _)| *k);
             if let Some(lowest) = lowest {
                 shard.remove(&lowest);

@@ -45,7 +45,7 @@ for i = 1, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   tat = tat + interval * count
-  redis.call('SET', KEYS[i], tostring(tat), 'PX', math.floor((tat - now) / 1000) + 1)
+  redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
   result[i] = tat - now
 end
 return result
@@ -78,6 +78,9 @@ pub struct FastSync {
     warm: Mutex<std::collections::HashSet<u64>>,
     pub failures: AtomicU64,
     pub syncs: AtomicU64,
+    /// Bumped each time the pending counts are taken for a sync (a count taken cannot be
+    /// taken back any more).
+    drains: AtomicU64,
 }
 
 impl std::fmt::Debug for FastSync {
@@ -109,6 +112,7 @@ impl FastSync {
             warm: Mutex::default(),
             failures: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            drains: AtomicU64::new(0),
         }
     }
 
@@ -138,9 +142,11 @@ impl FastSync {
         }
     }
 
-    /// Counts one locally allowed request towards the next sync.
-    pub fn count(&self, digest: [u8; 16], limit: &Limit) {
+    /// Counts one locally allowed request towards the next sync; returns the drain generation
+    /// to give to [`uncount`](Self::uncount).
+    pub fn count(&self, digest: [u8; 16], limit: &Limit) -> u64 {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.drains.load(Ordering::Relaxed);
         pending
             .entry(digest)
             .or_insert(Pending {
@@ -149,11 +155,16 @@ impl FastSync {
                 count: 0,
             })
             .count += 1;
+        generation
     }
 
-    /// Takes back a counted request (a later rule refused it).
-    pub fn uncount(&self, digest: &[u8; 16]) {
+    /// Takes back a counted request (a later rule refused it), unless its count already went
+    /// to Redis (then it stays counted: the shared state never undercounts).
+    pub fn uncount(&self, digest: &[u8; 16], generation: u64) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if self.drains.load(Ordering::Relaxed) != generation {
+            return;
+        }
         if let Some(entry) = pending.get_mut(digest) {
             entry.count = entry.count.saturating_sub(1);
         }
@@ -164,6 +175,7 @@ impl FastSync {
     pub async fn sync_once(&self) -> Result<usize, crate::store::StoreError> {
         let batch: Vec<([u8; 16], Pending)> = {
             let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            self.drains.fetch_add(1, Ordering::Relaxed);
             pending.drain().filter(|(_, p)| p.count > 0).collect()
         };
         if batch.is_empty() {

@@ -46,22 +46,28 @@ impl Limit {
         let burst = burst.max(1);
         Self {
             interval,
-            tolerance: interval * u64::from(burst - 1),
+            tolerance: interval.saturating_mul(u64::from(burst - 1)),
             burst,
         }
     }
 
     /// The same limit with its rate scaled by `factor` (0 < factor): an adaptive multiplier, or
     /// this replica's share of a shared limit. The burst scales too, never below 1.
+    /// Factors are clamped to [0.001, 1000]; the interval to at most a year.
     pub fn scaled(self, factor: f64) -> Self {
-        if (factor - 1.0).abs() < f64::EPSILON {
+        if (factor - 1.0).abs() < f64::EPSILON || !factor.is_finite() {
             return self;
         }
-        let interval = ((self.interval as f64) / factor).max(1.0) as u64;
-        let burst = ((f64::from(self.burst) * factor).floor() as u32).max(1);
+        let factor = factor.clamp(0.001, 1000.0);
+        const YEAR: f64 = 365.0 * 86_400.0 * 1e9;
+        let interval = ((self.interval as f64) / factor).clamp(1.0, YEAR) as u64;
+        let burst = ((f64::from(self.burst) * factor)
+            .floor()
+            .min(f64::from(u32::MAX)) as u32)
+            .max(1);
         Self {
             interval,
-            tolerance: interval * u64::from(burst - 1),
+            tolerance: interval.saturating_mul(u64::from(burst - 1)),
             burst,
         }
     }
@@ -79,13 +85,13 @@ impl Limit {
                 reset_after: ahead,
             };
         }
-        let new_tat = start + self.interval;
+        let new_tat = start.saturating_add(self.interval);
         let ahead = new_tat - now;
-        let slack = self.tolerance + self.interval - ahead;
+        let slack = (self.tolerance.saturating_add(self.interval)).saturating_sub(ahead);
         Verdict {
             allowed: true,
             tat: new_tat,
-            remaining: (slack / self.interval) as u32,
+            remaining: (slack / self.interval).min(u64::from(u32::MAX)) as u32,
             retry_after: 0,
             reset_after: ahead,
         }

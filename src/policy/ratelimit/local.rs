@@ -68,13 +68,17 @@ impl LocalBuckets {
             let per_shard = self.per_shard.load(Ordering::Relaxed);
             if shard.len() >= per_shard && !shard.contains_key(&key) {
                 shard.retain(|_, tat| *tat > now);
-                if shard.len() >= per_shard {
-                    // full of keys that are all still limited: forget one (it gets a fresh
-                    // allowance; the count makes this visible)
-                    if let Some(victim) = shard.keys().next().copied() {
-                        shard.remove(&victim);
-                        self.evicted_active.fetch_add(1, Ordering::Relaxed);
+                if shard.len() * 8 >= per_shard * 7 {
+                    // still (nearly) full of keys that are all limited: forget an eighth of
+                    // them at once (they get a fresh allowance; the count makes this visible),
+                    // so that one sweep serves many inserts
+                    let excess = shard.len() - per_shard * 7 / 8 + 1;
+                    let victims: Vec<u64> = shard.keys().take(excess).copied().collect();
+                    for victim in &victims {
+                        shard.remove(victim);
                     }
+                    self.evicted_active
+                        .fetch_add(victims.len() as u64, Ordering::Relaxed);
                 }
             }
             shard.insert(key, verdict.tat);

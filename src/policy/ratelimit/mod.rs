@@ -79,6 +79,8 @@ impl RateLimits {
                     store.clone(),
                     config.on_store_error,
                     config.replicas,
+                    // a failure keeps Redis out for a while: a second, or 4 timeouts if longer
+                    (store.timeout() * 4).max(std::time::Duration::from_secs(1)),
                 ))),
                 RedisLimitMode::Fast => SharedMode::Fast(Arc::new(FastSync::new(
                     store.clone(),
@@ -137,6 +139,12 @@ impl RateLimits {
         if config.max_keys == 0 {
             sink.error("rate_limits.max_keys", "must be more than 0");
         }
+        if config.max_connections_per_ip == Some(0) {
+            sink.error(
+                "rate_limits.max_connections_per_ip",
+                "must be more than 0 (0 would refuse every connection)",
+            );
+        }
         compiled
     }
 
@@ -177,6 +185,16 @@ impl RateLimits {
     }
 }
 
+/// The claims rate-limit keys read (`claim:NAME`): verified identities keep them.
+pub fn claims_read(config: &RateLimitsConfig) -> impl Iterator<Item = &str> {
+    config
+        .rules
+        .iter()
+        .flat_map(|rule| &rule.key)
+        .filter_map(|part| part.strip_prefix("claim:"))
+        .filter(|name| !name.is_empty())
+}
+
 /// The rules of one route, split by when they can run.
 #[derive(Debug)]
 pub struct RouteLimits {
@@ -202,6 +220,9 @@ pub enum Phase {
 pub struct Record {
     /// The adaptive multiplier on this request's limits (1.0: none).
     pub multiplier: f64,
+    /// Refused because the client is blocked by its behaviour score (such refusals do not
+    /// add to the score: a block must not extend itself).
+    pub blocked: bool,
     /// The enforced rule closest to its limit (or the one that refused).
     pub outcome: Option<Outcome>,
     /// A shadow rule that would have refused the request.
@@ -212,14 +233,15 @@ pub struct Record {
     counted: Vec<(u64, Limit)>,
     /// The same in the shared store (`exact` mode).
     shared_counted: Vec<(String, Arc<Rule>, Limit)>,
-    /// Counts waiting for the next sync (`fast` mode).
-    fast_counted: Vec<[u8; 16]>,
+    /// Counts waiting for the next sync (`fast` mode), with their drain generation.
+    fast_counted: Vec<([u8; 16], u64)>,
 }
 
 impl Default for Record {
     fn default() -> Self {
         Self {
             multiplier: 1.0,
+            blocked: false,
             outcome: None,
             shadow_refusal: None,
             send_headers: false,
@@ -260,8 +282,43 @@ impl Outcome {
 
 impl RouteLimits {
     /// Checks the phase's rules; `record` keeps the most restrictive enforced rule met across
-    /// phases.
+    /// phases. A refused request is refunded to every rule it had passed, in either phase and
+    /// store, so it costs the client nothing beyond the refusal.
     pub async fn check(
+        &self,
+        phase: Phase,
+        source: &KeySource<'_>,
+        record: &mut Record,
+    ) -> Result<(), GatewayError> {
+        let result = self.check_phase(phase, source, record).await;
+        if matches!(result, Err(GatewayError::TooManyRequests { .. })) {
+            self.refund(record).await;
+        }
+        result
+    }
+
+    /// Takes the request back from every rule it was counted against (it was refused later).
+    pub async fn refund(&self, record: &mut Record) {
+        for (key, limit) in record.counted.drain(..) {
+            self.store.refund(key, &limit);
+        }
+        match &self.shared {
+            Some(SharedMode::Fast(sync)) => {
+                for (digest, generation) in record.fast_counted.drain(..) {
+                    sync.uncount(&digest, generation);
+                }
+            }
+            Some(SharedMode::Exact(shared)) => {
+                let counted = std::mem::take(&mut record.shared_counted);
+                if !counted.is_empty() {
+                    shared.refund(&counted).await;
+                }
+            }
+            None => {}
+        }
+    }
+
+    async fn check_phase(
         &self,
         phase: Phase,
         source: &KeySource<'_>,
@@ -329,11 +386,6 @@ impl RouteLimits {
                 reset_after_ns,
             }) => {
                 let refused = keys.get(index).map(|(_, rule, _)| rule.clone());
-                let earlier = std::mem::take(&mut record.shared_counted);
-                if !earlier.is_empty() {
-                    shared.refund(&earlier).await;
-                }
-                self.refund_local(record);
                 if let Some(rule) = refused {
                     record.outcome = Some(Outcome {
                         rule,
@@ -410,8 +462,6 @@ impl RouteLimits {
                 continue;
             }
             if !verdict.allowed {
-                // a refused request costs nothing against the rules it had passed, in either phase
-                self.refund_local(record);
                 record.outcome = Some(Outcome {
                     rule: rule.clone(),
                     remaining: 0,
@@ -423,23 +473,12 @@ impl RouteLimits {
             record.counted.push((key, limit));
             if let (Some(sync), Some(digest)) = (sync, digest) {
                 // the shared state counts every request at the whole limit's interval
-                sync.count(digest, &rule.limit);
-                record.fast_counted.push(digest);
+                let generation = sync.count(digest, &rule.limit);
+                record.fast_counted.push((digest, generation));
             }
             note(record, rule, verdict.remaining, verdict.reset_after);
         }
         Ok(())
-    }
-
-    fn refund_local(&self, record: &mut Record) {
-        for (key, limit) in record.counted.drain(..) {
-            self.store.refund(key, &limit);
-        }
-        if let Some(SharedMode::Fast(sync)) = &self.shared {
-            for digest in record.fast_counted.drain(..) {
-                sync.uncount(&digest);
-            }
-        }
     }
 }
 

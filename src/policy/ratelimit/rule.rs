@@ -2,7 +2,7 @@
 //! `RateLimit-Policy` text it is announced with.
 
 use std::{
-    hash::{BuildHasher, Hash, Hasher},
+    hash::{BuildHasher, Hasher},
     net::IpAddr,
     sync::Arc,
 };
@@ -79,9 +79,9 @@ pub struct Rule {
     pub methods: MethodSet,
     pub shadow: bool,
     pub global: bool,
-    /// `"name";q=BURST;w=SECONDS`, an item of `RateLimit-Policy`.
+    /// `"name";q=COUNT;w=SECONDS` (the rate), an item of `RateLimit-Policy`.
     pub policy_header: HeaderValue,
-    /// The window announced (`w`): the time a full burst takes to refill, in seconds.
+    /// The window announced (`w`): the rate's period, in seconds.
     pub window_secs: u64,
 }
 
@@ -144,6 +144,20 @@ impl Rule {
         })
     }
 
+    /// Counts per client (address, network or identity): a refusal by such a rule says
+    /// something about the client, unlike one by a shared budget (a route's).
+    pub fn keys_client(&self) -> bool {
+        self.key.iter().any(|part| {
+            matches!(
+                part,
+                KeyPart::ClientIp
+                    | KeyPart::ClientNetwork { .. }
+                    | KeyPart::Subject
+                    | KeyPart::ApiKey
+            )
+        })
+    }
+
     /// Runs after authentication (its key needs the identity).
     pub fn needs_identity(&self) -> bool {
         self.key.iter().any(KeyPart::needs_identity)
@@ -179,34 +193,44 @@ impl Rule {
             .map(|digest| shared_name(&digest))
     }
 
+    /// Writes the key's parts as length-prefixed bytes (an explicit encoding, the same on every
+    /// platform and build: the shared store's key names depend on it).
     fn write_key(&self, state: &mut impl Hasher, source: &KeySource<'_>) -> Option<()> {
-        self.name.hash(state);
-        for part in self.key.iter() {
-            match part {
-                KeyPart::ClientIp => source.ctx.client_ip.hash(state),
+        let mut part = |bytes: &[u8]| {
+            state.write(&(bytes.len() as u64).to_le_bytes());
+            state.write(bytes);
+        };
+        part(self.name.as_bytes());
+        for key_part in self.key.iter() {
+            match key_part {
+                KeyPart::ClientIp => part(&ip_bytes(source.ctx.client_ip)),
                 KeyPart::ClientNetwork { ipv4, ipv6 } => {
-                    network(source.ctx.client_ip, *ipv4, *ipv6).hash(state)
+                    part(&ip_bytes(network(source.ctx.client_ip, *ipv4, *ipv6)))
                 }
                 KeyPart::Subject => {
                     let identity = source.identity?;
-                    identity.provider.hash(state);
-                    identity.subject.hash(state);
+                    part(identity.provider.as_bytes());
+                    part(identity.subject.as_bytes());
                 }
                 KeyPart::ApiKey => {
                     let identity = source.identity.filter(|i| i.method == "api_key")?;
-                    identity.provider.hash(state);
-                    identity.subject.hash(state);
+                    part(identity.provider.as_bytes());
+                    part(identity.subject.as_bytes());
                 }
-                KeyPart::Route => source.ctx.route.as_deref().hash(state),
-                KeyPart::Method => source.request.method.as_str().hash(state),
-                KeyPart::Class => {
-                    (class_of(&source.request.method) == RequestClass::Read).hash(state)
-                }
+                KeyPart::Route => part(source.ctx.route.as_deref().unwrap_or_default().as_bytes()),
+                KeyPart::Method => part(source.request.method.as_str().as_bytes()),
+                KeyPart::Class => part(match class_of(&source.request.method) {
+                    RequestClass::Read => b"read",
+                    RequestClass::Write => b"write",
+                }),
                 KeyPart::Claim(name) => {
                     let value = source.identity?.claim(name)?;
-                    value.to_string().hash(state);
+                    match &*value {
+                        serde_json::Value::String(text) => part(text.as_bytes()),
+                        other => part(other.to_string().as_bytes()),
+                    }
                 }
-                KeyPart::Header(name) => source.request.headers.get(name)?.as_bytes().hash(state),
+                KeyPart::Header(name) => part(source.request.headers.get(name)?.as_bytes()),
             }
         }
         Some(())
@@ -224,6 +248,14 @@ impl Hasher for Sha256Writer {
 
     fn finish(&self) -> u64 {
         0 // only the digest is used
+    }
+}
+
+/// An address as 16 bytes (IPv4 as its IPv6-mapped form, so both spellings are one key).
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 

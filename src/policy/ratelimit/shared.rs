@@ -2,7 +2,8 @@
 //! request phase checks all the phase's rules against the server's clock and records the request
 //! only if every rule allows it, so N replicas enforce one limit exactly.
 //!
-//! TATs are kept in microseconds (Lua numbers are doubles: exact to 2^53). Each key expires when
+//! TATs are kept in whole microseconds (Lua numbers are doubles, exact to 2^53; they are
+//! written with `%.0f`, as `tostring` would round them to 14 digits, i.e. to 100 µs). Each key expires when
 //! its limit has fully recovered, so Redis holds only keys that still carry information.
 
 use std::{
@@ -39,7 +40,7 @@ end
 local result = {1}
 for i = 1, #KEYS do
   local ahead = tats[i] - now
-  redis.call('SET', KEYS[i], tostring(tats[i]), 'PX', math.floor(ahead / 1000) + 1)
+  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.floor(ahead / 1000) + 1)
   result[i + 1] = ahead
 end
 return result
@@ -50,7 +51,7 @@ const REFUND: &str = r#"
 for i = 1, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat > 0 then
-    redis.call('SET', KEYS[i], tostring(tat - tonumber(ARGV[i])), 'KEEPTTL')
+    redis.call('SET', KEYS[i], string.format('%.0f', tat - tonumber(ARGV[i])), 'KEEPTTL')
   end
 end
 return 1
@@ -67,6 +68,11 @@ pub struct SharedLimiter {
     /// Decisions Redis could not make (errors and timeouts).
     pub errors: AtomicU64,
     last_warning: AtomicU64,
+    /// After a failure Redis is not asked again until then (ns, monotonic), so that requests
+    /// do not each wait out the timeout while it is down; one request probes it at a time.
+    retry_at: AtomicU64,
+    /// How long a failure keeps Redis out.
+    backoff: Duration,
 }
 
 impl std::fmt::Debug for SharedLimiter {
@@ -92,8 +98,15 @@ pub enum SharedVerdict {
 }
 
 impl SharedLimiter {
-    pub fn new(store: Arc<RedisStore>, on_error: StoreFailure, replicas: u32) -> Self {
+    pub fn new(
+        store: Arc<RedisStore>,
+        on_error: StoreFailure,
+        replicas: u32,
+        backoff: Duration,
+    ) -> Self {
         Self {
+            retry_at: AtomicU64::new(0),
+            backoff,
             store,
             check: redis::Script::new(CHECK),
             refund: redis::Script::new(REFUND),
@@ -110,6 +123,7 @@ impl SharedLimiter {
         &self,
         keys: &[(String, Arc<Rule>, Limit)],
     ) -> Result<SharedVerdict, StoreError> {
+        self.admit()?;
         let names: Vec<String> = keys.iter().map(|(name, ..)| self.store.key(name)).collect();
         let mut args = Vec::with_capacity(keys.len() * 2);
         for (_, _, limit) in keys {
@@ -121,6 +135,7 @@ impl SharedLimiter {
             .run_script(&self.check, &names, &args)
             .await
             .inspect_err(|error| self.failed(error))?;
+        self.retry_at.store(0, Ordering::Relaxed);
         let micros = |v: Option<&i64>| u64::try_from(*v.unwrap_or(&0)).unwrap_or(0) * 1_000;
         match reply.first() {
             Some(1) => Ok(SharedVerdict::Allowed(
@@ -138,8 +153,31 @@ impl SharedLimiter {
         }
     }
 
+    /// Whether Redis may be asked now: not while a failure's back-off runs; when it ends, this
+    /// caller alone probes (the others keep failing fast until the probe answers).
+    fn admit(&self) -> Result<(), StoreError> {
+        let now = now_ns();
+        let retry_at = self.retry_at.load(Ordering::Relaxed);
+        if retry_at == 0 {
+            return Ok(());
+        }
+        let probe_until = now + self.backoff.as_nanos() as u64;
+        if now >= retry_at
+            && self
+                .retry_at
+                .compare_exchange(retry_at, probe_until, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable)
+    }
+
     /// Takes one request back from `keys` (a later phase refused the request).
     pub async fn refund(&self, keys: &[(String, Arc<Rule>, Limit)]) {
+        if self.retry_at.load(Ordering::Relaxed) != 0 {
+            return; // Redis is out: nothing was counted there since
+        }
         let names: Vec<String> = keys.iter().map(|(name, ..)| self.store.key(name)).collect();
         let args: Vec<u64> = keys
             .iter()
@@ -154,10 +192,13 @@ impl SharedLimiter {
         }
     }
 
-    /// Counts a failure; warns at most once a second (a down Redis must not flood the log).
+    /// Counts a failure, keeps Redis out for the back-off, and warns at most once a second (a
+    /// down Redis must not flood the log).
     fn failed(&self, error: &StoreError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let now = now_ns();
+        self.retry_at
+            .store(now + self.backoff.as_nanos() as u64, Ordering::Relaxed);
         let last = self.last_warning.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= Duration::from_secs(1).as_nanos() as u64
             && self

@@ -1,0 +1,78 @@
+//! What a rate-limit check costs on the request path: three in-process rules (the shape of the
+//! throughput benchmark in bench/ratelimit.sh), decided through a real route's `RouteLimits`.
+//!
+//! `cargo bench --bench ratelimit`. Numbers in docs/benchmarks.md.
+
+use std::{hint::black_box, sync::Arc, time::Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Method, Request, Version};
+use portcullis::{
+    config::load_str,
+    pipeline::RequestCtx,
+    policy::ratelimit::{KeySource, Phase, Record, RouteLimits},
+    upstream::UpstreamRegistry,
+};
+
+const CONFIG: &str = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: limited\n    public: true\n    rate_limits: [per-ip, per-ip-route, reads]\n    upstream: app\nrate_limits:\n  rules:\n    - name: per-ip\n      key: [client_ip]\n      rate: 100000000/s\n    - name: per-ip-route\n      key: [client_ip, route]\n      rate: 100000000/s\n    - name: reads\n      key: [class]\n      class: read\n      rate: 100000000/s\n";
+
+fn ctx() -> RequestCtx {
+    RequestCtx {
+        request_id: HeaderValue::from_static("bench"),
+        started: Instant::now(),
+        peer: "127.0.0.1:40000".parse().unwrap(),
+        client_ip: "198.51.100.7".parse().unwrap(),
+        listener: "main".into(),
+        tls: false,
+        method: Method::GET,
+        version: Version::HTTP_11,
+        host: "".into(),
+        path: "/x".into(),
+        route: Some("limited".into()),
+        upstream: None,
+        target: None,
+        status: 0,
+        retries: 0,
+        upstream_latency: None,
+        bytes_out: 0,
+        error: None,
+        response_aborted: false,
+        user_agent: None,
+        identity: None,
+        auth_failure: None,
+        authorization: None,
+        rate_limit: Record::default(),
+        in_flight: Vec::new(),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let loaded = load_str(CONFIG, "bench.yaml".as_ref(), ".".into(), &|_| None).expect("valid");
+    let snapshot =
+        portcullis::proxy::compile(&loaded, &UpstreamRegistry::new(1), 0).expect("compiles");
+    let route = snapshot
+        .routes
+        .find(0, "", &Method::GET, "/x", &HeaderMap::new())
+        .expect("the route");
+    let limits: Arc<RouteLimits> = route.policies.rate_limits.clone().expect("limited");
+    let ctx = ctx();
+    let request = Request::get("/x").body(()).unwrap().into_parts().0;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    c.bench_function("ratelimit/three-local-rules", |b| {
+        b.iter(|| {
+            let mut record = Record::default();
+            let source = KeySource {
+                ctx: &ctx,
+                request: &request,
+                identity: None,
+            };
+            let checked = runtime.block_on(limits.check(Phase::BeforeAuth, &source, &mut record));
+            black_box((checked, record.outcome.map(|o| o.headers())))
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the system packages the build and the tests need, when they are missing:
-# OpenSSL's headers and pkg-config (for josekit, which decrypts JWE tokens), and redis-server
-# (the shared-state tests start a real one).
+# OpenSSL's headers and pkg-config (for josekit, which decrypts JWE tokens), redis-server (the
+# shared-state tests start real servers) and redis-cli (which joins them into a Redis Cluster).
 set -euo pipefail
 need=()
 command -v pkg-config >/dev/null || need+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -8,13 +8,16 @@
 //! - [`config`]: the YAML model, `${ENV}` interpolation, validation with `FILE:LINE:COL` errors;
 //! - [`proxy`]: snapshot compile, listeners, connection handling, the request handler, reload;
 //! - [`route`]: path normalisation, patterns and the precedence-ordered route table;
-//! - [`policy`]: the per-route policy chain (authentication, authorization);
+//! - [`policy`]: the per-route policy chain (authentication, authorization, rate limits);
 //! - [`upstream`]: pools, load balancing, health, retries;
 //! - [`store`]: state shared by replicas (Redis);
 //! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
 //! - [`telemetry`]: logging and the access log; [`admin`]: the admin API;
 //! - [`demo`]: the embedded demo (config and upstream) behind `portcullis demo`;
 //! - [`explain`]: `portcullis explain`, a decision and its reasons from the config alone.
+
+// the request future nests deeply (policies → shared stores → Redis cluster routing)
+#![recursion_limit = "256"]
 
 pub mod admin;
 pub mod config;

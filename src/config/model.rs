@@ -450,6 +450,10 @@ pub struct RedisConfig {
     /// Prefix of every key the gateway writes, so that several gateways can share one server.
     #[serde(default = "default_redis_prefix")]
     pub key_prefix: String,
+    /// `url` is a seed node of a Redis Cluster: the gateway discovers the others and sends
+    /// each key to the node that owns it.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 fn default_redis_timeout() -> HumanDuration {

@@ -4,4 +4,4 @@
 
 mod redis;
 
-pub use self::redis::{RedisStore, StoreError};
+pub use self::redis::{slot, RedisStore, StoreError};

@@ -1,6 +1,8 @@
 //! The shared Redis server: one multiplexed, self-reconnecting connection per config generation,
 //! opened on first use (so a gateway starts, and serves routes that do not need Redis, while Redis
-//! is down), every command bounded by the configured timeout.
+//! is down), every command bounded by the configured timeout. A standalone server, or a Redis
+//! Cluster (`cluster: true`: the URL is a seed node; commands go to the node that owns their
+//! key's slot, and multi-key scripts must keep their keys in one slot: see [`slot`]).
 
 use std::time::Duration;
 
@@ -20,12 +22,34 @@ pub enum StoreError {
     Unavailable,
 }
 
-/// A Redis server shared by the replicas, with this gateway's key prefix.
+/// A Redis server (or cluster) shared by the replicas, with this gateway's key prefix.
 pub struct RedisStore {
-    client: redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    client: Client,
+    connection: OnceCell<Connection>,
     prefix: String,
     timeout: Duration,
+}
+
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// The cluster hash slot of a key (CRC16 of the key, or of its `{hash tag}`, mod 16384), as
+/// Redis Cluster computes it: keys of one multi-key command must share it.
+pub fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16_384
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -40,10 +64,21 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Checks the URL; connects later, on first use.
     pub fn from_config(config: &RedisConfig) -> Result<Self, String> {
-        let client = redis::Client::open(config.url.as_str()).map_err(|_| {
-            // the error text could echo the URL, and with it a password
-            "not a usable Redis URL (`redis://[:PASSWORD@]HOST[:PORT][/DB]`)".to_owned()
-        })?;
+        // the error text could echo the URL, and with it a password
+        let unusable =
+            |_| "not a usable Redis URL (`redis://[:PASSWORD@]HOST[:PORT][/DB]`)".to_owned();
+        let client = if config.cluster {
+            Client::Cluster(
+                redis::cluster::ClusterClient::builder(vec![config.url.as_str()])
+                    .connection_timeout(config.timeout.0)
+                    .response_timeout(config.timeout.0)
+                    .retries(1)
+                    .build()
+                    .map_err(unusable)?,
+            )
+        } else {
+            Client::Single(redis::Client::open(config.url.as_str()).map_err(unusable)?)
+        };
         Ok(Self {
             client,
             connection: OnceCell::new(),
@@ -83,10 +118,17 @@ impl RedisStore {
         command: &redis::Cmd,
     ) -> Result<T, StoreError> {
         self.bounded(async {
-            let mut connection = self.connection().await?;
-            command.query_async(&mut connection).await
+            match self.connection().await? {
+                Connection::Single(mut connection) => command.query_async(&mut connection).await,
+                Connection::Cluster(mut connection) => command.query_async(&mut connection).await,
+            }
         })
         .await
+    }
+
+    /// Whether this is a Redis Cluster (multi-key scripts must group their keys by [`slot`]).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.client, Client::Cluster(_))
     }
 
     /// Runs a Lua script (`EVALSHA`, loading it when the server does not know it yet) with
@@ -98,7 +140,6 @@ impl RedisStore {
         args: &[u64],
     ) -> Result<T, StoreError> {
         self.bounded(async {
-            let mut connection = self.connection().await?;
             let mut invocation = script.prepare_invoke();
             for key in keys {
                 invocation.key(key);
@@ -106,18 +147,36 @@ impl RedisStore {
             for arg in args {
                 invocation.arg(*arg);
             }
-            invocation.invoke_async(&mut connection).await
+            match self.connection().await? {
+                Connection::Single(mut connection) => {
+                    invocation.invoke_async(&mut connection).await
+                }
+                Connection::Cluster(mut connection) => {
+                    invocation.invoke_async(&mut connection).await
+                }
+            }
         })
         .await
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout)
-            .set_number_of_retries(1);
+    async fn connection(&self) -> Result<Connection, redis::RedisError> {
         self.connection
-            .get_or_try_init(|| ConnectionManager::new_with_config(self.client.clone(), config))
+            .get_or_try_init(|| async {
+                match &self.client {
+                    Client::Single(client) => {
+                        let config = ConnectionManagerConfig::new()
+                            .set_connection_timeout(self.timeout)
+                            .set_response_timeout(self.timeout)
+                            .set_number_of_retries(1);
+                        ConnectionManager::new_with_config(client.clone(), config)
+                            .await
+                            .map(Connection::Single)
+                    }
+                    Client::Cluster(client) => {
+                        client.get_async_connection().await.map(Connection::Cluster)
+                    }
+                }
+            })
             .await
             .cloned()
     }
@@ -130,5 +189,21 @@ impl RedisStore {
             Ok(result) => Ok(result?),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_redis_cluster_rules() {
+        // values from the Redis Cluster specification's examples and `CLUSTER KEYSLOT`
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("123456789"), 12739);
+        assert_eq!(slot("{user1000}.following"), slot("user1000"));
+        assert_eq!(slot("foo{}{bar}"), slot("foo{}{bar}"));
+        assert_ne!(slot("foo{}{bar}"), slot("bar"));
+        assert_eq!(slot("foo{{bar}}zap"), slot("{bar"));
     }
 }

@@ -339,9 +339,23 @@ fn replica_process(
     on_error: &str,
     mode: &str,
 ) -> (crate::support::GatewayProcess, u16) {
+    replica_with(upstream, redis_url, false, rate, on_error, mode, "")
+}
+
+/// [`replica_process`] with more options: a Redis Cluster seed, and extra rules (YAML list
+/// items) that every request also meets.
+fn replica_with(
+    upstream: &TestUpstream,
+    redis_url: &str,
+    cluster: bool,
+    rate: &str,
+    on_error: &str,
+    mode: &str,
+    extra_rules: &str,
+) -> (crate::support::GatewayProcess, u16) {
     let port = crate::support::free_port();
     let yaml = format!(
-        "{}redis:\n  url: {redis_url}\n  timeout: 200ms\n  key_prefix: \"rl-test:\"\nrate_limits:\n  store: redis\n  redis_mode: {mode}\n  sync_interval: 50ms\n  on_store_error: {on_error}\n  replicas: 3\n  rules:\n    - name: per-route\n      key: [route]\n      rate: {rate}\n      global: true\n",
+        "{}redis:\n  url: {redis_url}\n  cluster: {cluster}\n  timeout: 200ms\n  key_prefix: \"rl-test-{mode}:\"\nrate_limits:\n  store: redis\n  redis_mode: {mode}\n  sync_interval: 50ms\n  on_store_error: {on_error}\n  replicas: 3\n  rules:\n    - name: per-route\n      key: [route]\n      rate: {rate}\n      global: true\n{extra_rules}",
         config_with(&[upstream.url()], "", OPEN).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
     );
     (crate::support::GatewayProcess::start(&yaml, port), port)
@@ -383,7 +397,7 @@ async fn three_processes_sharing_redis_in_exact_mode_enforce_one_limit_exactly_a
         .get_connection()
         .unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("rl-test:rl:*")
+        .arg("rl-test-exact:rl:*")
         .query(&mut connection)
         .unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
@@ -712,4 +726,52 @@ async fn one_address_may_hold_only_so_many_connections() {
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_redis_cluster_keeps_shared_limits_exact_across_slots() {
+    let Some(cluster) = crate::support::redis::RedisCluster::start(3) else {
+        return;
+    };
+    let upstream = TestUpstream::echo().await;
+    // two more rules per request, whose keys land in other slots than the route's
+    let extra = "    - name: per-client\n      key: [client_ip]\n      rate: 1000/h\n      global: true\n    - name: per-method\n      key: [method]\n      rate: 1000/h\n      global: true\n";
+    let replicas: Vec<_> = (0..2)
+        .map(|_| {
+            replica_with(
+                &upstream,
+                &cluster.url(),
+                true,
+                "40/h",
+                "fail_closed",
+                "exact",
+                extra,
+            )
+        })
+        .collect();
+    let mut allowed = 0;
+    for i in 0..100 {
+        allowed += usize::from(get_status(replicas[i % 2].1).await == 200);
+    }
+    assert_eq!(allowed, 40, "exact across the cluster");
+    // fast mode on the cluster too: within its documented bound (two processes that were told of
+    // three replicas each spend a third: conservative, never over)
+    let fast: Vec<_> = (0..2)
+        .map(|_| {
+            replica_with(
+                &upstream,
+                &cluster.url(),
+                true,
+                "30/h",
+                "fail_closed",
+                "fast",
+                extra,
+            )
+        })
+        .collect();
+    let mut allowed = 0;
+    for i in 0..100 {
+        allowed += usize::from(get_status(fast[i % 2].1).await == 200);
+    }
+    assert!((20..=48).contains(&allowed), "{allowed}");
 }

@@ -184,17 +184,26 @@ impl FastSync {
             let ping: Result<String, _> = self.store.query(&redis::cmd("PING")).await;
             return self.record_health(ping.map(|_| 0));
         }
-        let keys: Vec<String> = batch
+        let entries: Vec<(String, u64)> = batch
             .iter()
-            .map(|(digest, _)| self.store.key(&shared_name(digest)))
+            .map(|(digest, pending)| (self.store.key(&shared_name(digest)), pending.count))
             .collect();
-        let mut args = Vec::with_capacity(batch.len() * 2);
-        for (_, pending) in &batch {
-            args.push((pending.limit.interval / 1_000).max(1));
-            args.push(pending.count);
+        // one script call per cluster slot (one in all on a standalone server)
+        let mut aheads = vec![0i64; batch.len()];
+        for group in super::shared::slot_groups(&self.store, &entries) {
+            let keys: Vec<String> = group.iter().map(|&i| entries[i].0.clone()).collect();
+            let mut args = Vec::with_capacity(group.len() * 2);
+            for &i in &group {
+                args.push((batch[i].1.limit.interval / 1_000).max(1));
+                args.push(batch[i].1.count);
+            }
+            let result: Result<Vec<i64>, _> =
+                self.store.run_script(&self.script, &keys, &args).await;
+            let group_aheads = self.record_health(result)?;
+            for (&i, ahead) in group.iter().zip(group_aheads) {
+                aheads[i] = ahead;
+            }
         }
-        let result: Result<Vec<i64>, _> = self.store.run_script(&self.script, &keys, &args).await;
-        let aheads = self.record_health(result)?;
         self.syncs.fetch_add(1, Ordering::Relaxed);
         let now = now_ns();
         let mut warm = std::collections::HashSet::with_capacity(batch.len());

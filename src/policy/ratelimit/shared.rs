@@ -124,9 +124,53 @@ impl SharedLimiter {
         keys: &[(String, Arc<Rule>, Limit)],
     ) -> Result<SharedVerdict, StoreError> {
         self.admit()?;
-        let names: Vec<String> = keys.iter().map(|(name, ..)| self.store.key(name)).collect();
-        let mut args = Vec::with_capacity(keys.len() * 2);
-        for (_, _, limit) in keys {
+        let entries: Vec<(String, Limit)> = keys
+            .iter()
+            .map(|(name, _, limit)| (self.store.key(name), *limit))
+            .collect();
+        let groups = slot_groups(&self.store, &entries);
+        if groups.len() == 1 {
+            return self.check_group(&entries).await;
+        }
+        // a cluster: one script per slot; a refusal or failure in one group gives back what
+        // the groups before it counted (each key stays atomic, the request as a whole nearly so)
+        let mut aheads = vec![0; entries.len()];
+        let mut counted: Vec<(String, Limit)> = Vec::new();
+        for group in &groups {
+            let subset: Vec<(String, Limit)> = group.iter().map(|&i| entries[i].clone()).collect();
+            match self.check_group(&subset).await {
+                Ok(SharedVerdict::Allowed(group_aheads)) => {
+                    for (&i, ahead) in group.iter().zip(group_aheads) {
+                        aheads[i] = ahead;
+                    }
+                    counted.extend(subset);
+                }
+                Ok(SharedVerdict::Refused {
+                    index,
+                    retry_after_ns,
+                    reset_after_ns,
+                }) => {
+                    self.refund_entries(&counted).await;
+                    return Ok(SharedVerdict::Refused {
+                        index: group.get(index).copied().unwrap_or(0),
+                        retry_after_ns,
+                        reset_after_ns,
+                    });
+                }
+                Err(error) => {
+                    self.refund_entries(&counted).await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(SharedVerdict::Allowed(aheads))
+    }
+
+    /// One script call for keys (full names) that share a slot.
+    async fn check_group(&self, entries: &[(String, Limit)]) -> Result<SharedVerdict, StoreError> {
+        let names: Vec<String> = entries.iter().map(|(name, _)| name.clone()).collect();
+        let mut args = Vec::with_capacity(entries.len() * 2);
+        for (_, limit) in entries {
             args.push((limit.interval / 1_000).max(1));
             args.push(limit.tolerance / 1_000);
         }
@@ -175,20 +219,32 @@ impl SharedLimiter {
 
     /// Takes one request back from `keys` (a later phase refused the request).
     pub async fn refund(&self, keys: &[(String, Arc<Rule>, Limit)]) {
-        if self.retry_at.load(Ordering::Relaxed) != 0 {
-            return; // Redis is out: nothing was counted there since
-        }
-        let names: Vec<String> = keys.iter().map(|(name, ..)| self.store.key(name)).collect();
-        let args: Vec<u64> = keys
+        let entries: Vec<(String, Limit)> = keys
             .iter()
-            .map(|(_, _, limit)| (limit.interval / 1_000).max(1))
+            .map(|(name, _, limit)| (self.store.key(name), *limit))
             .collect();
-        if let Err(error) = self
-            .store
-            .run_script::<i64>(&self.refund, &names, &args)
-            .await
-        {
-            self.failed(&error);
+        self.refund_entries(&entries).await;
+    }
+
+    /// Takes one request back from keys (full names), one script call per slot.
+    async fn refund_entries(&self, entries: &[(String, Limit)]) {
+        if entries.is_empty() || self.retry_at.load(Ordering::Relaxed) != 0 {
+            return; // nothing counted, or Redis is out: nothing was counted there since
+        }
+        for group in slot_groups(&self.store, entries) {
+            let names: Vec<String> = group.iter().map(|&i| entries[i].0.clone()).collect();
+            let args: Vec<u64> = group
+                .iter()
+                .map(|&i| (entries[i].1.interval / 1_000).max(1))
+                .collect();
+            if let Err(error) = self
+                .store
+                .run_script::<i64>(&self.refund, &names, &args)
+                .await
+            {
+                self.failed(&error);
+                return;
+            }
         }
     }
 
@@ -214,4 +270,21 @@ impl SharedLimiter {
             );
         }
     }
+}
+
+/// Indices of `entries` grouped by cluster slot, in order of first appearance (one group on a
+/// standalone server).
+pub(super) fn slot_groups<T>(store: &RedisStore, entries: &[(String, T)]) -> Vec<Vec<usize>> {
+    if !store.is_cluster() {
+        return vec![(0..entries.len()).collect()];
+    }
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, (name, _)) in entries.iter().enumerate() {
+        let slot = crate::store::slot(name);
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, group)) => group.push(i),
+            None => groups.push((slot, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, group)| group).collect()
 }

@@ -79,3 +79,92 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A Redis Cluster of `redis-server` nodes on free loopback ports (masters only), killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts `count` (at least 3) cluster nodes and joins them with `redis-cli --cluster
+    /// create`. Skipped like [`RedisServer::start`] when Redis is not installed.
+    pub fn start(count: usize) -> Option<Self> {
+        RedisServer::start()?; // installed (or fail under CI); that probe server is dropped
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..count).map(|_| super::free_port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--cluster-enabled", "yes"])
+                    .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(dir.path())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server starts")
+            })
+            .collect();
+        let cluster = Self {
+            nodes,
+            ports,
+            _dir: dir,
+        };
+        for port in &cluster.ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &cluster.ports[0].to_string(), "cluster", "info"])
+                .output()
+                .expect("redis-cli runs");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(cluster)
+    }
+
+    /// A seed node's URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.ports[0])
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}

@@ -98,6 +98,8 @@ pub struct AdaptiveConfig {
     pub bonus: Option<AdaptiveBonusConfig>,
     /// Scored clients remembered at most (the lowest scores are forgotten first).
     pub max_entries: usize,
+    /// With `rate_limits.store: redis`, how often replicas share their scores.
+    pub sync_interval: HumanDuration,
 }
 
 impl Default for AdaptiveConfig {
@@ -109,6 +111,7 @@ impl Default for AdaptiveConfig {
             thresholds: Vec::new(),
             bonus: None,
             max_entries: 100_000,
+            sync_interval: HumanDuration::from_millis(500),
         }
     }
 }

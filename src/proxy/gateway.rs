@@ -28,7 +28,7 @@ use crate::{
     config::{ConfigErrors, LoadedConfig},
     policy::{
         authn::{KeyRefreshers, RevocationSync},
-        ratelimit::FastSyncTask,
+        ratelimit::{FastSyncTask, SharedScoresTask},
     },
     upstream::{health::HealthChecks, set_worker_slot, UpstreamRegistry},
 };
@@ -129,6 +129,7 @@ pub struct Gateway {
     key_refreshers: KeyRefreshers,
     revocation_sync: RevocationSync,
     rate_limit_sync: FastSyncTask,
+    score_sync: SharedScoresTask,
     generation: u64,
     worker_count: usize,
 }
@@ -162,6 +163,7 @@ impl Gateway {
             registry.revocations.clone(),
         );
         let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
+        let score_sync = SharedScoresTask::start(snapshot.adaptive.clone());
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         let (draining, draining_rx) = watch::channel(false);
         let workers = (0..worker_count)
@@ -183,6 +185,7 @@ impl Gateway {
             key_refreshers,
             revocation_sync,
             rate_limit_sync,
+            score_sync,
             generation: 1,
             worker_count,
         };
@@ -286,6 +289,7 @@ impl Gateway {
             self.registry.revocations.clone(),
         );
         let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
+        let score_sync = SharedScoresTask::start(snapshot.adaptive.clone());
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
         self.state.snapshot.store(Arc::new(snapshot));
         self.generation = generation;
@@ -293,6 +297,7 @@ impl Gateway {
         self.key_refreshers = key_refreshers;
         self.revocation_sync = revocation_sync;
         self.rate_limit_sync = rate_limit_sync;
+        self.score_sync = score_sync;
         // stop listeners that are gone or moved
         let fresh_names: Vec<Arc<str>> = fresh.iter().map(|(n, _)| n.clone()).collect();
         let stale: Vec<Arc<str>> = self

@@ -133,11 +133,11 @@ impl RedisStore {
 
     /// Runs a Lua script (`EVALSHA`, loading it when the server does not know it yet) with
     /// `keys` (made with [`Self::key`]) and `args`, within the timeout.
-    pub async fn run_script<T: redis::FromRedisValue>(
+    pub async fn run_script<T: redis::FromRedisValue, A: redis::ToRedisArgs>(
         &self,
         script: &redis::Script,
         keys: &[String],
-        args: &[u64],
+        args: &[A],
     ) -> Result<T, StoreError> {
         self.bounded(async {
             let mut invocation = script.prepare_invoke();
@@ -145,7 +145,7 @@ impl RedisStore {
                 invocation.key(key);
             }
             for arg in args {
-                invocation.arg(*arg);
+                invocation.arg(arg);
             }
             match self.connection().await? {
                 Connection::Single(mut connection) => {

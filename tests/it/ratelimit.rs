@@ -775,3 +775,53 @@ async fn a_redis_cluster_keeps_shared_limits_exact_across_slots() {
     }
     assert!((20..=48).contains(&allowed), "{allowed}");
 }
+
+#[tokio::test]
+async fn behaviour_scores_are_shared_by_replicas_through_redis() {
+    let Some(redis) = crate::support::redis::RedisServer::start() else {
+        return;
+    };
+    let upstream = TestUpstream::echo().await;
+    let replica = || {
+        let port = crate::support::free_port();
+        let yaml = format!(
+            "{}authentication:\n  api_keys:\n    - name: keys\n      keys:\n        - {{ id: alice, sha256: {} }}\nredis:\n  url: {}\n  timeout: 200ms\n  key_prefix: \"scores:\"\nrate_limits:\n  store: redis\n  rules:\n    - name: roomy\n      key: [client_ip]\n      rate: 1000/s\n      global: true\n  adaptive:\n    points: {{ auth_failure: 10 }}\n    sync_interval: 100ms\n    thresholds:\n      - {{ score: 35, block: 1m }}\n",
+            with_trusted_proxy(config_with(
+                &[upstream.url()],
+                "",
+                "  - name: api\n    match: { path: /api/** }\n    auth: [keys]\n    authorization: { any_authenticated: true }\n    upstream: app\n"
+            ))
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+            digest("key-alice"),
+            redis.url(),
+        );
+        (crate::support::GatewayProcess::start(&yaml, port), port)
+    };
+    let (_a, port_a) = replica();
+    let (_b, port_b) = replica();
+    let at = |port: u16, key: &'static str| async move {
+        send(
+            Request::get(format!("http://127.0.0.1:{port}/api/x"))
+                .header("x-forwarded-for", "203.0.113.200")
+                .header("x-api-key", key)
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .status
+    };
+    // the client is fine at replica B, then guesses keys at replica A until A blocks it
+    assert_eq!(at(port_b, "key-alice").await, 200);
+    for _ in 0..4 {
+        assert_eq!(at(port_a, "guess").await, 401);
+    }
+    assert_eq!(at(port_a, "key-alice").await, 429);
+    // replica B learns the score within a few syncs and blocks it too
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut status = 200;
+    while status != 429 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        status = at(port_b, "key-alice").await;
+    }
+    assert_eq!(status, 429, "the block reached the other replica");
+}

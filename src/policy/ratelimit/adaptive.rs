@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     hash::BuildHasher,
     net::IpAddr,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use serde::Serialize;
@@ -20,7 +20,198 @@ use crate::{
     config::{model::AdaptiveConfig, ErrorSink},
     pipeline::RequestCtx,
     policy::authn::Identity,
+    store::RedisStore,
 };
+
+/// Adds points to scores kept in Redis (hash fields `s`, the score, and `t`, when it was last
+/// decayed, in ms of the server clock), decaying them first, and returns the new scores.
+/// ARGV: half-life (ms), then one number of points per key (0: only read the score).
+const SCORES: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local half_life = tonumber(ARGV[1])
+local result = {}
+for i = 1, #KEYS do
+  local points = tonumber(ARGV[i + 1])
+  local fields = redis.call('HMGET', KEYS[i], 's', 't')
+  local score = tonumber(fields[1] or '0')
+  local at = tonumber(fields[2] or tostring(now))
+  score = score * math.pow(2, -(now - at) / half_life)
+  if points > 0 then
+    score = score + points
+    redis.call('HSET', KEYS[i], 's', string.format('%.6f', score), 't', string.format('%.0f', now))
+    redis.call('PEXPIRE', KEYS[i], half_life * 20)
+  end
+  result[i] = string.format('%.6f', score)
+end
+return result
+"#;
+
+/// Events not yet pushed, and clients to look up, at most this many per sync.
+const MAX_PENDING: usize = 10_000;
+
+/// Scores shared by the replicas through Redis: each pushes the points it saw and looks up the
+/// clients it does not know, every `sync_interval`; a client misbehaving at one replica is
+/// known to the others within that time.
+pub struct SharedScores {
+    store: Arc<RedisStore>,
+    script: redis::Script,
+    half_life_ms: u64,
+    interval: std::time::Duration,
+    /// Points seen since the last sync, by local key.
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Clients seen without a local score, by local key.
+    lookups: Mutex<HashMap<u64, Lookup>>,
+}
+
+struct Pending {
+    name: Box<str>,
+    points: f64,
+    may_block: bool,
+}
+
+struct Lookup {
+    name: String,
+    may_block: bool,
+}
+
+/// One client of a sync.
+#[derive(Clone, Copy)]
+struct Synced<'a> {
+    key: u64,
+    name: &'a str,
+    points: f64,
+    may_block: bool,
+}
+
+impl std::fmt::Debug for SharedScores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedScores")
+            .field("interval", &self.interval)
+            .finish()
+    }
+}
+
+impl SharedScores {
+    fn add(&self, key: u64, name: Box<str>, points: f64, may_block: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= MAX_PENDING && !pending.contains_key(&key) {
+            return; // a flood of distinct clients: they are still scored here
+        }
+        pending
+            .entry(key)
+            .or_insert(Pending {
+                name,
+                points: 0.0,
+                may_block,
+            })
+            .points += points;
+    }
+
+    fn look_up(&self, key: u64, name: impl FnOnce() -> String, may_block: bool) {
+        let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        if lookups.len() < MAX_PENDING {
+            lookups.entry(key).or_insert_with(|| Lookup {
+                name: name(),
+                may_block,
+            });
+        }
+    }
+
+    /// One sync: pushes the points seen since the last one and reads the scores of clients
+    /// this replica does not know, then takes the higher scores.
+    pub async fn sync_once(&self, adaptive: &Adaptive) -> Result<usize, crate::store::StoreError> {
+        let pending: Vec<(u64, Pending)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        let lookups: Vec<(u64, Lookup)> = self
+            .lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        let entries: Vec<(String, Synced<'_>)> = pending
+            .iter()
+            .map(|(key, p)| Synced {
+                key: *key,
+                name: &p.name,
+                points: p.points,
+                may_block: p.may_block,
+            })
+            .chain(lookups.iter().map(|(key, l)| Synced {
+                key: *key,
+                name: &l.name,
+                points: 0.0,
+                may_block: l.may_block,
+            }))
+            .map(|client| (self.store.key(&format!("as:{}", client.name)), client))
+            .collect();
+        for group in super::shared::slot_groups(&self.store, &entries) {
+            let keys: Vec<String> = group.iter().map(|&i| entries[i].0.clone()).collect();
+            let mut args = vec![self.half_life_ms.to_string()];
+            args.extend(group.iter().map(|&i| format!("{:.6}", entries[i].1.points)));
+            let scores: Vec<String> = self.store.run_script(&self.script, &keys, &args).await?;
+            for (&i, score) in group.iter().zip(scores) {
+                let client = entries[i].1;
+                if let Ok(score) = score.parse::<f64>() {
+                    adaptive.absorb(client.key, client.name, score, client.may_block);
+                }
+            }
+        }
+        Ok(entries.len())
+    }
+}
+
+/// The background sync of shared scores; stopped when dropped.
+#[derive(Debug, Default)]
+pub struct SharedScoresTask {
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SharedScoresTask {
+    /// Call inside a runtime. Does nothing unless scores are shared.
+    pub fn start(adaptive: Option<Arc<Adaptive>>) -> Self {
+        let task = adaptive
+            .filter(|adaptive| adaptive.shared.is_some())
+            .map(|adaptive| {
+                tokio::spawn(async move {
+                    let Some(shared) = adaptive.shared.clone() else {
+                        return;
+                    };
+                    let mut ticker = tokio::time::interval(shared.interval);
+                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut failing = false;
+                    loop {
+                        ticker.tick().await;
+                        match shared.sync_once(&adaptive).await {
+                            Ok(_) if failing => {
+                                tracing::info!("behaviour scores sync with Redis again");
+                                failing = false;
+                            }
+                            Ok(_) => {}
+                            Err(error) if !failing => {
+                                tracing::warn!(%error, "behaviour scores cannot sync with Redis; each replica scores alone meanwhile");
+                                failing = true;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                })
+            });
+        Self { task }
+    }
+}
+
+impl Drop for SharedScoresTask {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
 
 const SHARDS: usize = 32;
 
@@ -50,6 +241,18 @@ struct Entry {
     blocked_until: u64,
     /// Successful authenticated requests (subjects only).
     good: u64,
+}
+
+impl Entry {
+    fn new(name: Box<str>, now: u64) -> Self {
+        Self {
+            name,
+            score: 0.0,
+            updated: now,
+            blocked_until: 0,
+            good: 0,
+        }
+    }
 }
 
 /// One scored client, for the admin API.
@@ -82,6 +285,8 @@ pub struct Adaptive {
     thresholds: Vec<(f64, f64, u64)>,
     bonus: Option<(u64, f64, f64)>,
     max_per_shard: usize,
+    /// With `rate_limits.store: redis`: scores shared with the other replicas.
+    pub shared: Option<Arc<SharedScores>>,
 }
 
 /// A scored entity.
@@ -92,6 +297,11 @@ enum Client<'a> {
 }
 
 impl Client<'_> {
+    /// A network is many clients: its score tightens limits, but never blocks it whole.
+    fn may_be_blocked(&self) -> bool {
+        !matches!(self, Self::Network(_))
+    }
+
     fn name(&self, prefix: (u8, u8)) -> String {
         match self {
             Self::Ip(ip) => format!("ip:{ip}"),
@@ -120,6 +330,7 @@ impl Adaptive {
     pub fn compile(
         config: &AdaptiveConfig,
         scores: std::sync::Arc<Scores>,
+        redis: Option<&Arc<RedisStore>>,
         sink: &mut ErrorSink<'_>,
     ) -> Self {
         let field = "rate_limits.adaptive";
@@ -171,6 +382,16 @@ impl Adaptive {
             thresholds,
             bonus,
             max_per_shard: config.max_entries.div_ceil(SHARDS).max(1),
+            shared: redis.map(|store| {
+                Arc::new(SharedScores {
+                    store: store.clone(),
+                    script: redis::Script::new(SCORES),
+                    half_life_ms: config.half_life.0.as_millis().max(1) as u64,
+                    interval: config.sync_interval.0,
+                    pending: Mutex::default(),
+                    lookups: Mutex::default(),
+                })
+            }),
         }
     }
 
@@ -217,6 +438,11 @@ impl Adaptive {
             let key = client.key(&self.scores.hasher);
             let shard = self.shard(key);
             let Some(entry) = shard.get(&key) else {
+                drop(shard);
+                if let Some(shared) = &self.shared {
+                    // unknown here: ask the shared store at the next sync what the others know
+                    shared.look_up(key, || client.name(self.network), client.may_be_blocked());
+                }
                 continue;
             };
             assessment.blocked_for = assessment
@@ -269,37 +495,63 @@ impl Adaptive {
             return;
         }
         for client in self.clients(ctx.client_ip, ctx.identity.as_deref()) {
-            // a network is many clients: its score tightens limits, but never blocks it whole
-            let may_block = !matches!(client, Client::Network(_));
-            self.update(&client, |entry, score_now| {
+            let may_block = client.may_be_blocked();
+            let (key, name) = self.update(&client, |entry, score_now| {
                 entry.score = score_now + points;
-                if !may_block {
-                    return;
-                }
-                if let Some((_, _, block)) = self
-                    .thresholds
-                    .iter()
-                    .rev()
-                    .find(|(at, _, block)| *block > 0 && entry.score >= *at)
-                {
-                    let until = entry.updated + block;
-                    if until > entry.blocked_until {
-                        if entry.blocked_until <= entry.updated {
-                            tracing::warn!(
-                                client = &*entry.name,
-                                score = entry.score,
-                                "client blocked by its behaviour score"
-                            );
-                        }
-                        entry.blocked_until = until;
-                    }
+                if may_block {
+                    self.apply_blocks(entry);
                 }
             });
+            if let Some(shared) = &self.shared {
+                shared.add(key, name, points, may_block);
+            }
         }
     }
 
-    /// Applies `change` to a client's entry (created when missing), the score decayed to now.
-    fn update(&self, client: &Client<'_>, change: impl FnOnce(&mut Entry, f64)) {
+    /// Starts (or extends) a block when the entry's score reached a block threshold.
+    fn apply_blocks(&self, entry: &mut Entry) {
+        if let Some((_, _, block)) = self
+            .thresholds
+            .iter()
+            .rev()
+            .find(|(at, _, block)| *block > 0 && entry.score >= *at)
+        {
+            let until = entry.updated + block;
+            if until > entry.blocked_until {
+                if entry.blocked_until <= entry.updated {
+                    tracing::warn!(
+                        client = &*entry.name,
+                        score = entry.score,
+                        "client blocked by its behaviour score"
+                    );
+                }
+                entry.blocked_until = until;
+            }
+        }
+    }
+
+    /// Takes a score other replicas arrived at (from the shared store) when it is higher than
+    /// this replica's.
+    fn absorb(&self, key: u64, name: &str, score: f64, may_block: bool) {
+        let now = now_ns();
+        let mut shard = self.shard(key);
+        if !shard.contains_key(&key) && (score < 0.01 || shard.len() >= self.max_per_shard) {
+            return;
+        }
+        let entry = shard
+            .entry(key)
+            .or_insert_with(|| Entry::new(name.into(), now));
+        let local = self.decayed(entry, now);
+        entry.updated = now;
+        entry.score = local.max(score);
+        if may_block && score > local {
+            self.apply_blocks(entry);
+        }
+    }
+
+    /// Applies `change` to a client's entry (created when missing), the score decayed to now;
+    /// returns the entry's key and name.
+    fn update(&self, client: &Client<'_>, change: impl FnOnce(&mut Entry, f64)) -> (u64, Box<str>) {
         let now = now_ns();
         let key = client.key(&self.scores.hasher);
         let mut shard = self.shard(key);
@@ -318,17 +570,14 @@ impl Adaptive {
                 shard.remove(&lowest);
             }
         }
-        let entry = shard.entry(key).or_insert_with(|| Entry {
-            name: client.name(self.network).into(),
-            score: 0.0,
-            updated: now,
-            blocked_until: 0,
-            good: 0,
-        });
+        let entry = shard
+            .entry(key)
+            .or_insert_with(|| Entry::new(client.name(self.network).into(), now));
         let score_now = self.decayed(entry, now);
         entry.score = score_now;
         entry.updated = now;
         change(entry, score_now);
+        (key, entry.name.clone())
     }
 
     /// The most suspicious clients first.

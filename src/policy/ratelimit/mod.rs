@@ -20,7 +20,7 @@ use std::{fmt::Write as _, sync::Arc};
 
 use http::HeaderValue;
 
-pub use adaptive::{Adaptive, Assessment, Report, Scores};
+pub use adaptive::{Adaptive, Assessment, Report, Scores, SharedScores, SharedScoresTask};
 pub use concurrency::{
     ConnectionCounts, ConnectionSlot, InFlightCounters, InFlightLimit, InFlightPermit,
 };
@@ -107,10 +107,11 @@ impl RateLimits {
         let mut compiled = Self {
             headers: config.headers,
             shared,
-            adaptive: config
-                .adaptive
-                .as_ref()
-                .map(|adaptive| Arc::new(Adaptive::compile(adaptive, scores.clone(), sink))),
+            adaptive: config.adaptive.as_ref().map(|adaptive| {
+                // scores are shared where the counts are
+                let redis = redis.filter(|_| config.store == StoreKind::Redis);
+                Arc::new(Adaptive::compile(adaptive, scores.clone(), redis, sink))
+            }),
             ..Self::default()
         };
         let mut names = std::collections::HashSet::new();
@@ -333,17 +334,19 @@ impl RouteLimits {
         }
         record.send_headers = self.headers;
         let shared = match &self.shared {
-            None => return self.check_local(rules, source, record, 1.0, None),
+            None => return self.check_local(rules, source, record, 1.0, Buckets::Own),
             Some(SharedMode::Fast(sync)) if sync.healthy() => {
-                return self.check_local(rules, source, record, 1.0, Some(sync))
+                return self.check_local(rules, source, record, 1.0, Buckets::Synced(sync))
             }
             Some(SharedMode::Fast(sync)) => {
                 return match sync.on_error {
+                    // the same buckets, which hold what the last syncs brought, on this
+                    // replica's share: an outage hands no client a fresh budget
                     StoreFailure::FailOpen => {
-                        self.check_local(rules, source, record, sync.share, None)
+                        self.check_local(rules, source, record, sync.share, Buckets::SyncedStale)
                     }
                     StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
-                }
+                };
             }
             Some(SharedMode::Exact(shared)) => shared,
         };
@@ -353,7 +356,7 @@ impl RouteLimits {
             .filter(|rule| rule.applies(&source.request.method))
             .partition(|rule| rule.shadow);
         if !shadow.is_empty() {
-            self.check_local_rules(shadow.into_iter(), source, record, 1.0, None)?;
+            self.check_local_rules(shadow.into_iter(), source, record, 1.0, Buckets::Own)?;
         }
         let multiplier = record.multiplier;
         let keys: Vec<(String, Arc<Rule>, Limit)> = enforced
@@ -397,9 +400,13 @@ impl RouteLimits {
                 Err(too_many(retry_after_ns))
             }
             Err(_) => match shared.on_error {
-                StoreFailure::FailOpen => {
-                    self.check_local_rules(enforced.into_iter(), source, record, shared.share, None)
-                }
+                StoreFailure::FailOpen => self.check_local_rules(
+                    enforced.into_iter(),
+                    source,
+                    record,
+                    shared.share,
+                    Buckets::Own,
+                ),
                 StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
             },
         }
@@ -411,35 +418,39 @@ impl RouteLimits {
         source: &KeySource<'_>,
         record: &mut Record,
         share: f64,
-        fast: Option<&FastSync>,
+        buckets: Buckets<'_>,
     ) -> Result<(), GatewayError> {
         let applicable = rules
             .iter()
             .filter(|rule| rule.applies(&source.request.method));
-        self.check_local_rules(applicable, source, record, share, fast)
+        self.check_local_rules(applicable, source, record, share, buckets)
     }
 
-    /// Checks rules against this process' buckets, each limit scaled by `share`; with `fast`,
-    /// enforced rules use keys every replica shares and their requests are counted for the sync.
+    /// Checks rules against this process' buckets, each limit scaled by `share`.
     fn check_local_rules<'r>(
         &self,
         rules: impl Iterator<Item = &'r Arc<Rule>>,
         source: &KeySource<'_>,
         record: &mut Record,
         share: f64,
-        fast: Option<&FastSync>,
+        buckets: Buckets<'_>,
     ) -> Result<(), GatewayError> {
         let now = now_ns();
         for rule in rules {
-            let sync = fast.filter(|_| !rule.shadow);
-            let (key, digest) = match sync {
-                Some(_) => {
+            // shadow rules always count in their own buckets
+            let buckets = if rule.shadow { Buckets::Own } else { buckets };
+            let sync = match buckets {
+                Buckets::Synced(sync) => Some(sync),
+                Buckets::Own | Buckets::SyncedStale => None,
+            };
+            let (key, digest) = match buckets {
+                Buckets::Synced(_) | Buckets::SyncedStale => {
                     let Some(digest) = rule.shared_digest(source) else {
                         continue;
                     };
                     (FastSync::local_key(&digest), Some(digest))
                 }
-                None => {
+                Buckets::Own => {
                     let Some(key) = rule.key(self.store.hasher(), source) else {
                         continue;
                     };
@@ -480,6 +491,17 @@ impl RouteLimits {
         }
         Ok(())
     }
+}
+
+/// Which in-process buckets a check uses.
+#[derive(Clone, Copy)]
+enum Buckets<'a> {
+    /// This process' own (keys hashed with its random hash key).
+    Own,
+    /// `fast` mode's, keyed alike on every replica; allowed requests are counted for the sync.
+    Synced(&'a FastSync),
+    /// The same buckets while Redis is unreachable: nothing is counted for a sync.
+    SyncedStale,
 }
 
 /// Keeps the rule closest to its limit for the headers.

@@ -239,7 +239,7 @@ impl SharedLimiter {
                 .collect();
             if let Err(error) = self
                 .store
-                .run_script::<i64>(&self.refund, &names, &args)
+                .run_script::<i64, u64>(&self.refund, &names, &args)
                 .await
             {
                 self.failed(&error);

@@ -198,12 +198,14 @@ fn rate_limit_state(state: &GatewayState) -> serde_json::Value {
         Some(SharedMode::Exact(limiter)) => serde_json::json!({
             "mode": "exact",
             "redis_errors": limiter.errors.load(Ordering::Relaxed),
+            "fallbacks": limiter.fallbacks.load(Ordering::Relaxed),
         }),
         Some(SharedMode::Fast(sync)) => serde_json::json!({
             "mode": "fast",
             "healthy": sync.healthy(),
             "syncs": sync.syncs.load(Ordering::Relaxed),
             "redis_errors": sync.failures.load(Ordering::Relaxed),
+            "fallbacks": sync.fallbacks.load(Ordering::Relaxed),
         }),
     };
     serde_json::json!({

@@ -77,6 +77,8 @@ pub struct FastSync {
     /// Local keys whose shared state the last sync brought (they decide on the whole limit).
     warm: Mutex<std::collections::HashSet<u64>>,
     pub failures: AtomicU64,
+    /// Request phases decided by `on_store_error` (Redis unreachable).
+    pub fallbacks: AtomicU64,
     pub syncs: AtomicU64,
     /// Bumped each time the pending counts are taken for a sync (a count taken cannot be
     /// taken back any more).
@@ -111,6 +113,7 @@ impl FastSync {
             healthy: AtomicBool::new(true),
             warm: Mutex::default(),
             failures: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             drains: AtomicU64::new(0),
         }

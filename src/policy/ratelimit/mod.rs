@@ -274,9 +274,10 @@ impl Outcome {
             self.remaining,
             self.reset_after_ns.div_ceil(1_000_000_000)
         );
+        // one allocation: the string becomes the header's bytes
         (
             self.rule.policy_header.clone(),
-            HeaderValue::from_str(&value).ok(),
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok(),
         )
     }
 }
@@ -343,9 +344,15 @@ impl RouteLimits {
                     // the same buckets, which hold what the last syncs brought, on this
                     // replica's share: an outage hands no client a fresh budget
                     StoreFailure::FailOpen => {
+                        sync.fallbacks
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.check_local(rules, source, record, sync.share, Buckets::SyncedStale)
                     }
-                    StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
+                    StoreFailure::FailClosed => {
+                        sync.fallbacks
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Err(GatewayError::LimiterUnavailable)
+                    }
                 };
             }
             Some(SharedMode::Exact(shared)) => shared,
@@ -400,14 +407,24 @@ impl RouteLimits {
                 Err(too_many(retry_after_ns))
             }
             Err(_) => match shared.on_error {
-                StoreFailure::FailOpen => self.check_local_rules(
-                    enforced.into_iter(),
-                    source,
-                    record,
-                    shared.share,
-                    Buckets::Own,
-                ),
-                StoreFailure::FailClosed => Err(GatewayError::LimiterUnavailable),
+                StoreFailure::FailOpen => {
+                    shared
+                        .fallbacks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.check_local_rules(
+                        enforced.into_iter(),
+                        source,
+                        record,
+                        shared.share,
+                        Buckets::Own,
+                    )
+                }
+                StoreFailure::FailClosed => {
+                    shared
+                        .fallbacks
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Err(GatewayError::LimiterUnavailable)
+                }
             },
         }
     }

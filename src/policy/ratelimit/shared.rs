@@ -67,6 +67,8 @@ pub struct SharedLimiter {
     pub share: f64,
     /// Decisions Redis could not make (errors and timeouts).
     pub errors: AtomicU64,
+    /// Request phases decided by `on_store_error` (Redis unreachable).
+    pub fallbacks: AtomicU64,
     last_warning: AtomicU64,
     /// After a failure Redis is not asked again until then (ns, monotonic), so that requests
     /// do not each wait out the timeout while it is down; one request probes it at a time.
@@ -113,6 +115,7 @@ impl SharedLimiter {
             on_error,
             share: 1.0 / f64::from(replicas.max(1)),
             errors: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
             last_warning: AtomicU64::new(0),
         }
     }

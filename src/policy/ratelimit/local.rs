@@ -16,11 +16,35 @@ use super::gcra::{Limit, Verdict};
 
 const SHARDS: usize = 64;
 
+/// Keys are already 64-bit keyed hashes: the maps use them as they are instead of hashing them
+/// again.
+#[derive(Default, Clone, Copy)]
+pub struct PrehashedKey(u64);
+
+impl std::hash::Hasher for PrehashedKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // only u64 keys are hashed with this; fold anything else in all the same
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type Shard = HashMap<u64, u64, std::hash::BuildHasherDefault<PrehashedKey>>;
+
 /// Buckets of every rule, keyed by a 64-bit keyed hash of (rule, key parts). The hash key is
 /// random per process, so clients cannot aim collisions at each other.
 #[derive(Debug)]
 pub struct LocalBuckets {
-    shards: Box<[Mutex<HashMap<u64, u64>>]>,
+    shards: Box<[Mutex<Shard>]>,
     per_shard: AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
     /// Keys dropped while still limited (the store was full of active keys).
@@ -53,7 +77,7 @@ impl LocalBuckets {
         &self.hasher
     }
 
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Shard> {
         self.shards[(key >> 58) as usize % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())

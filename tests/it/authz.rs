@@ -357,40 +357,15 @@ async fn assignments_grant_roles_by_subject_and_by_group() {
         c["roles"] = groups;
         signer.sign(&c)
     };
-    assert_eq!(
-        with_token(&gateway, "PUT", "/api/doc", &token("carol", json!([]))).await,
-        200
-    );
-    assert_eq!(
-        with_token(
-            &gateway,
-            "GET",
-            "/api/doc",
-            &token("erin", json!(["engineering"]))
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        with_token(
-            &gateway,
-            "PUT",
-            "/api/doc",
-            &token("erin", json!(["engineering"]))
-        )
-        .await,
-        403
-    );
-    assert_eq!(
-        with_token(
-            &gateway,
-            "GET",
-            "/api/doc",
-            &token("frank", json!(["sales"]))
-        )
-        .await,
-        403
-    );
+    for (method, subject, groups, status) in [
+        ("PUT", "carol", json!([]), 200),
+        ("GET", "erin", json!(["engineering"]), 200),
+        ("PUT", "erin", json!(["engineering"]), 403),
+        ("GET", "frank", json!(["sales"]), 403),
+    ] {
+        let got = with_token(&gateway, method, "/api/doc", &token(subject, groups)).await;
+        assert_eq!(got, status, "{method} as {subject}");
+    }
     // an assignment limited to another provider does not apply
     assert_eq!(
         with_token(&gateway, "GET", "/api/doc", &token("dave", json!([]))).await,

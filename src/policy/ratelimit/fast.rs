@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{config::model::StoreFailure, store::RedisStore};
 
-/// Adds each key's count (ARGV[3i-2] interval µs, ARGV[3i-1] count) to its TAT and returns how
+/// Adds each key's count (ARGV[2i-1] interval µs, ARGV[2i] count) to its TAT and returns how
 /// far each TAT now runs ahead of the server clock (µs). Keys expire once fully recovered.
 const SYNC: &str = r#"
 local clock = redis.call('TIME')

@@ -50,6 +50,51 @@ pub struct RequestCtx {
     pub in_flight: Vec<crate::policy::ratelimit::InFlightPermit>,
 }
 
+/// Who sent a request and how: what is known of it before any phase ran.
+pub struct Arrival {
+    pub request_id: HeaderValue,
+    pub peer: SocketAddr,
+    pub client_ip: IpAddr,
+    pub listener: Arc<str>,
+    pub tls: bool,
+    pub method: Method,
+    pub version: Version,
+    pub user_agent: Option<HeaderValue>,
+}
+
+impl RequestCtx {
+    /// The record of a request that has just arrived; the phases fill in the rest.
+    pub fn new(arrival: Arrival) -> Self {
+        Self {
+            request_id: arrival.request_id,
+            started: Instant::now(),
+            peer: arrival.peer,
+            client_ip: arrival.client_ip,
+            listener: arrival.listener,
+            tls: arrival.tls,
+            method: arrival.method,
+            version: arrival.version,
+            host: Box::from(""),
+            path: Box::from(""),
+            route: None,
+            upstream: None,
+            target: None,
+            status: 0,
+            retries: 0,
+            upstream_latency: None,
+            bytes_out: 0,
+            error: None,
+            response_aborted: false,
+            user_agent: arrival.user_agent,
+            identity: None,
+            auth_failure: None,
+            authorization: None,
+            rate_limit: Default::default(),
+            in_flight: Vec::new(),
+        }
+    }
+}
+
 /// Finishes a request when the response body ends: writes the access-log line and releases the
 /// connection's in-flight marker.
 pub struct Completion {

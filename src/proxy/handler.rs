@@ -5,7 +5,7 @@
 //! headers → upstream (LB, retries, timeouts) → response headers → access log (when the body ends)
 //! ```
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     pipeline::{
-        Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody,
+        Arrival, Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody,
         UpstreamBody, X_REQUEST_ID,
     },
     policy::{self, Flow},
@@ -53,9 +53,8 @@ pub async fn handle(
 ) -> Response<ResponseBody> {
     let in_flight = InFlightGuard::enter(&conn.activity);
     let trusted_peer = forwarding::is_trusted(conn.peer.ip(), &snapshot.trusted_proxies);
-    let mut ctx = RequestCtx {
+    let mut ctx = RequestCtx::new(Arrival {
         request_id: forwarding::request_id(request.headers(), trusted_peer),
-        started: Instant::now(),
         peer: conn.peer,
         client_ip: forwarding::client_ip(
             conn.peer.ip(),
@@ -66,24 +65,8 @@ pub async fn handle(
         tls: conn.tls,
         method: request.method().clone(),
         version: request.version(),
-        host: Box::from(""),
-        path: Box::from(""),
-        route: None,
-        upstream: None,
-        target: None,
-        status: 0,
-        retries: 0,
-        upstream_latency: None,
-        bytes_out: 0,
-        error: None,
-        response_aborted: false,
         user_agent: request.headers().get(header::USER_AGENT).cloned(),
-        identity: None,
-        auth_failure: None,
-        authorization: None,
-        rate_limit: Default::default(),
-        in_flight: Vec::new(),
-    };
+    });
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
         Err(error) => {

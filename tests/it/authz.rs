@@ -53,6 +53,11 @@ async fn request(
     send(builder.body(Full::<Bytes>::default()).unwrap()).await
 }
 
+/// The status of [`request`]'s response.
+async fn status(gateway: &TestGateway, method: &str, path: &str, key: Option<&str>) -> u16 {
+    request(gateway, method, path, key).await.status
+}
+
 const ORDER_ROLES: &str = "authorization:
   roles:
     - name: reader
@@ -387,25 +392,16 @@ async fn roles_change_with_a_reload_and_a_bad_policy_keeps_the_old_one() {
     );
     let v1 = format!("{base}authorization:\n  roles:\n    - name: reader\n      permissions: [\"GET /orders/**\"]\n");
     let mut gateway = TestGateway::start(&v1).await;
+    assert_eq!(status(&gateway, "GET", "/orders/1", Some("r")).await, 200);
     assert_eq!(
-        request(&gateway, "GET", "/orders/1", Some("r"))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        request(&gateway, "DELETE", "/orders/1", Some("r"))
-            .await
-            .status,
+        status(&gateway, "DELETE", "/orders/1", Some("r")).await,
         403
     );
 
     let v2 = format!("{base}authorization:\n  roles:\n    - name: reader\n      permissions: [\"GET,DELETE /orders/**\"]\n");
     gateway.reload(&v2).unwrap();
     assert_eq!(
-        request(&gateway, "DELETE", "/orders/1", Some("r"))
-            .await
-            .status,
+        status(&gateway, "DELETE", "/orders/1", Some("r")).await,
         200
     );
 
@@ -425,9 +421,7 @@ async fn roles_change_with_a_reload_and_a_bad_policy_keeps_the_old_one() {
     assert!(error.contains("portcullis.yaml:"), "{error}");
     assert!(gateway.reload(&cyclic).is_err());
     assert_eq!(
-        request(&gateway, "DELETE", "/orders/1", Some("r"))
-            .await
-            .status,
+        status(&gateway, "DELETE", "/orders/1", Some("r")).await,
         200
     );
 }
@@ -482,42 +476,20 @@ async fn external_gateway(service: &TestUpstream, on_error: &str) -> (TestUpstre
 async fn an_external_policy_service_decides_after_the_local_rule_and_is_cached() {
     let (service, calls) = policy_service(Duration::ZERO).await;
     let (_upstream, gateway) = external_gateway(&service, "deny").await;
-    assert_eq!(
-        request(&gateway, "GET", "/orders/1", Some("r"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(status(&gateway, "GET", "/orders/1", Some("r")).await, 200);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // the same identity and request again: answered from the cache
-    assert_eq!(
-        request(&gateway, "GET", "/orders/1", Some("r"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(status(&gateway, "GET", "/orders/1", Some("r")).await, 200);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // the service denies another subject, and another method
+    assert_eq!(status(&gateway, "GET", "/orders/1", Some("w")).await, 403);
     assert_eq!(
-        request(&gateway, "GET", "/orders/1", Some("w"))
-            .await
-            .status,
-        403
-    );
-    assert_eq!(
-        request(&gateway, "DELETE", "/orders/1", Some("r"))
-            .await
-            .status,
+        status(&gateway, "DELETE", "/orders/1", Some("r")).await,
         403
     );
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     // a local denial never reaches the service
-    assert_eq!(
-        request(&gateway, "POST", "/orders/1", Some("r"))
-            .await
-            .status,
-        403
-    );
+    assert_eq!(status(&gateway, "POST", "/orders/1", Some("r")).await, 403);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     // the service saw the request's attributes and the identity, never the credential
     let input: serde_json::Value = serde_json::from_slice(&service.last().body).unwrap();
@@ -533,12 +505,7 @@ async fn an_unavailable_policy_service_fails_closed_unless_told_otherwise() {
     let (slow, _) = policy_service(Duration::from_secs(2)).await;
     let (_upstream, gateway) = external_gateway(&slow, "deny").await;
     let started = std::time::Instant::now();
-    assert_eq!(
-        request(&gateway, "GET", "/orders/1", Some("r"))
-            .await
-            .status,
-        403
-    );
+    assert_eq!(status(&gateway, "GET", "/orders/1", Some("r")).await, 403);
     assert!(
         started.elapsed() < Duration::from_millis(1500),
         "{:?}",

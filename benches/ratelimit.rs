@@ -26,6 +26,7 @@ fn ctx() -> RequestCtx {
         method: Method::GET,
         version: Version::HTTP_11,
         user_agent: None,
+        tls_version: None,
     });
     ctx.path = "/x".into();
     ctx.route = Some("limited".into());

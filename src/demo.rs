@@ -20,11 +20,13 @@ pub fn load_config(
     upstream: SocketAddr,
     listen: SocketAddr,
     admin: SocketAddr,
+    admin_api_token: &str,
 ) -> Result<LoadedConfig, ConfigErrors> {
     let values = [
         ("DEMO_UPSTREAM", upstream.to_string()),
         ("DEMO_LISTEN", listen.to_string()),
         ("DEMO_ADMIN", admin.to_string()),
+        ("DEMO_ADMIN_TOKEN", admin_api_token.to_owned()),
     ];
     let mut loaded = config::load_str(
         DEMO_CONFIG,
@@ -37,8 +39,8 @@ pub fn load_config(
                 .map(|(_, value)| value.clone())
         },
     )?;
-    // the demo's substitutions are addresses, not secrets: show them on /config
-    loaded.secret_paths.clear();
+    // the demo's other substitutions are addresses, not secrets: show them on /config
+    loaded.secret_paths.retain(|path| path == "admin.token");
     Ok(loaded)
 }
 
@@ -49,6 +51,8 @@ pub struct DemoIdentity {
     pub token: String,
     /// A token for `demo-admin` (role `admin`), valid for one hour.
     pub admin_token: String,
+    /// The admin API's bearer token (random, for this run).
+    pub admin_api_token: String,
 }
 
 impl DemoIdentity {
@@ -84,6 +88,11 @@ impl DemoIdentity {
             jwks,
             token: sign("demo-user", "reader"),
             admin_token: sign("demo-admin", "admin"),
+            admin_api_token: {
+                let mut bytes = [0u8; 24];
+                aws_lc_rs::rand::fill(&mut bytes).expect("the system RNG works");
+                b64(&bytes)
+            },
         }
     }
 }
@@ -197,9 +206,17 @@ pub fn instructions(
          \x20 curl -s -i http://{public}/limited/x                # 429, Retry-After, RateLimit-Policy, RateLimit\n\n"
     ));
     if let Some(admin) = admin {
+        let admin_api_token = &identity.admin_api_token;
         text.push_str(&format!(
-            "\x20 curl -s http://{admin}/readyz                   # admin: readiness\n\
-             \x20 curl -s http://{admin}/config                   # admin: the effective config\n"
+            "Observability: the live dashboard (golden signals, top clients, suspicious and blocked\n\
+             clients, upstream health, firing alerts) shows the traffic above as you send it:\n\n\
+             \x20 http://{admin}/dashboard#token={admin_api_token}\n\n\
+             The admin API needs its token (the demo made one for this run):\n\n\
+             \x20 export PORTCULLIS_ADMIN_TOKEN={admin_api_token}\n\
+             \x20 curl -s http://{admin}/metrics | grep portcullis_requests_total   # Prometheus, no token needed\n\
+             \x20 curl -s -H \"Authorization: Bearer $PORTCULLIS_ADMIN_TOKEN\" http://{admin}/config   # the effective config\n\
+             \x20 curl -s -H \"Authorization: Bearer $PORTCULLIS_ADMIN_TOKEN\" http://{admin}/alerts   # firing alerts\n\
+             \x20 curl -s http://{admin}/readyz                   # probes need no token\n"
         ));
     }
     text.push_str("\nStop with Ctrl-C.\n");

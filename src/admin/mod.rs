@@ -1,6 +1,11 @@
-//! The admin listener: liveness, readiness, the effective config and the revocation list. It
-//! binds to loopback by default and is separate from client listeners, so no route can ever
-//! reach it; with `admin.token` set, everything but the probes needs that bearer token.
+//! The admin listener: liveness, readiness, metrics, the dashboard, the effective config, the
+//! revocation list and rate-limit state. It binds to loopback by default and is separate from
+//! client listeners, so no route can ever reach it. Everything but the probes, `/metrics`
+//! (unless `observability.metrics.require_token`) and the dashboard page (which holds no data)
+//! needs the bearer token from `admin.token` or `PORTCULLIS_ADMIN_TOKEN`; without one configured,
+//! those endpoints refuse every request.
+
+mod dashboard;
 
 use std::{convert::Infallible, sync::atomic::Ordering};
 
@@ -43,8 +48,7 @@ pub async fn serve(listener: TcpListener, state: GatewayState) {
 
 async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
     let path = request.uri().path();
-    // liveness and readiness stay open for probes; everything else needs the admin token
-    if path != "/healthz" && path != "/readyz" {
+    if needs_token(path, state) {
         if let Some(refused) = check_token(&request, state) {
             return refused;
         }
@@ -61,6 +65,61 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
                 text(StatusCode::OK, "ready\n")
             }
         }
+        (Method::GET | Method::HEAD, "/metrics") => {
+            let snapshot = state.snapshot.load();
+            if !snapshot.observer.metrics_enabled {
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "metrics are turned off (observability.metrics.enabled)",
+                    &new_request_id(),
+                );
+            }
+            dashboard::refresh_upstream_gauges(state);
+            let body = snapshot.observer.telemetry.metrics.encode();
+            let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        (Method::GET | Method::HEAD, "/dashboard") if dashboard_enabled(state) => {
+            let mut response = Response::new(ResponseBody::full(Bytes::from_static(
+                dashboard::PAGE.as_bytes(),
+            )));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            // the page runs only its own inline code and talks only to this listener
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                ),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            response
+        }
+        (Method::GET | Method::HEAD, "/dashboard/data") if dashboard_enabled(state) => {
+            let mut response = json(StatusCode::OK, &dashboard::data(state));
+            response
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            response
+        }
+        (Method::GET | Method::HEAD, "/alerts") => json(
+            StatusCode::OK,
+            &serde_json::to_value(state.snapshot.load().observer.telemetry.alerts.firing())
+                .unwrap_or_default(),
+        ),
         (Method::GET | Method::HEAD, "/config") => {
             let snapshot = state.snapshot.load();
             json(
@@ -139,6 +198,8 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
             _,
             "/healthz"
             | "/readyz"
+            | "/metrics"
+            | "/alerts"
             | "/config"
             | "/revocations"
             | "/ratelimits"
@@ -216,24 +277,40 @@ fn rate_limit_state(state: &GatewayState) -> serde_json::Value {
     })
 }
 
-/// With `admin.token` set, every endpoint but the probes needs `Authorization: Bearer <token>`
-/// (compared in constant time). Without it, reads are open (loopback by default) and changes
-/// are refused.
+fn dashboard_enabled(state: &GatewayState) -> bool {
+    state.snapshot.load().observer.dashboard_enabled
+}
+
+/// Probes stay open; so do `/metrics` (unless configured otherwise) and the dashboard page,
+/// which holds no data.
+fn needs_token(path: &str, state: &GatewayState) -> bool {
+    match path {
+        "/healthz" | "/readyz" => false,
+        "/metrics" => state.snapshot.load().observer.metrics_require_token,
+        "/dashboard" => !dashboard_enabled(state),
+        _ => true,
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` against the admin token (compared in constant time).
+/// Without a token configured, nothing that needs one is served.
 fn check_token(
     request: &Request<Incoming>,
     state: &GatewayState,
 ) -> Option<Response<ResponseBody>> {
     let snapshot = state.snapshot.load();
     let Some(expected) = snapshot.admin_token.as_deref() else {
-        if request.method() == Method::GET || request.method() == Method::HEAD {
-            return None;
-        }
-        return Some(error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "set admin.token to allow changes through the admin API",
+        let mut refused = error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "no admin token is configured: set admin.token or PORTCULLIS_ADMIN_TOKEN",
             &new_request_id(),
-        ));
+        );
+        refused.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"portcullis-admin\""),
+        );
+        return Some(refused);
     };
     let presented = request
         .headers()

@@ -7,6 +7,7 @@
 
 mod error;
 pub mod model;
+mod observability;
 mod source;
 pub mod units;
 mod validate;
@@ -19,7 +20,7 @@ use serde_yaml::Value;
 pub use error::{ConfigError, ConfigErrors, ConfigWarning};
 pub use model::Config;
 pub use source::SpanIndex;
-pub use validate::{parse_cidr, parse_target_url};
+pub use validate::{credential_headers, parse_cidr, parse_target_url};
 
 /// A parsed, structurally valid config with what is needed to report errors against its text.
 #[derive(Debug)]
@@ -276,6 +277,11 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
     if let Some(value) = map.remove("redis") {
         config.redis = typed(value, "redis", sink);
     }
+    if let Some(value) = map.remove("observability") {
+        if let Some(observability) = typed(value, "observability", sink) {
+            config.observability = observability;
+        }
+    }
     config.listeners = typed_list(map.remove("listeners"), "listeners", sink);
     config.upstreams = typed_list(map.remove("upstreams"), "upstreams", sink);
     config.routes = typed_list(map.remove("routes"), "routes", sink);
@@ -283,7 +289,7 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
         let key = key.as_str().unwrap_or("?").to_owned();
         let error = sink.make(
             &key,
-            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `rate_limits`, `redis`"),
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `rate_limits`, `redis`, `observability`"),
             true,
         );
         sink.errors.push(error);

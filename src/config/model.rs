@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::observability::*;
 use super::units::{ByteSize, HumanDuration};
 
 /// A Portcullis config file.
@@ -43,6 +44,9 @@ pub struct Config {
     /// The Redis server that replicas share state through (one-time tokens today).
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// Access log, metrics, tracing, alerts, anomaly detection, dashboard.
+    #[serde(default)]
+    pub observability: ObservabilityConfig,
 }
 
 /// Rate limiting: named rules that routes list (or that apply to every route), and where their
@@ -804,8 +808,6 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     /// Log output format and level.
     pub log: LogConfig,
-    /// Write one access-log line per request (log target `access`).
-    pub access_log: bool,
     /// Proxies (CIDRs) whose `X-Forwarded-*`, `Forwarded` and `x-request-id` headers are believed.
     /// From anyone else those headers are replaced.
     pub trusted_proxies: Vec<String>,
@@ -819,7 +821,6 @@ impl Default for ServerConfig {
             workers: None,
             shutdown_timeout: HumanDuration::from_secs(30),
             log: LogConfig::default(),
-            access_log: true,
             trusted_proxies: Vec::new(),
             watch_config: true,
         }

@@ -110,7 +110,8 @@ fn identity_header_names(config: &Config) -> Vec<String> {
 
 /// Headers that carry credentials (lower case): never identity headers, never sent to a policy
 /// service.
-fn credential_headers(section: &AuthenticationConfig) -> Vec<String> {
+/// Headers that carry credentials: never sent to policy services, never logged in the clear.
+pub fn credential_headers(section: &AuthenticationConfig) -> Vec<String> {
     let mut headers: Vec<String> = ["authorization", "proxy-authorization", "cookie", "dpop"]
         .iter()
         .map(|h| (*h).to_owned())

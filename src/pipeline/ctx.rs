@@ -48,6 +48,23 @@ pub struct RequestCtx {
     pub rate_limit: crate::policy::ratelimit::Record,
     /// In-flight permits of the route and upstream, held until the response has been sent.
     pub in_flight: Vec<crate::policy::ratelimit::InFlightPermit>,
+    /// The query string as received (kept only when the access log is on; redacted there).
+    pub query: Option<Box<str>>,
+    /// The declared request body size (`Content-Length`).
+    pub bytes_in: Option<u64>,
+    /// The request's place in a distributed trace.
+    pub trace: Option<crate::telemetry::trace::TraceContext>,
+    /// `TLSv1.3` or `TLSv1.2` on TLS listeners.
+    pub tls_version: Option<&'static str>,
+    /// The verified client certificate's subject (common name, else first SAN).
+    pub client_cert_subject: Option<Box<str>>,
+    /// Headers the access log was configured to show (already redacted).
+    pub logged_request_headers: Vec<(http::HeaderName, String)>,
+    pub logged_response_headers: Vec<(http::HeaderName, String)>,
+    /// The matched route's metric handles and tallies.
+    pub route_observer: Option<Arc<crate::telemetry::RouteObserver>>,
+    /// Counts the request in flight while it lives.
+    pub in_flight_gauge: Option<crate::telemetry::InFlightGauge>,
 }
 
 /// Who sent a request and how: what is known of it before any phase ran.
@@ -60,6 +77,7 @@ pub struct Arrival {
     pub method: Method,
     pub version: Version,
     pub user_agent: Option<HeaderValue>,
+    pub tls_version: Option<&'static str>,
 }
 
 impl RequestCtx {
@@ -91,23 +109,36 @@ impl RequestCtx {
             authorization: None,
             rate_limit: Default::default(),
             in_flight: Vec::new(),
+            query: None,
+            bytes_in: None,
+            trace: None,
+            tls_version: arrival.tls_version,
+            client_cert_subject: None,
+            logged_request_headers: Vec::new(),
+            logged_response_headers: Vec::new(),
+            route_observer: None,
+            in_flight_gauge: None,
         }
     }
 }
 
-/// Finishes a request when the response body ends: writes the access-log line and releases the
-/// connection's in-flight marker.
+/// Finishes a request when the response body ends: metrics, the access-log line, and the
+/// connection's in-flight marker released.
 pub struct Completion {
     pub ctx: RequestCtx,
-    pub access_log: bool,
+    observer: Arc<crate::telemetry::Observer>,
     _in_flight: InFlightGuard,
 }
 
 impl Completion {
-    pub fn new(ctx: RequestCtx, access_log: bool, in_flight: InFlightGuard) -> Box<Self> {
+    pub fn new(
+        ctx: RequestCtx,
+        observer: Arc<crate::telemetry::Observer>,
+        in_flight: InFlightGuard,
+    ) -> Box<Self> {
         Box::new(Self {
             ctx,
-            access_log,
+            observer,
             _in_flight: in_flight,
         })
     }
@@ -115,9 +146,9 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if self.access_log {
-            crate::telemetry::access_log(&self.ctx);
-        }
+        // permits first: the next request may take them while this one is being logged
+        self.ctx.in_flight.clear();
+        self.observer.finish(&self.ctx);
     }
 }
 

@@ -46,6 +46,8 @@ pub enum StartError {
     },
     #[error("cannot start worker thread: {0}")]
     Worker(io::Error),
+    #[error("cannot open the access log `{output}`: {source}")]
+    AccessLog { output: String, source: io::Error },
 }
 
 /// Why a reload was refused; the previous config keeps serving.
@@ -130,6 +132,8 @@ pub struct Gateway {
     revocation_sync: RevocationSync,
     rate_limit_sync: FastSyncTask,
     score_sync: SharedScoresTask,
+    /// Live statistics, alert rules, anomaly detection.
+    _sampler: crate::telemetry::Sampler,
     generation: u64,
     worker_count: usize,
 }
@@ -142,7 +146,17 @@ impl Gateway {
             .or(loaded.config.server.workers)
             .unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from))
             .max(1);
-        let registry = Arc::new(UpstreamRegistry::new(worker_count));
+        let observability = &loaded.config.observability;
+        let telemetry = crate::telemetry::Telemetry::start(observability).map_err(|source| {
+            StartError::AccessLog {
+                output: observability.access_log.output.clone(),
+                source,
+            }
+        })?;
+        let registry = Arc::new(UpstreamRegistry::with_telemetry(
+            worker_count,
+            Arc::new(telemetry),
+        ));
         let snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
@@ -165,6 +179,10 @@ impl Gateway {
         let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
         let score_sync = SharedScoresTask::start(snapshot.adaptive.clone());
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let sampler = {
+            let snapshot = snapshot.clone();
+            crate::telemetry::Sampler::start(move || snapshot.load().observer.clone())
+        };
         let (draining, draining_rx) = watch::channel(false);
         let workers = (0..worker_count)
             .map(|index| spawn_worker(index, snapshot.clone(), draining_rx.clone()))
@@ -186,6 +204,7 @@ impl Gateway {
             revocation_sync,
             rate_limit_sync,
             score_sync,
+            _sampler: sampler,
             generation: 1,
             worker_count,
         };
@@ -236,7 +255,16 @@ impl Gateway {
     /// Replaces the config. On any error the running config stays in place untouched.
     pub fn reload(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
         let generation = self.generation + 1;
-        let snapshot = compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
+        let reloads = &self.registry.telemetry.metrics.reloads;
+        let snapshot = compile(loaded, &self.registry, generation).map_err(|errors| {
+            reloads
+                .get_or_create(&crate::telemetry::metrics::KindLabel { kind: "error" })
+                .inc();
+            ReloadError::Config(errors)
+        })?;
+        reloads
+            .get_or_create(&crate::telemetry::metrics::KindLabel { kind: "ok" })
+            .inc();
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }

@@ -22,6 +22,7 @@ use crate::{
     },
     policy::{self, Flow},
     route::{normalize_path, request_host},
+    telemetry::trace::{TraceContext, TRACEPARENT},
     upstream::HashKey,
 };
 
@@ -41,6 +42,8 @@ pub struct ConnInfo {
     pub peer_address: forwarding::PeerAddress,
     pub listener: Arc<str>,
     pub tls: bool,
+    /// `TLSv1.3` / `TLSv1.2` on TLS connections.
+    pub tls_version: Option<&'static str>,
     pub activity: Arc<ConnActivity>,
     pub flags: Arc<ConnFlags>,
 }
@@ -66,7 +69,34 @@ pub async fn handle(
         method: request.method().clone(),
         version: request.version(),
         user_agent: request.headers().get(header::USER_AGENT).cloned(),
+        tls_version: conn.tls_version,
     });
+    let observer = &snapshot.observer;
+    ctx.in_flight_gauge = Some(observer.begin());
+    if observer.access_log.enabled {
+        ctx.query = request.uri().query().map(Into::into);
+        ctx.bytes_in = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        ctx.client_cert_subject = conn.client_certificate.as_ref().and_then(|c| {
+            c.common_name
+                .as_deref()
+                .or(c.uri_sans.first().map(String::as_str))
+                .or(c.dns_sans.first().map(String::as_str))
+                .map(Into::into)
+        });
+        if observer.access_log.wants_request_headers() {
+            ctx.logged_request_headers =
+                observer.access_log.pick_request_headers(request.headers());
+        }
+    }
+    if observer.propagate_traces {
+        ctx.trace = Some(TraceContext::from_request(
+            request.headers(),
+            observer.trust_client_traces || trusted_peer,
+        ));
+    }
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
         Err(error) => {
@@ -101,8 +131,14 @@ pub async fn handle(
     if let Some(adaptive) = &snapshot.adaptive {
         adaptive.observe(&ctx);
     }
-    let access_log = snapshot.access_log;
-    response.map(|body| body.with_completion(Completion::new(ctx, access_log, in_flight)))
+    if snapshot.observer.access_log.wants_response_headers() {
+        ctx.logged_response_headers = snapshot
+            .observer
+            .access_log
+            .pick_response_headers(response.headers());
+    }
+    let observer = snapshot.observer.clone();
+    response.map(|body| body.with_completion(Completion::new(ctx, observer, in_flight)))
 }
 
 async fn proxy(
@@ -182,6 +218,7 @@ async fn proxy(
         .clone();
     ctx.route = Some(route.name.clone());
     ctx.upstream = Some(route.upstream.name.clone());
+    ctx.route_observer = Some(route.observer.clone());
 
     // 4. body limit: refuse early what is declared too large; the stream is capped as it flows
     let max_body = route
@@ -266,6 +303,10 @@ async fn proxy(
         },
     );
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(trace) = &ctx.trace {
+        // the upstream's parent is the gateway's span; `tracestate` passes through as is
+        parts.headers.insert(TRACEPARENT, trace.upstream_header());
+    }
     match &route.host {
         HostRewrite::Keep => {
             // HTTP/1.1 carries it in `Host` already; HTTP/2 and absolute-form in the URI

@@ -57,10 +57,12 @@ impl ConnectionTracker {
 struct OpenConnection {
     tracker: Arc<ConnectionTracker>,
     listener_count: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
+        self.gauge.dec();
         self.listener_count.fetch_sub(1, Ordering::AcqRel);
         if self.tracker.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.tracker.drained.notify_waiters();
@@ -122,9 +124,12 @@ pub async fn accept_loop(
             continue;
         }
         cx.tracker.open.fetch_add(1, Ordering::AcqRel);
+        let gauge = snapshot.observer.telemetry.metrics.open_connections.clone();
+        gauge.inc();
         let open = OpenConnection {
             tracker: cx.tracker.clone(),
             listener_count: listener_count.clone(),
+            gauge,
         };
         let _ = stream.set_nodelay(true);
         let cx = cx.clone();
@@ -161,6 +166,10 @@ async fn serve_connection(
                 }
             };
             let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let tls_version = match tls.get_ref().1.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                _ => "TLSv1.3",
+            };
             // a client certificate the handshake verified, parsed once for the connection
             let client_certificate = tls
                 .get_ref()
@@ -172,7 +181,7 @@ async fn serve_connection(
             serve_io(
                 tls,
                 http2,
-                true,
+                Some(tls_version),
                 client_certificate,
                 accepted,
                 peer,
@@ -186,7 +195,7 @@ async fn serve_connection(
         None => {
             let http2 = spec.http2 && sniff_h2_preface(&stream, spec.header_timeout).await;
             serve_io(
-                stream, http2, false, None, accepted, peer, spec, cx, activity, flags,
+                stream, http2, None, None, accepted, peer, spec, cx, activity, flags,
             )
             .await;
         }
@@ -197,7 +206,7 @@ async fn serve_connection(
 async fn serve_io<I>(
     io: I,
     http2: bool,
-    tls: bool,
+    tls_version: Option<&'static str>,
     client_certificate: Option<Arc<ClientCertificate>>,
     accepted: tokio::time::Instant,
     peer: SocketAddr,
@@ -222,7 +231,8 @@ async fn serve_io<I>(
         peer,
         peer_address: super::forwarding::PeerAddress::new(peer.ip()),
         listener: spec.name.clone(),
-        tls,
+        tls: tls_version.is_some(),
+        tls_version,
         activity,
         flags,
     });

@@ -44,7 +44,8 @@ pub struct Snapshot {
     pub routes: RouteTable<Arc<Route>>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub trusted_proxies: Vec<IpNet>,
-    pub access_log: bool,
+    /// Metrics, access log, alert rules as this config wants them.
+    pub observer: Arc<crate::telemetry::Observer>,
     pub shutdown_timeout: Duration,
     pub admin_bind: Option<SocketAddr>,
     /// The admin API's bearer token.
@@ -114,6 +115,8 @@ pub struct Route {
     pub max_in_flight: Option<crate::policy::ratelimit::InFlightLimit>,
     /// The upstream's cap on requests in flight (shared by every route to it).
     pub upstream_max_in_flight: Option<crate::policy::ratelimit::InFlightLimit>,
+    /// The route's metric handles and live tallies.
+    pub observer: Arc<crate::telemetry::RouteObserver>,
 }
 
 /// The `Host` header sent upstream.
@@ -174,7 +177,9 @@ pub fn compile(
             );
         }
     }
+    let observer = compile_observability(config, &rate_limits, registry, &mut sink);
     let context = RouteContext {
+        observer: &observer,
         upstreams: &upstreams,
         listener_index: &listener_index,
         authentication: &authentication,
@@ -221,12 +226,13 @@ pub fn compile(
         routes: RouteTable::new(compiled_routes),
         upstreams: upstream_list,
         trusted_proxies,
-        access_log: config.server.access_log,
+        observer,
         shutdown_timeout: config.server.shutdown_timeout.0,
         admin_token: config
             .admin
             .token
-            .as_deref()
+            .clone()
+            .or_else(|| std::env::var("PORTCULLIS_ADMIN_TOKEN").ok())
             .filter(|t| !t.is_empty())
             .map(Into::into),
         admin_bind: config
@@ -244,6 +250,120 @@ pub fn compile(
         connection_counts: registry.connection_counts.clone(),
         adaptive: rate_limits.adaptive.clone(),
     })
+}
+
+/// The `observability` section against the gateway's telemetry.
+fn compile_observability(
+    config: &crate::config::Config,
+    rate_limits: &RateLimits,
+    registry: &UpstreamRegistry,
+    sink: &mut ErrorSink<'_>,
+) -> Arc<crate::telemetry::Observer> {
+    use crate::config::model::TokenSourceConfig;
+    use crate::telemetry::{access_log::AccessLogPolicy, alerts::Webhook};
+    let section = &config.observability;
+    let credential_headers = crate::config::credential_headers(&config.authentication);
+    let token_params: Vec<String> = config
+        .authentication
+        .jwt
+        .iter()
+        .filter_map(|p| match &p.token_source {
+            TokenSourceConfig::Query(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    let access_log =
+        AccessLogPolicy::compile(&section.access_log, &credential_headers, &token_params)
+            .unwrap_or_else(|error| {
+                sink.error("observability.access_log", error);
+                AccessLogPolicy::disabled()
+            });
+    if !(0.0..=1.0).contains(&section.access_log.sample_success) {
+        sink.error(
+            "observability.access_log.sample_success",
+            "must be between 0 and 1",
+        );
+    }
+    let webhooks = section
+        .alerts
+        .webhooks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, webhook)| {
+            Webhook::compile(webhook)
+                .map_err(|error| {
+                    sink.error(format!("observability.alerts.webhooks[{i}].url"), error)
+                })
+                .ok()
+                .map(Arc::new)
+        })
+        .collect();
+    let history = section.sampling.history.0;
+    let mut names = std::collections::HashSet::new();
+    for (i, rule) in section.alerts.rules.iter().enumerate() {
+        let at = format!("observability.alerts.rules[{i}]");
+        if !names.insert(rule.name.as_str()) {
+            sink.error(
+                format!("{at}.name"),
+                format!("`{}` is used twice", rule.name),
+            );
+        }
+        if rule.name.starts_with("anomaly") {
+            sink.error(
+                format!("{at}.name"),
+                "names starting with `anomaly` are reserved",
+            );
+        }
+        if rule.above.is_none() && rule.rise_over_baseline.is_none() {
+            sink.error(at.clone(), "needs `above`, `rise_over_baseline` or both");
+        }
+        if let Some(route) = &rule.route {
+            if !config.routes.iter().any(|r| &r.name == route) {
+                sink.error(
+                    format!("{at}.route"),
+                    format!("no route is named `{route}`"),
+                );
+            }
+        }
+        let needed = rule.window.0
+            + if rule.rise_over_baseline.is_some() {
+                rule.baseline.0
+            } else {
+                std::time::Duration::ZERO
+            };
+        if needed > history {
+            sink.error(
+                format!("{at}.window"),
+                format!(
+                    "the window (and baseline) span {}s, more than the {}s of history kept \
+                     (`observability.sampling.history`)",
+                    needed.as_secs(),
+                    history.as_secs()
+                ),
+            );
+        }
+    }
+    if let Some(anomaly) = &section.anomaly {
+        if anomaly.ipv4_prefix > 32 || anomaly.ipv6_prefix > 128 {
+            sink.error(
+                "observability.anomaly",
+                "prefix lengths are at most 32 (IPv4) and 128 (IPv6)",
+            );
+        }
+        if anomaly.window.0 > history {
+            sink.error(
+                "observability.anomaly.window",
+                "longer than the history kept (`observability.sampling.history`)",
+            );
+        }
+    }
+    Arc::new(crate::telemetry::Observer::new(
+        registry.telemetry.clone(),
+        section,
+        access_log,
+        webhooks,
+        rate_limits.adaptive.clone(),
+    ))
 }
 
 fn compile_listener(
@@ -410,6 +530,7 @@ struct RouteContext<'a> {
     registry: &'a UpstreamRegistry,
     /// Upstreams' caps on requests in flight, by name.
     upstream_limits: HashMap<&'a str, InFlightLimit>,
+    observer: &'a crate::telemetry::Observer,
 }
 
 fn compile_route(
@@ -426,6 +547,7 @@ fn compile_route(
         rate_limits,
         registry,
         upstream_limits,
+        observer,
     } = context;
     let path = format!("routes[{i}]");
     let upstream = upstreams.get(route.upstream.as_str())?.clone();
@@ -540,6 +662,7 @@ fn compile_route(
             )
         }),
         upstream_max_in_flight: upstream_limits.get(route.upstream.as_str()).cloned(),
+        observer: observer.route(&route.name),
     };
     Some((
         RouteMatch {

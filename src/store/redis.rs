@@ -185,10 +185,13 @@ impl RedisStore {
         &self,
         operation: impl std::future::Future<Output = Result<T, redis::RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, operation).await {
-            Ok(result) => Ok(result?),
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, operation).await {
+            Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
+        };
+        crate::telemetry::metrics::PROCESS.redis_command(started.elapsed(), result.is_ok());
+        result
     }
 }
 

@@ -1,10 +1,37 @@
-//! Logging: `tracing` with JSON or human output, and the one access-log line per request.
+//! What the gateway tells operators: the process log (`tracing`), the access log, Prometheus
+//! metrics, trace context, live statistics for the dashboard, alerts and anomaly detection.
+//!
+//! [`Telemetry`] lives as long as the gateway (a reload keeps counts, histories and alert
+//! states); [`Observer`] is its view compiled from one config, held by the snapshot. A request
+//! touches it twice: [`Observer::begin`] when it arrives, [`Observer::finish`] when its response
+//! has been sent (metrics, live tallies, the log line).
 
 use std::sync::OnceLock;
 
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
-use crate::{config::model::LogFormat, pipeline::RequestCtx};
+pub mod access_log;
+pub mod alerts;
+pub mod anomaly;
+pub mod metrics;
+pub mod stats;
+pub mod trace;
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use crate::{
+    config::model::{AnomalyConfig, LogFormat, ObservabilityConfig},
+    pipeline::RequestCtx,
+    policy::ratelimit::Adaptive,
+};
+use access_log::{AccessLogPolicy, AccessLogSink};
+use alerts::{AlertBook, AlertRule, Notification, Notifier, Webhook};
+use anomaly::NetworkSignals;
+use metrics::{Metrics, Outcome, RouteMetrics, SecurityEvent};
+use stats::{LiveStats, RouteTallies, Tallied, TopClients};
 
 static INSTALLED: OnceLock<()> = OnceLock::new();
 
@@ -35,48 +62,308 @@ pub fn init(format: LogFormat, level: &str) {
     });
 }
 
-/// Writes the access-log line for a finished request (log target `access`).
-pub fn access_log(ctx: &RequestCtx) {
-    let duration_us = ctx.started.elapsed().as_micros() as u64;
-    let upstream_us = ctx.upstream_latency.map(|d| d.as_micros() as u64);
-    tracing::info!(
-        target: "access",
-        request_id = ctx.request_id.to_str().unwrap_or_default(),
-        client_ip = %ctx.client_ip,
-        peer = %ctx.peer,
-        listener = &*ctx.listener,
-        tls = ctx.tls,
-        method = ctx.method.as_str(),
-        host = &*ctx.host,
-        path = &*ctx.path,
-        protocol = ?ctx.version,
-        status = ctx.status,
-        bytes_out = ctx.bytes_out,
-        duration_us,
-        upstream_us,
-        route = ctx.route.as_deref(),
-        upstream = ctx.upstream.as_deref(),
-        upstream_target = ctx.target.as_deref(),
-        retries = ctx.retries,
-        error = ctx.error,
-        aborted = ctx.response_aborted,
-        user_agent = ctx.user_agent.as_ref().and_then(|v| v.to_str().ok()),
-        auth_subject = ctx.identity.as_ref().map(|i| &*i.subject),
-        auth_method = ctx.identity.as_ref().map(|i| i.method),
-        auth_provider = ctx.identity.as_ref().map(|i| &*i.provider),
-        auth_failure = ctx.auth_failure,
-        authz = ctx
-            .authorization
-            .as_ref()
-            .map(|d| if d.allowed { "allow" } else { "deny" }),
-        authz_reason = ctx.authorization.as_ref().map(|d| tracing::field::display(&d.reason)),
-        ratelimit_rule = ctx.rate_limit.outcome.as_ref().map(|o| &*o.rule.name),
-        ratelimit = ctx
-            .rate_limit
-            .outcome
-            .as_ref()
-            .map(|o| if o.refused { "refuse" } else { "allow" }),
-        ratelimit_shadow_refusal = ctx.rate_limit.shadow_refusal.as_deref(),
-        "request"
+/// Everything observed, kept for the gateway's lifetime.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub stats: LiveStats,
+    pub clients: TopClients,
+    pub networks: NetworkSignals,
+    pub alerts: AlertBook,
+    pub access_log: AccessLogSink,
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Telemetry {
+    /// Starts the access-log writer as configured (output and buffer are read here only).
+    pub fn start(config: &ObservabilityConfig) -> std::io::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let access_log = if config.access_log.enabled {
+            AccessLogSink::start(&config.access_log, metrics.clone())?
+        } else {
+            AccessLogSink::disabled()
+        };
+        Ok(Self::with_sink(config, metrics, access_log))
+    }
+
+    /// Without an access-log writer: for tools that compile a config without serving it.
+    pub fn inert() -> Self {
+        Self::with_sink(
+            &ObservabilityConfig::default(),
+            Arc::new(Metrics::new()),
+            AccessLogSink::disabled(),
+        )
+    }
+
+    fn with_sink(
+        config: &ObservabilityConfig,
+        metrics: Arc<Metrics>,
+        access_log: AccessLogSink,
+    ) -> Self {
+        Self {
+            metrics,
+            stats: LiveStats::new(config.sampling.interval.0, config.sampling.history.0),
+            clients: TopClients::default(),
+            networks: NetworkSignals::default(),
+            alerts: AlertBook::default(),
+            access_log,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Holds one request in the in-flight gauge.
+#[derive(Debug)]
+pub struct InFlightGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A route's handles: cached metric cells and live tallies.
+#[derive(Debug)]
+pub struct RouteObserver {
+    metrics: RouteMetrics,
+    tallies: Arc<RouteTallies>,
+}
+
+/// The telemetry as one config wants it (compiled per snapshot).
+#[derive(Debug)]
+pub struct Observer {
+    pub telemetry: Arc<Telemetry>,
+    pub access_log: AccessLogPolicy,
+    pub metrics_enabled: bool,
+    pub metrics_require_token: bool,
+    pub dashboard_enabled: bool,
+    pub propagate_traces: bool,
+    pub trust_client_traces: bool,
+    pub anomaly: Option<AnomalyConfig>,
+    pub alert_rules: Vec<AlertRule>,
+    pub webhooks: Arc<Vec<Arc<Webhook>>>,
+    /// The adaptive limiter anomalous networks are handed to.
+    pub adaptive: Option<Arc<Adaptive>>,
+    unrouted: Arc<RouteObserver>,
+}
+
+impl Observer {
+    /// Compiles the config's view; `access_log` and `webhooks` were compiled by the caller
+    /// (they need other sections of the config and report errors with their paths).
+    pub fn new(
+        telemetry: Arc<Telemetry>,
+        config: &ObservabilityConfig,
+        access_log: AccessLogPolicy,
+        webhooks: Vec<Arc<Webhook>>,
+        adaptive: Option<Arc<Adaptive>>,
+    ) -> Self {
+        let alert_rules = config
+            .alerts
+            .rules
+            .iter()
+            .map(|rule| AlertRule::compile(rule, &telemetry.stats))
+            .collect();
+        let unrouted = Arc::new(RouteObserver {
+            metrics: telemetry.metrics.route(metrics::NO_ROUTE),
+            tallies: telemetry.stats.route(metrics::NO_ROUTE),
+        });
+        Self {
+            access_log,
+            metrics_enabled: config.metrics.enabled,
+            metrics_require_token: config.metrics.require_token,
+            dashboard_enabled: config.dashboard.enabled,
+            propagate_traces: config.tracing.propagate,
+            trust_client_traces: config.tracing.trust_client_traces,
+            anomaly: config.anomaly.clone(),
+            alert_rules,
+            webhooks: Arc::new(webhooks),
+            adaptive,
+            unrouted,
+            telemetry,
+        }
+    }
+
+    /// The handles for a route (its tallies survive reloads, by name).
+    pub fn route(&self, name: &str) -> Arc<RouteObserver> {
+        Arc::new(RouteObserver {
+            metrics: self.telemetry.metrics.route(name),
+            tallies: self.telemetry.stats.route(name),
+        })
+    }
+
+    /// A request arrived: counted in flight until the guard is dropped (with its record, also
+    /// when the client goes away mid-request).
+    pub fn begin(&self) -> InFlightGauge {
+        self.telemetry.metrics.in_flight.inc();
+        InFlightGauge(self.telemetry.metrics.in_flight.clone())
+    }
+
+    /// A request's response has been sent (or abandoned): metrics, tallies, the log line.
+    pub fn finish(&self, ctx: &RequestCtx) {
+        let telemetry = &*self.telemetry;
+        let security_event = SecurityEvent::of_status(ctx.status);
+        if self.metrics_enabled {
+            let route = ctx.route_observer.as_deref().unwrap_or(&self.unrouted);
+            let duration = ctx.started.elapsed();
+            let denied = ctx.authorization.as_ref().is_some_and(|d| !d.allowed);
+            let error_kind = ctx
+                .error
+                .or_else(|| (ctx.status >= 500).then_some("upstream_5xx"));
+            telemetry.metrics.record(
+                &route.metrics,
+                &Outcome {
+                    method: &ctx.method,
+                    status: ctx.status,
+                    duration,
+                    error_kind,
+                    auth_failure: ctx.auth_failure,
+                    denied,
+                    rate_limit_rule: ctx
+                        .rate_limit
+                        .outcome
+                        .as_ref()
+                        .filter(|o| o.refused)
+                        .map(|o| &*o.rule.name),
+                },
+            );
+            route.tallies.add(&Tallied {
+                status: ctx.status,
+                duration,
+                auth_failure: ctx.auth_failure.is_some(),
+                denied,
+            });
+            telemetry.clients.record(ctx.client_ip);
+        }
+        if let (Some(anomaly), Some(_)) = (&self.anomaly, security_event) {
+            telemetry.networks.record(ctx.client_ip, anomaly);
+        }
+        if self.access_log.should_log(ctx) {
+            let line = self.access_log.format(ctx);
+            telemetry.access_log.send(line, &telemetry.metrics);
+        }
+    }
+}
+
+/// The background work of the live statistics: a sample every interval, then alert rules and
+/// anomaly detection on it. `current` reads the observer of the current config.
+pub struct Sampler {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Sampler {
+    /// Starts on the current runtime.
+    pub fn start(current: impl Fn() -> Arc<Observer> + Send + 'static) -> Self {
+        let (notifier, delivery) = Notifier::start();
+        let interval = current().telemetry.stats.interval;
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                sample_once(&current(), &notifier);
+            }
+        });
+        Self {
+            tasks: vec![task, delivery],
+        }
+    }
+}
+
+/// One sample, evaluation and anomaly pass.
+pub fn sample_once(observer: &Observer, notifier: &Notifier) {
+    let telemetry = &*observer.telemetry;
+    let metrics = &telemetry.metrics;
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    metrics.log_queue.set(telemetry.access_log.queued());
+    telemetry.stats.sample(
+        now_ms,
+        metrics.in_flight.get(),
+        metrics.open_connections.get(),
+        telemetry.access_log.fill(),
     );
+    // top clients: a half-life of one minute
+    telemetry
+        .clients
+        .decay(0.5f64.powf(telemetry.stats.interval.as_secs_f64() / 60.0));
+    let mut notifications = telemetry
+        .alerts
+        .evaluate(&observer.alert_rules, &telemetry.stats);
+    if let Some(anomaly) = &observer.anomaly {
+        let window = telemetry.stats.samples_in(anomaly.window.0);
+        for finding in telemetry.networks.sample(anomaly, window) {
+            let network = format!("{}/{}", finding.network, finding.prefix);
+            let name = format!("anomaly:{network}");
+            let started_at = telemetry.alerts.started_at(&name);
+            let notification = Notification {
+                alert: name,
+                state: if finding.anomalous {
+                    "firing"
+                } else {
+                    "resolved"
+                },
+                severity: anomaly.severity,
+                summary: format!(
+                    "{} security events (401/403/404/429) from {network} in {} (baseline {:.1})",
+                    finding.events, anomaly.window, finding.baseline
+                ),
+                value: finding.events as f64,
+                threshold: (anomaly.rise_over_baseline * finding.baseline)
+                    .max(anomaly.min_events as f64),
+                route: None,
+                network: Some(network),
+                started_at: started_at.unwrap_or_else(|| alerts::rfc3339(SystemTime::now())),
+                ended_at: (!finding.anomalous).then(|| alerts::rfc3339(SystemTime::now())),
+            };
+            if finding.anomalous && anomaly.adaptive_points > 0.0 {
+                if let Some(adaptive) = &observer.adaptive {
+                    adaptive.penalize_network(finding.network, anomaly.adaptive_points);
+                }
+            }
+            telemetry.alerts.set_external(&notification);
+            notifications.push(notification);
+        }
+    }
+    let firing = telemetry.alerts.firing();
+    for rule in &observer.alert_rules {
+        let on = firing.iter().any(|f| f.name == rule.name);
+        metrics
+            .alerts_firing
+            .get_or_create(&metrics::AlertLabel {
+                alert: rule.name.clone(),
+            })
+            .set(i64::from(on));
+    }
+    // anomalies share one series (a label per network would be unbounded)
+    metrics
+        .alerts_firing
+        .get_or_create(&metrics::AlertLabel {
+            alert: "anomaly".into(),
+        })
+        .set(
+            firing
+                .iter()
+                .filter(|f| f.name.starts_with("anomaly:"))
+                .count() as i64,
+        );
+    for notification in notifications {
+        notifier.notify(notification, observer.webhooks.clone());
+    }
 }

@@ -94,7 +94,8 @@ impl Target {
         self.state.is_healthy() && !self.state.is_ejected(now_ms)
     }
 
-    fn in_flight(&self) -> u32 {
+    /// Requests being sent to (or answered by) this target.
+    pub fn in_flight(&self) -> u32 {
         self.state.in_flight.load(Ordering::Relaxed)
     }
 }
@@ -117,6 +118,8 @@ pub struct UpstreamRegistry {
     pub connection_counts: Arc<crate::policy::ratelimit::ConnectionCounts>,
     /// Requests in flight per route and upstream.
     pub in_flight: crate::policy::ratelimit::InFlightCounters,
+    /// Metrics, live statistics, alert states, the access-log writer.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 #[derive(Debug, Default)]
@@ -132,7 +135,13 @@ type BudgetParams = (u32, u32);
 impl UpstreamRegistry {
     /// `workers`: number of worker threads, each of which gets its own connection pools.
     pub fn new(workers: usize) -> Self {
+        Self::with_telemetry(workers, Arc::new(crate::telemetry::Telemetry::inert()))
+    }
+
+    /// A registry whose snapshots report to `telemetry` (a serving gateway's).
+    pub fn with_telemetry(workers: usize, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
         Self {
+            telemetry,
             epoch: Instant::now(),
             workers,
             inner: Mutex::default(),
@@ -242,7 +251,7 @@ impl Upstream {
 
     /// The time to compare ejection deadlines with; without outlier detection nothing is ejected
     /// (not even targets ejected under an earlier config), and no clock is read.
-    fn ejection_clock(&self) -> u64 {
+    pub fn ejection_clock(&self) -> u64 {
         if self.outlier.is_some() {
             self.now_ms()
         } else {
@@ -418,6 +427,7 @@ impl Upstream {
             now + outlier.ejection_time.0.as_millis() as u64,
             Ordering::Relaxed,
         );
+        crate::telemetry::metrics::PROCESS.ejection(&self.name);
         tracing::warn!(
             upstream = &*self.name,
             upstream_target = &*target.label,

@@ -79,6 +79,17 @@ impl ServiceEndpoint {
         headers: &[(HeaderName, HeaderValue)],
         body: Bytes,
     ) -> Result<Map<String, Value>, &'static str> {
+        let bytes = self.post(content_type, headers, body).await?;
+        serde_json::from_slice(&bytes).map_err(|_| "the answer is not a JSON object")
+    }
+
+    /// `POST`s `body` and reads the (bounded) answer of a 2xx response.
+    pub async fn post(
+        &self,
+        content_type: &'static str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> Result<Bytes, &'static str> {
         let mut request = Request::new(UpstreamBody::Full(Some(body)));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.endpoint.clone();
@@ -100,11 +111,10 @@ impl ServiceEndpoint {
         if !response.status().is_success() {
             return Err("the service answered with an error status");
         }
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER)
+        Ok(Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
             .map_err(|_| "the answer could not be read")?
-            .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|_| "the answer is not a JSON object")
+            .to_bytes())
     }
 }

@@ -153,6 +153,7 @@ fn every_example_config_is_valid() {
                 .arg("validate")
                 .arg(&path)
                 .env("DEMO_UPSTREAM", "127.0.0.1:9")
+                .env("DEMO_ADMIN_TOKEN", "example-token")
                 .output()
                 .unwrap();
             assert!(

@@ -214,18 +214,36 @@ async fn admin_api_reports_health_readiness_and_a_redacted_config() {
     let process = GatewayProcess::start_with_env(
         &yaml,
         port,
-        &[("PORTCULLIS_TEST_SECRET", "hunter2-very-secret")],
+        &[
+            ("PORTCULLIS_TEST_SECRET", "hunter2-very-secret"),
+            ("PORTCULLIS_ADMIN_TOKEN", "admin-token-from-env"),
+        ],
     );
     process.wait_for_port(admin);
-    let get = |path: &str| {
-        send(
-            Request::get(format!("http://127.0.0.1:{admin}{path}"))
-                .body(Full::default())
-                .unwrap(),
-        )
+    let call = |path: &str, token: Option<&str>| {
+        let mut request = Request::get(format!("http://127.0.0.1:{admin}{path}"));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        send(request.body(Full::default()).unwrap())
     };
-    assert_eq!(get("/healthz").await.status, 200);
-    assert_eq!(get("/readyz").await.status, 200);
+    let get = |path: &str| call(path, Some("admin-token-from-env"));
+    // probes and metrics need no token; everything else does, and a wrong one is refused
+    assert_eq!(call("/healthz", None).await.status, 200);
+    assert_eq!(call("/readyz", None).await.status, 200);
+    assert_eq!(call("/metrics", None).await.status, 200);
+    for path in [
+        "/config",
+        "/ratelimits",
+        "/dashboard/data",
+        "/alerts",
+        "/revocations",
+    ] {
+        let refused = call(path, None).await;
+        assert_eq!(refused.status, 401, "{path}");
+        assert!(refused.headers.contains_key("www-authenticate"), "{path}");
+        assert_eq!(call(path, Some("wrong")).await.status, 401, "{path}");
+    }
     let config = get("/config").await;
     assert_eq!(config.status, 200);
     assert!(!config.body.contains("hunter2"), "{}", config.body);

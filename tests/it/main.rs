@@ -8,6 +8,7 @@ mod authz;
 mod cli;
 mod hardening;
 mod lifecycle;
+mod observability;
 mod ratelimit;
 mod routing;
 mod shared_state;

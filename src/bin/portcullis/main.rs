@@ -174,6 +174,12 @@ fn serve(
                 .await
                 .with_context(|| format!("cannot bind the admin listener on {admin}"))?;
             tracing::info!(addr = %listener.local_addr()?, "admin listening");
+            if gateway.snapshot().admin_token.is_none() {
+                tracing::warn!(
+                    "no admin token (admin.token or PORTCULLIS_ADMIN_TOKEN): the admin API serves \
+                     only /healthz, /readyz, /metrics and the dashboard page"
+                );
+            }
             tokio::spawn(portcullis::admin::serve(listener, gateway.state()));
         }
         tracing::info!(workers = gateway.worker_count(), "portcullis started");
@@ -243,7 +249,7 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
             });
         })?;
     let backend = backend_rx.recv().context("demo backend thread ended")??;
-    let loaded = portcullis::demo::load_config(backend, listen, admin)
+    let loaded = portcullis::demo::load_config(backend, listen, admin, &identity.admin_api_token)
         .map_err(|errors| anyhow!("demo config:\n{errors}"))?;
     serve(
         loaded,

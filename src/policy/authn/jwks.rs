@@ -345,6 +345,7 @@ impl RemoteJwks {
         );
         match tokio::time::timeout(Duration::from_secs(5), self.fetch()).await {
             Ok(Ok((keys, hash))) => {
+                crate::telemetry::metrics::PROCESS.jwks_refresh(&self.url.to_string(), true);
                 if self.document_hash.swap(hash, Ordering::AcqRel) != hash {
                     self.key_version.fetch_add(1, Ordering::AcqRel);
                     tracing::info!(url = %self.url, keys = keys.keys.len(), "JWKS changed");
@@ -354,10 +355,12 @@ impl RemoteJwks {
                 true
             }
             Ok(Err(error)) => {
+                crate::telemetry::metrics::PROCESS.jwks_refresh(&self.url.to_string(), false);
                 tracing::warn!(url = %self.url, %error, "JWKS refresh failed; keeping the last good keys");
                 false
             }
             Err(_) => {
+                crate::telemetry::metrics::PROCESS.jwks_refresh(&self.url.to_string(), false);
                 tracing::warn!(url = %self.url, "JWKS refresh timed out; keeping the last good keys");
                 false
             }

@@ -27,7 +27,7 @@ pub use concurrency::{
 pub use fast::{FastSync, FastSyncTask};
 pub use gcra::{Limit, Verdict};
 pub use local::{now_ns, LocalBuckets};
-pub use rule::{class_of, parse_rate, KeyPart, KeySource, Rule};
+pub use rule::{class_of, network, parse_rate, KeyPart, KeySource, Rule};
 pub use shared::{SharedLimiter, SharedVerdict};
 
 /// Where limits shared by replicas are decided.

@@ -279,7 +279,7 @@ pub fn class_of(method: &Method) -> RequestClass {
 }
 
 /// The address with only its first `ipv4`/`ipv6` bits.
-pub(super) fn network(ip: IpAddr, ipv4: u8, ipv6: u8) -> IpAddr {
+pub fn network(ip: IpAddr, ipv4: u8, ipv6: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(ipv4)).unwrap_or(0);

@@ -6,7 +6,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, LazyLock, OnceLock,
+        LazyLock, OnceLock,
     },
     time::Duration,
 };
@@ -554,7 +554,6 @@ impl Tally {
         self.0.load(Ordering::Relaxed)
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -103,6 +103,11 @@ pub struct TracingConfig {
     /// Believe `traceparent` from any client (`true`), or only from `server.trusted_proxies`
     /// (`false`: other clients' requests start a new trace).
     pub trust_client_traces: bool,
+    /// Fraction (0–1) of new traces sampled (a continued trace keeps its caller's decision).
+    pub sample_ratio: f64,
+    /// Export spans of the gateway's phases over OTLP to a collector. Off by default. Read at
+    /// start only.
+    pub otlp: Option<OtlpConfig>,
 }
 
 impl Default for TracingConfig {
@@ -110,8 +115,40 @@ impl Default for TracingConfig {
         Self {
             propagate: true,
             trust_client_traces: true,
+            sample_ratio: 1.0,
+            otlp: None,
         }
     }
+}
+
+/// An OTLP/HTTP (protobuf) trace exporter.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces` (plain HTTP:
+    /// run the collector beside the gateway).
+    pub endpoint: String,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Per export call.
+    #[serde(default = "default_otlp_timeout")]
+    pub timeout: HumanDuration,
+    /// Spans that may wait for export; more are dropped (and counted).
+    #[serde(default = "default_otlp_queue")]
+    pub max_queue: usize,
+}
+
+fn default_service_name() -> String {
+    "portcullis".into()
+}
+
+fn default_otlp_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
+fn default_otlp_queue() -> usize {
+    8192
 }
 
 /// Sampling of the live statistics.

@@ -65,6 +65,16 @@ pub struct RequestCtx {
     pub route_observer: Option<Arc<crate::telemetry::RouteObserver>>,
     /// Counts the request in flight while it lives.
     pub in_flight_gauge: Option<crate::telemetry::InFlightGauge>,
+    /// When the request's phases ran (kept only for traces that are exported).
+    pub phases: Option<Vec<PhaseTiming>>,
+}
+
+/// One phase of a request, for its trace span.
+#[derive(Debug, Clone, Copy)]
+pub struct PhaseTiming {
+    pub name: &'static str,
+    pub started: Instant,
+    pub ended: Instant,
 }
 
 /// Who sent a request and how: what is known of it before any phase ran.
@@ -118,6 +128,23 @@ impl RequestCtx {
             logged_response_headers: Vec::new(),
             route_observer: None,
             in_flight_gauge: None,
+            phases: None,
+        }
+    }
+
+    /// The start of a phase, when phases are being timed.
+    pub fn phase_start(&self) -> Option<Instant> {
+        self.phases.as_ref().map(|_| Instant::now())
+    }
+
+    /// Records a phase that began at `started` (from [`Self::phase_start`]).
+    pub fn phase_end(&mut self, name: &'static str, started: Option<Instant>) {
+        if let (Some(phases), Some(started)) = (&mut self.phases, started) {
+            phases.push(PhaseTiming {
+                name,
+                started,
+                ended: Instant::now(),
+            });
         }
     }
 }

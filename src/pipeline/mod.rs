@@ -6,7 +6,7 @@ mod ctx;
 mod error;
 
 pub use body::{BodyProgress, BodyTooLarge, BoxError, ResponseBody, UpstreamBody};
-pub use ctx::{Arrival, Completion, ConnActivity, InFlightGuard, RequestCtx};
+pub use ctx::{Arrival, Completion, ConnActivity, InFlightGuard, PhaseTiming, RequestCtx};
 pub use error::{error_response, Challenge, GatewayError};
 
 use http::HeaderName;

@@ -73,21 +73,26 @@ pub async fn run_request_phase(
     // 3. authentication: public routes by explicit configuration, others by one of their methods
     match access {
         Access::Public => {}
-        Access::Authenticated(authenticator) => match authenticator.authenticate(request).await {
-            Ok(identity) => {
-                for (name, value) in &identity.headers {
-                    request.headers.insert(name.clone(), value.clone());
+        Access::Authenticated(authenticator) => {
+            let started = ctx.phase_start();
+            let authenticated = authenticator.authenticate(request).await;
+            ctx.phase_end("authenticate", started);
+            match authenticated {
+                Ok(identity) => {
+                    for (name, value) in &identity.headers {
+                        request.headers.insert(name.clone(), value.clone());
+                    }
+                    ctx.identity = Some(identity);
                 }
-                ctx.identity = Some(identity);
+                Err(failure) => {
+                    ctx.auth_failure = Some(match failure {
+                        authn::AuthFailure::Missing => "missing credential",
+                        authn::AuthFailure::Invalid(reason) => reason,
+                    });
+                    return Err(GatewayError::Unauthorized(authenticator.challenge(failure)));
+                }
             }
-            Err(failure) => {
-                ctx.auth_failure = Some(match failure {
-                    authn::AuthFailure::Missing => "missing credential",
-                    authn::AuthFailure::Invalid(reason) => reason,
-                });
-                return Err(GatewayError::Unauthorized(authenticator.challenge(failure)));
-            }
-        },
+        }
     }
     // 4. authorization: deny unless a rule allows (every authenticated route has one)
     if let Some(authorization) = authorization {
@@ -101,6 +106,7 @@ pub async fn run_request_phase(
             path: &ctx.path,
             client_ip: ctx.client_ip,
         };
+        let started = ctx.phase_start();
         let route = ctx.route.as_deref().unwrap_or_default();
         let decision = authorization
             .authorize(
@@ -115,6 +121,7 @@ pub async fn run_request_phase(
             .await;
         let allowed = decision.allowed;
         ctx.authorization = Some(decision);
+        ctx.phase_end("authorize", started);
         if !allowed {
             return Err(GatewayError::Forbidden);
         }
@@ -153,8 +160,20 @@ fn assess(
     Ok(())
 }
 
-/// Runs one phase of a route's rate limits, recording the outcome in `ctx`.
+/// Runs one phase of a route's rate limits, recording the outcome (and its timing) in `ctx`.
 async fn check_limits(
+    limits: &ratelimit::RouteLimits,
+    phase: ratelimit::Phase,
+    ctx: &mut RequestCtx,
+    request: &request::Parts,
+) -> Result<(), GatewayError> {
+    let started = ctx.phase_start();
+    let checked = check_limits_untimed(limits, phase, ctx, request).await;
+    ctx.phase_end("rate_limit", started);
+    checked
+}
+
+async fn check_limits_untimed(
     limits: &ratelimit::RouteLimits,
     phase: ratelimit::Phase,
     ctx: &mut RequestCtx,

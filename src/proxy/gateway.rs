@@ -46,8 +46,8 @@ pub enum StartError {
     },
     #[error("cannot start worker thread: {0}")]
     Worker(io::Error),
-    #[error("cannot open the access log `{output}`: {source}")]
-    AccessLog { output: String, source: io::Error },
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::StartError),
 }
 
 /// Why a reload was refused; the previous config keeps serving.
@@ -147,12 +147,7 @@ impl Gateway {
             .unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from))
             .max(1);
         let observability = &loaded.config.observability;
-        let telemetry = crate::telemetry::Telemetry::start(observability).map_err(|source| {
-            StartError::AccessLog {
-                output: observability.access_log.output.clone(),
-                source,
-            }
-        })?;
+        let telemetry = crate::telemetry::Telemetry::start(observability)?;
         let registry = Arc::new(UpstreamRegistry::with_telemetry(
             worker_count,
             Arc::new(telemetry),

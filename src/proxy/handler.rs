@@ -95,7 +95,11 @@ pub async fn handle(
         ctx.trace = Some(TraceContext::from_request(
             request.headers(),
             observer.trust_client_traces || trusted_peer,
+            observer.trace_sample_ratio,
         ));
+        if observer.times_phases(&ctx) {
+            ctx.phases = Some(Vec::with_capacity(6));
+        }
     }
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
@@ -338,12 +342,14 @@ async fn proxy(
         Ok(forwarded) => forwarded,
         Err(failure) => {
             ctx.upstream_latency = Some(failure.started.elapsed());
+            ctx.phase_end("upstream", ctx.phases.as_ref().map(|_| failure.started));
             ctx.target = failure.target;
             ctx.retries = failure.retries;
             return Err(failure.error);
         }
     };
     ctx.upstream_latency = Some(forwarded.started.elapsed());
+    ctx.phase_end("upstream", ctx.phases.as_ref().map(|_| forwarded.started));
     ctx.target = Some(forwarded.target);
     ctx.retries = forwarded.retries;
 

@@ -167,6 +167,8 @@ pub struct Metrics {
     pub(crate) log_lines: Counter,
     pub(crate) alerts_firing: Family<AlertLabel, Gauge>,
     pub(crate) reloads: Family<KindLabel, Counter>,
+    pub(crate) spans_exported: Counter,
+    pub(crate) spans_dropped: Counter,
     cpu_seconds: Gauge<f64, AtomicU64>,
     resident_bytes: Gauge,
     open_fds: Gauge,
@@ -234,6 +236,8 @@ impl Metrics {
             log_lines: Counter::default(),
             alerts_firing: Family::default(),
             reloads: Family::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Counter::default(),
             cpu_seconds: Gauge::default(),
             resident_bytes: Gauge::default(),
             open_fds: Gauge::default(),
@@ -335,6 +339,16 @@ impl Metrics {
             "portcullis_config_reloads",
             "Config reloads by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "portcullis_trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.spans_exported.clone(),
+        );
+        registry.register(
+            "portcullis_trace_spans_dropped",
+            "Spans dropped: export queue full or the collector failed",
+            m.spans_dropped.clone(),
         );
         registry.register(
             "portcullis_jwks_refreshes",

@@ -14,6 +14,7 @@ pub mod access_log;
 pub mod alerts;
 pub mod anomaly;
 pub mod metrics;
+pub mod otlp;
 pub mod stats;
 pub mod trace;
 
@@ -62,6 +63,18 @@ pub fn init(format: LogFormat, level: &str) {
     });
 }
 
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the access log `{output}`: {source}")]
+    AccessLog {
+        output: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    TraceExport(String),
+}
+
 /// Everything observed, kept for the gateway's lifetime.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -71,7 +84,18 @@ pub struct Telemetry {
     pub networks: NetworkSignals,
     pub alerts: AlertBook,
     pub access_log: AccessLogSink,
+    /// OTLP trace export (`observability.tracing.otlp`), when configured at start.
+    pub traces: Option<otlp::TraceExport>,
+    export_task: Option<tokio::task::JoinHandle<()>>,
     pub started: Instant,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(task) = &self.export_task {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -81,15 +105,28 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Telemetry {
-    /// Starts the access-log writer as configured (output and buffer are read here only).
-    pub fn start(config: &ObservabilityConfig) -> std::io::Result<Self> {
+    /// Starts the access-log writer and the trace exporter as configured (their settings are
+    /// read here only). Call inside a tokio runtime.
+    pub fn start(config: &ObservabilityConfig) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
         let access_log = if config.access_log.enabled {
-            AccessLogSink::start(&config.access_log, metrics.clone())?
+            AccessLogSink::start(&config.access_log, metrics.clone()).map_err(|source| {
+                StartError::AccessLog {
+                    output: config.access_log.output.clone(),
+                    source,
+                }
+            })?
         } else {
             AccessLogSink::disabled()
         };
-        Ok(Self::with_sink(config, metrics, access_log))
+        let mut telemetry = Self::with_sink(config, metrics, access_log);
+        if let Some(otlp) = &config.tracing.otlp {
+            let (traces, task) = otlp::TraceExport::start(otlp, &telemetry.metrics)
+                .map_err(StartError::TraceExport)?;
+            telemetry.traces = Some(traces);
+            telemetry.export_task = Some(task);
+        }
+        Ok(telemetry)
     }
 
     /// Without an access-log writer: for tools that compile a config without serving it.
@@ -113,6 +150,8 @@ impl Telemetry {
             networks: NetworkSignals::default(),
             alerts: AlertBook::default(),
             access_log,
+            traces: None,
+            export_task: None,
             started: Instant::now(),
         }
     }
@@ -145,6 +184,7 @@ pub struct Observer {
     pub dashboard_enabled: bool,
     pub propagate_traces: bool,
     pub trust_client_traces: bool,
+    pub trace_sample_ratio: f64,
     pub anomaly: Option<AnomalyConfig>,
     pub alert_rules: Vec<AlertRule>,
     pub webhooks: Arc<Vec<Arc<Webhook>>>,
@@ -180,6 +220,7 @@ impl Observer {
             dashboard_enabled: config.dashboard.enabled,
             propagate_traces: config.tracing.propagate,
             trust_client_traces: config.tracing.trust_client_traces,
+            trace_sample_ratio: config.tracing.sample_ratio.clamp(0.0, 1.0),
             anomaly: config.anomaly.clone(),
             alert_rules,
             webhooks: Arc::new(webhooks),
@@ -187,6 +228,11 @@ impl Observer {
             unrouted,
             telemetry,
         }
+    }
+
+    /// Whether a request's phases are timed (its trace is sampled and exported).
+    pub fn times_phases(&self, ctx: &RequestCtx) -> bool {
+        self.telemetry.traces.is_some() && ctx.trace.is_some_and(|t| t.sampled)
     }
 
     /// The handles for a route (its tallies survive reloads, by name).
@@ -242,6 +288,9 @@ impl Observer {
         }
         if let (Some(anomaly), Some(_)) = (&self.anomaly, security_event) {
             telemetry.networks.record(ctx.client_ip, anomaly);
+        }
+        if let Some(traces) = &telemetry.traces {
+            traces.record(ctx);
         }
         if self.access_log.should_log(ctx) {
             let line = self.access_log.format(ctx);

@@ -14,32 +14,37 @@ pub struct TraceContext {
     pub trace_id: [u8; 16],
     /// The caller's span (absent when the gateway started the trace).
     pub parent_id: Option<[u8; 8]>,
-    /// The gateway's own span: the parent of the upstream's.
+    /// The gateway's server span: the request as the gateway handled it.
+    pub server_span_id: [u8; 8],
+    /// The gateway's client span around the upstream call: the upstream's parent.
     pub span_id: [u8; 8],
     pub sampled: bool,
 }
 
 impl TraceContext {
-    /// Continues the trace in `headers` when its `traceparent` is valid and `trusted`, else
-    /// starts a new one (sampled).
-    pub fn from_request(headers: &HeaderMap, trusted: bool) -> Self {
+    /// Continues the trace in `headers` when its `traceparent` is valid and `trusted` (keeping
+    /// the caller's sampling decision), else starts a new one, sampled with `sample_ratio`.
+    pub fn from_request(headers: &HeaderMap, trusted: bool, sample_ratio: f64) -> Self {
         let continued = trusted
             .then(|| headers.get(TRACEPARENT))
             .flatten()
             .and_then(|value| parse_traceparent(value.as_bytes()));
+        let server_span_id = random_nonzero::<8>();
         let span_id = random_nonzero::<8>();
         match continued {
             Some((trace_id, parent, flags)) => Self {
                 trace_id,
                 parent_id: Some(parent),
+                server_span_id,
                 span_id,
                 sampled: flags & 1 == 1,
             },
             None => Self {
                 trace_id: random_nonzero::<16>(),
                 parent_id: None,
+                server_span_id,
                 span_id,
-                sampled: true,
+                sampled: sample_ratio >= 1.0 || fastrand::f64() < sample_ratio,
             },
         }
     }
@@ -163,7 +168,7 @@ mod tests {
     fn continues_a_trusted_trace_with_a_new_span() {
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, HeaderValue::from_static(EXAMPLE));
-        let trace = TraceContext::from_request(&headers, true);
+        let trace = TraceContext::from_request(&headers, true, 1.0);
         assert_eq!(trace.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         let upstream = trace.upstream_header();
         let (trace_id, parent, _) = parse_traceparent(upstream.as_bytes()).unwrap();
@@ -171,7 +176,7 @@ mod tests {
         assert_eq!(parent, trace.span_id);
         assert_ne!(hex(&parent), "00f067aa0ba902b7");
         // untrusted: a new trace
-        let fresh = TraceContext::from_request(&headers, false);
+        let fresh = TraceContext::from_request(&headers, false, 1.0);
         assert_ne!(fresh.trace_id, trace.trace_id);
         assert!(fresh.parent_id.is_none());
     }

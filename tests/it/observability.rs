@@ -836,3 +836,104 @@ async fn drive_dashboard(
     checks?;
     Ok(())
 }
+
+#[tokio::test]
+async fn sampled_requests_are_exported_as_otlp_spans() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    let upstream = TestUpstream::echo().await;
+    let collector = TestUpstream::start(|_| Reply::status(200)).await;
+    let observability = format!(
+        "  access_log: {{ enabled: false }}\n  tracing:\n    otlp:\n      endpoint: {}/v1/traces\n      service_name: gateway-under-test\n",
+        collector.url()
+    );
+    let gateway = gateway(&upstream, &observability, "").await;
+    let ok = send(
+        Request::get(gateway.url("/secure/orders"))
+            .header("x-api-key", API_KEY)
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+    let sent_upstream = upstream.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    // not sampled by the caller: not exported
+    let unsampled = send(
+        Request::get(gateway.url("/open/x"))
+            .header(
+                "traceparent",
+                "00-11111111111111111111111111111111-2222222222222222-00",
+            )
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unsampled.status, 200);
+
+    assert!(
+        eventually(Duration::from_secs(5), || collector.hits() >= 1).await,
+        "nothing was exported"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut spans = Vec::new();
+    let mut service = None;
+    for request in collector.received() {
+        assert_eq!(request.path_and_query, "/v1/traces");
+        assert_eq!(request.headers["content-type"], "application/x-protobuf");
+        let export =
+            ExportTraceServiceRequest::decode(request.body.clone()).expect("OTLP protobuf");
+        for resource in export.resource_spans {
+            for attribute in resource.resource.iter().flat_map(|r| r.attributes.iter()) {
+                if attribute.key == "service.name" {
+                    service = Some(format!("{:?}", attribute.value));
+                }
+            }
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+    }
+    assert!(service.unwrap().contains("gateway-under-test"));
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert!(
+        spans
+            .iter()
+            .all(|s| hex(&s.trace_id) == "4bf92f3577b34da6a3ce929d0e0e4736"),
+        "only the sampled request's spans"
+    );
+    let server = spans
+        .iter()
+        .find(|s| s.name == "GET secure")
+        .expect("the server span");
+    assert_eq!(
+        hex(&server.parent_span_id),
+        "00f067aa0ba902b7",
+        "child of the caller's span"
+    );
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    for phase in ["authenticate", "authorize", "upstream"] {
+        let span = spans
+            .iter()
+            .find(|s| s.name == phase)
+            .unwrap_or_else(|| panic!("{phase} in {names:?}"));
+        assert_eq!(
+            span.parent_span_id, server.span_id,
+            "{phase} is a child of the server span"
+        );
+        assert!(span.start_time_unix_nano >= server.start_time_unix_nano);
+        assert!(span.end_time_unix_nano <= server.end_time_unix_nano);
+    }
+    // the upstream was told its parent is the gateway's upstream span
+    let upstream_span = spans.iter().find(|s| s.name == "upstream").unwrap();
+    assert!(
+        sent_upstream.contains(&hex(&upstream_span.span_id)),
+        "{sent_upstream}"
+    );
+}

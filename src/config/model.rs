@@ -1239,6 +1239,9 @@ pub struct RouteConfig {
     /// Requests in flight on this route at most; more are refused with 503 (load shedding).
     #[serde(default)]
     pub max_in_flight: Option<u32>,
+    /// Put (the first bytes of) request and response bodies in the access log, redacted.
+    #[serde(default)]
+    pub capture_payload: Option<CapturePayloadConfig>,
 }
 
 /// Request matching. All given conditions must hold.

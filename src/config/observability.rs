@@ -342,3 +342,31 @@ impl Default for DashboardConfig {
         Self { enabled: true }
     }
 }
+
+/// Request and response bodies in the access log, for one route (`routes[].capture_payload`).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapturePayloadConfig {
+    /// Capture the request body.
+    pub request: bool,
+    /// Capture the response body.
+    pub response: bool,
+    /// Bytes kept of each body; a longer body is logged as its size only.
+    pub max_bytes: ByteSize,
+    /// JSON field and form parameter names whose values are redacted, besides the built-in
+    /// `password`, `passwd`, `secret`, `token`, `access_token`, `refresh_token`, `id_token`,
+    /// `client_secret`, `api_key`, `apikey`, `authorization`, `cookie`, `private_key`,
+    /// `card_number`, `cvv`, `ssn`.
+    pub redact_fields: Vec<String>,
+}
+
+impl Default for CapturePayloadConfig {
+    fn default() -> Self {
+        Self {
+            request: true,
+            response: true,
+            max_bytes: ByteSize::kib(4),
+            redact_fields: Vec::new(),
+        }
+    }
+}

@@ -79,6 +79,9 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(completion), Some(data)) = (&mut this.completion, frame.data_ref()) {
                     completion.ctx.bytes_out += data.len() as u64;
+                    if let Some(capture) = &mut completion.ctx.response_capture {
+                        capture.append(data);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
@@ -120,6 +123,8 @@ pub enum UpstreamBody {
         body: Incoming,
         remaining: u64,
         progress: std::sync::Arc<BodyProgress>,
+        /// The first bytes, kept for the access log (`capture_payload`).
+        capture: Option<crate::telemetry::payload::SharedCapture>,
     },
 }
 
@@ -155,7 +160,16 @@ impl UpstreamBody {
             body,
             remaining: limit,
             progress: Default::default(),
+            capture: None,
         }
+    }
+
+    /// Keeps the first bytes of a client's body in `capture` as they stream.
+    pub fn with_capture(mut self, capture: crate::telemetry::payload::SharedCapture) -> Self {
+        if let Self::Client { capture: slot, .. } = &mut self {
+            *slot = Some(capture);
+        }
+        self
     }
 
     /// The body's progress, when it comes from the client.
@@ -182,6 +196,7 @@ impl Body for UpstreamBody {
                 body,
                 remaining,
                 progress,
+                capture,
             } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
@@ -191,6 +206,12 @@ impl Body for UpstreamBody {
                             return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                         }
                         *remaining -= len;
+                        if let Some(capture) = capture {
+                            capture
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .append(data);
+                        }
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }

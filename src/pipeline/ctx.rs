@@ -67,6 +67,10 @@ pub struct RequestCtx {
     pub in_flight_gauge: Option<crate::telemetry::InFlightGauge>,
     /// When the request's phases ran (kept only for traces that are exported).
     pub phases: Option<Vec<PhaseTiming>>,
+    /// The route's payload capture settings, and what was captured (`capture_payload`).
+    pub capture: Option<Arc<crate::telemetry::payload::CapturePolicy>>,
+    pub request_capture: Option<crate::telemetry::payload::SharedCapture>,
+    pub response_capture: Option<Box<crate::telemetry::payload::CapturedBody>>,
 }
 
 /// One phase of a request, for its trace span.
@@ -129,6 +133,9 @@ impl RequestCtx {
             route_observer: None,
             in_flight_gauge: None,
             phases: None,
+            capture: None,
+            request_capture: None,
+            response_capture: None,
         }
     }
 

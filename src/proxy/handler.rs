@@ -22,7 +22,10 @@ use crate::{
     },
     policy::{self, Flow},
     route::{normalize_path, request_host},
-    telemetry::trace::{TraceContext, TRACEPARENT},
+    telemetry::{
+        payload::CapturedBody,
+        trace::{TraceContext, TRACEPARENT},
+    },
     upstream::HashKey,
 };
 
@@ -223,6 +226,9 @@ async fn proxy(
     ctx.route = Some(route.name.clone());
     ctx.upstream = Some(route.upstream.name.clone());
     ctx.route_observer = Some(route.observer.clone());
+    if snapshot.observer.access_log.enabled {
+        ctx.capture = route.capture.clone();
+    }
 
     // 4. body limit: refuse early what is declared too large; the stream is capped as it flows
     let max_body = route
@@ -327,7 +333,16 @@ async fn proxy(
     }
     parts.version = Version::HTTP_11;
     let hash_key = hash_key(&route, &parts.headers, ctx);
-    let upstream_request = Request::from_parts(parts, UpstreamBody::client(body, max_body));
+    let mut body = UpstreamBody::client(body, max_body);
+    if let Some(capture) = ctx.capture.as_ref().filter(|c| c.request) {
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(CapturedBody::new(
+            capture.max_bytes,
+            parts.headers.get(header::CONTENT_TYPE),
+        )));
+        body = body.with_capture(shared.clone());
+        ctx.request_capture = Some(shared);
+    }
+    let upstream_request = Request::from_parts(parts, body);
 
     // 8. forward
     let forwarded = route
@@ -355,6 +370,12 @@ async fn proxy(
 
     // 9. the response, minus hop-by-hop headers
     let (mut parts, body) = forwarded.response.into_parts();
+    if let Some(capture) = ctx.capture.as_ref().filter(|c| c.response) {
+        ctx.response_capture = Some(Box::new(CapturedBody::new(
+            capture.max_bytes,
+            parts.headers.get(header::CONTENT_TYPE),
+        )));
+    }
     forwarding::strip_hop_by_hop(&mut parts.headers, false);
     parts.version = Version::HTTP_11;
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {

@@ -117,6 +117,8 @@ pub struct Route {
     pub upstream_max_in_flight: Option<crate::policy::ratelimit::InFlightLimit>,
     /// The route's metric handles and live tallies.
     pub observer: Arc<crate::telemetry::RouteObserver>,
+    /// Bodies captured for the access log (`capture_payload`).
+    pub capture: Option<Arc<crate::telemetry::payload::CapturePolicy>>,
 }
 
 /// The `Host` header sent upstream.
@@ -663,6 +665,10 @@ fn compile_route(
         }),
         upstream_max_in_flight: upstream_limits.get(route.upstream.as_str()).cloned(),
         observer: observer.route(&route.name),
+        capture: route
+            .capture_payload
+            .as_ref()
+            .map(|config| Arc::new(crate::telemetry::payload::CapturePolicy::compile(config))),
     };
     Some((
         RouteMatch {

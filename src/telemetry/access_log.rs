@@ -214,6 +214,17 @@ impl AccessLogPolicy {
             user_agent: ctx.user_agent.as_ref().and_then(|v| v.to_str().ok()),
             request_headers: HeaderList(&ctx.logged_request_headers),
             response_headers: HeaderList(&ctx.logged_response_headers),
+            request_body: ctx.capture.as_ref().and_then(|policy| {
+                let capture = ctx.request_capture.as_ref()?;
+                let capture = capture.lock().unwrap_or_else(|e| e.into_inner());
+                (capture.total > 0).then(|| policy.render(&capture))
+            }),
+            response_body: ctx
+                .capture
+                .as_ref()
+                .zip(ctx.response_capture.as_deref())
+                .filter(|(_, capture)| capture.total > 0)
+                .map(|(policy, capture)| policy.render(capture)),
         };
         let mut out = Vec::with_capacity(640);
         if serde_json::to_writer(&mut out, &line).is_ok() {
@@ -249,7 +260,7 @@ fn version_name(version: http::Version) -> &'static str {
     }
 }
 
-fn percent_decode_lossy(text: &str) -> String {
+pub(crate) fn percent_decode_lossy(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -333,6 +344,10 @@ struct Line<'a> {
     request_headers: HeaderList<'a>,
     #[serde(skip_serializing_if = "HeaderList::is_empty")]
     response_headers: HeaderList<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_body: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_body: Option<serde_json::Value>,
 }
 
 /// Selected headers as a JSON object.

@@ -15,6 +15,7 @@ pub mod alerts;
 pub mod anomaly;
 pub mod metrics;
 pub mod otlp;
+pub mod payload;
 pub mod stats;
 pub mod trace;
 

@@ -937,3 +937,87 @@ async fn sampled_requests_are_exported_as_otlp_spans() {
         "{sent_upstream}"
     );
 }
+
+#[tokio::test]
+async fn captured_payloads_are_logged_redacted() {
+    let upstream = TestUpstream::start(|_| {
+        Reply::ok(r#"{"id":7,"session":{"token":"response-token-secret"},"note":"ok"}"#)
+            .header("content-type", "application/json")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let routes = "  - name: signup\n    match: { path: /signup }\n    public: true\n    upstream: app\n    capture_payload:\n      max_bytes: 256\n      redact_fields: [pin]\n\
+                  \x20 - name: other\n    public: true\n    upstream: app\n";
+    let yaml = format!(
+        "{}observability:\n  access_log:\n    output: {}\n",
+        config_with(&[upstream.url()], "", routes),
+        log.display()
+    );
+    let gateway = TestGateway::start(&yaml).await;
+    let post = |path: &str, content_type: &'static str, body: &'static str| {
+        send(
+            Request::post(gateway.url(path))
+                .header("content-type", content_type)
+                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    };
+    let signup = r#"{"user":"alice","password":"request-password-secret","card":{"PIN":"4321"}}"#;
+    assert_eq!(
+        post("/signup", "application/json", signup).await.status,
+        200
+    );
+    assert_eq!(
+        upstream.last().body,
+        signup.as_bytes(),
+        "the upstream got the body unchanged"
+    );
+    assert_eq!(
+        post(
+            "/signup",
+            "application/x-www-form-urlencoded",
+            "user=bob&password=form-password-secret"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        post("/signup", "text/plain", "password=text-password-secret")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post("/other", "application/json", r#"{"x":"not-captured-here"}"#)
+            .await
+            .status,
+        200
+    );
+
+    let lines = wait_for_lines(&log, 4).await;
+    let json = &lines[0];
+    assert_eq!(json["request_body"]["user"], "alice");
+    assert_eq!(json["request_body"]["password"], "[redacted]");
+    assert_eq!(json["request_body"]["card"]["PIN"], "[redacted]");
+    assert_eq!(json["response_body"]["id"], 7);
+    assert_eq!(json["response_body"]["session"]["token"], "[redacted]");
+    assert_eq!(lines[1]["request_body"], "user=bob&password=[redacted]");
+    assert_eq!(lines[2]["request_body"], "[29 bytes of text/plain]");
+    assert!(
+        lines[3].get("request_body").is_none(),
+        "only routes that ask for it"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    for secret in [
+        "request-password-secret",
+        "4321",
+        "response-token-secret",
+        "form-password-secret",
+        "text-password-secret",
+        "not-captured-here",
+    ] {
+        assert!(!text.contains(secret), "{secret} in the log:\n{text}");
+    }
+}

@@ -289,6 +289,46 @@ async fn demo_serves_the_curl_commands_it_prints() {
         assert!(response.headers.contains_key("ratelimit-policy"));
     }
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    // the printed dashboard URL carries the admin API's token, and the dashboard's data shows
+    // the traffic above
+    let dashboard = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("http://127.0.0.1:{admin}/dashboard#token=")))
+        .expect("the dashboard URL is printed")
+        .to_owned();
+    let page = send(
+        Request::get(format!("http://127.0.0.1:{admin}/dashboard"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.status, 200);
+    let data = || {
+        send(
+            Request::get(format!("http://127.0.0.1:{admin}/dashboard/data"))
+                .header("authorization", format!("Bearer {dashboard}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let data = data().await;
+        assert_eq!(data.status, 200, "{}", data.body);
+        if data.json()["overall"]["totals"]["requests"].as_u64() >= Some(13) {
+            assert!(data.json()["overall"]["totals"]["rate_limited"].as_u64() >= Some(1));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", data.body);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let config = send(
+        Request::get(format!("http://127.0.0.1:{admin}/config"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(config.status, 401, "the admin API needs the printed token");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -19,34 +19,17 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10s}
 REDIS_PORT=16379
 
-# tools, installed with apt only when missing (their services are not left running)
-missing=()
-for tool in nginx:nginx wrk:wrk redis-server:redis-server redis-cli:redis-tools; do
-  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  systemctl disable --now nginx redis-server 2>/dev/null || true
-fi
-cargo build --release --locked
-bin=./target/release/portcullis
-
 work=$(mktemp -d)
 pids=()
 # every process this script started, then the temp dir (`|| true`: some may already be gone)
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
-fail() { echo "ratelimit.sh: $*" >&2; exit 1; }
+source bench/lib.sh
 
-# the upstream: NGINX returning a fixed 100-byte body, on CPU 1
-body=$(head -c 100 /dev/zero | tr '\0' 'x')
-cat > "$work/up.conf" <<NGX
-worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err warn;
-events { worker_connections 8192; }
-http { access_log off; keepalive_requests 10000000; keepalive_timeout 120s;
-  client_body_temp_path $work/b; proxy_temp_path $work/p; fastcgi_temp_path $work/f; uwsgi_temp_path $work/u; scgi_temp_path $work/s;
-  server { listen 127.0.0.1:18080; location / { default_type text/plain; return 200 "$body"; } } }
-NGX
-taskset -c 1 nginx -p "$work" -c "$work/up.conf" -e "$work/up.err" & pids+=($!)
+need_tools nginx:nginx wrk:wrk redis-server:redis-server redis-cli:redis-tools
+cargo build --release --locked
+bin=./target/release/portcullis
+
+start_upstream
 
 # Redis on CPU 1, nothing persisted
 taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
@@ -57,13 +40,8 @@ taskset -c 0 "$bin" run --config bench/ratelimit.yaml & pids+=($!)
 RL_PORT=18091 RL_MODE=fast taskset -c 0 "$bin" run --config bench/ratelimit-redis.yaml & pids+=($!)
 RL_PORT=18092 RL_MODE=exact taskset -c 0 "$bin" run --config bench/ratelimit-redis.yaml & pids+=($!)
 
-wait_port() {  # port: until something accepts connections on 127.0.0.1:port (10 s at most)
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  fail "nothing listens on 127.0.0.1:$1"
-}
 for port in 18080 "$REDIS_PORT" 18090 18091 18092; do wait_port "$port"; done
-# a port answered but our process died (the port was taken by someone else, or a config error)
-for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || fail "process $pid exited at start (port in use?)"; done
+all_alive
 rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@" | tr -d '\r'; }
 [ "$(rcli ping)" = PONG ] || fail "redis-server does not answer"
 rcli flushall >/dev/null
@@ -92,26 +70,6 @@ sleep 0.3
 before=$(evalsha_calls)
 check 18092 /limited yes
 [ "$(evalsha_calls)" -gt "$before" ] || fail "exact mode (:18092) did not ask Redis"
-
-# wrk on CPU 1: a 2 s warm-up (and 0.2 s for its last requests to finish), then the measured
-# run, with latency percentiles, into $work/wrk.out
-warm() { taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$1$2" >/dev/null 2>&1 || true; sleep 0.2; }
-measure() { taskset -c 1 wrk -t1 -c50 -d"$DURATION" --latency "http://127.0.0.1:$1$2" > "$work/wrk.out"; }
-wrk_field() {  # rps | requests | p50 | p99 | non2xx, from $work/wrk.out (latencies in µs)
-  awk -v want="$1" '
-    function us(v) { n = v + 0
-      if (v ~ /us$/) return n; if (v ~ /ms$/) return n * 1000; if (v ~ /m$/) return n * 60e6
-      if (v ~ /s$/) return n * 1e6; return n }
-    /^Requests\/sec:/ { rps = $2 }
-    / requests in /   { requests = $1 }
-    $1 == "50%"       { p50 = us($2) }
-    $1 == "99%"       { p99 = us($2) }
-    /Non-2xx or 3xx responses:/ { non2xx = $NF }
-    END {
-      if (want == "rps") print rps; else if (want == "requests") print requests
-      else if (want == "p50") printf "%.0f\n", p50; else if (want == "p99") printf "%.0f\n", p99
-      else print non2xx + 0 }' "$work/wrk.out"
-}
 
 declare -A rps ratio p50 p99
 names=(plain local3 fast3 exact3)
@@ -144,7 +102,6 @@ done
 [ "$exact_evalsha" -gt 0 ] || fail "exact mode ran no EVALSHA during the measured runs (Redis unreachable, failing open?)"
 [ "$fast_evalsha" -gt 0 ] || fail "fast mode never synced with Redis during the measured runs"
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{print (NR%2)? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 declare -A label=(
   [plain]="plain (no rate limits)"
   [local3]="local3 (3 rules, store: memory)"
@@ -167,10 +124,4 @@ redis_version=$(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p')
   echo "<!-- ratelimit-bench:end -->"
 } > bench/ratelimit-latest.md
 cat bench/ratelimit-latest.md
-doc=docs/benchmarks.md
-if grep -q '<!-- ratelimit-bench:begin' "$doc"; then
-  awk -v block="$(cat bench/ratelimit-latest.md)" '
-    /<!-- ratelimit-bench:begin/ { print block; skip=1; next }
-    /<!-- ratelimit-bench:end -->/ { skip=0; next }
-    !skip { print }' "$doc" > "$doc.tmp" && mv "$doc.tmp" "$doc"
-fi
+splice_doc docs/benchmarks.md ratelimit-bench bench/ratelimit-latest.md

@@ -297,7 +297,10 @@ pub struct AnomalyConfig {
     /// Network size clients are grouped by (IPv4 / IPv6 prefix lengths).
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
-    /// Security events (401, 403, 404, 429) counted over this window.
+    /// Which security events count: `auth_failure` (401), `forbidden` (403), `not_found` (404),
+    /// `rate_limited` (429). All by default; `[auth_failure]` watches failed logins alone.
+    pub events: Vec<SecurityEventKind>,
+    /// Events are counted over this window.
     pub window: HumanDuration,
     /// A network is anomalous with at least this many events in the window …
     pub min_events: u64,
@@ -318,6 +321,12 @@ impl Default for AnomalyConfig {
         Self {
             ipv4_prefix: 24,
             ipv6_prefix: 64,
+            events: vec![
+                SecurityEventKind::AuthFailure,
+                SecurityEventKind::Forbidden,
+                SecurityEventKind::NotFound,
+                SecurityEventKind::RateLimited,
+            ],
             window: HumanDuration::from_secs(60),
             min_events: 50,
             rise_over_baseline: 5.0,
@@ -326,6 +335,20 @@ impl Default for AnomalyConfig {
             severity: Severity::Warning,
         }
     }
+}
+
+/// A security signal anomaly detection can count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityEventKind {
+    /// 401: a failed authentication.
+    AuthFailure,
+    /// 403: an authorization denial.
+    Forbidden,
+    /// 404: no route (scans).
+    NotFound,
+    /// 429: refused by a rate limit.
+    RateLimited,
 }
 
 /// The dashboard.

@@ -346,6 +346,9 @@ fn compile_observability(
         }
     }
     if let Some(anomaly) = &section.anomaly {
+        if anomaly.events.is_empty() {
+            sink.error("observability.anomaly.events", "names no event to count");
+        }
         if anomaly.ipv4_prefix > 32 || anomaly.ipv6_prefix > 128 {
             sink.error(
                 "observability.anomaly",

@@ -185,6 +185,17 @@ pub enum SecurityEvent {
 }
 
 impl SecurityEvent {
+    /// Whether anomaly detection was told to count this kind.
+    pub fn is_one_of(self, kinds: &[crate::config::model::SecurityEventKind]) -> bool {
+        use crate::config::model::SecurityEventKind as Kind;
+        kinds.contains(&match self {
+            Self::AuthFailure => Kind::AuthFailure,
+            Self::Forbidden => Kind::Forbidden,
+            Self::NotFound => Kind::NotFound,
+            Self::RateLimited => Kind::RateLimited,
+        })
+    }
+
     pub fn of_status(status: u16) -> Option<Self> {
         match status {
             401 => Some(Self::AuthFailure),

@@ -259,9 +259,12 @@ impl Observer {
             let route = ctx.route_observer.as_deref().unwrap_or(&self.unrouted);
             let duration = ctx.started.elapsed();
             let denied = ctx.authorization.as_ref().is_some_and(|d| !d.allowed);
-            let error_kind = ctx
-                .error
-                .or_else(|| (ctx.status >= 500).then_some("upstream_5xx"));
+            // the gateway's own answers by their code; the upstream's errors by class
+            let error_kind = ctx.error.or(match ctx.status {
+                500.. => Some("upstream_5xx"),
+                400..=499 => Some("upstream_4xx"),
+                _ => None,
+            });
             telemetry.metrics.record(
                 &route.metrics,
                 &Outcome {
@@ -287,8 +290,10 @@ impl Observer {
             });
             telemetry.clients.record(ctx.client_ip);
         }
-        if let (Some(anomaly), Some(_)) = (&self.anomaly, security_event) {
-            telemetry.networks.record(ctx.client_ip, anomaly);
+        if let (Some(anomaly), Some(event)) = (&self.anomaly, security_event) {
+            if event.is_one_of(&anomaly.events) {
+                telemetry.networks.record(ctx.client_ip, anomaly);
+            }
         }
         if let Some(traces) = &telemetry.traces {
             traces.record(ctx);
@@ -371,8 +376,19 @@ pub fn sample_once(observer: &Observer, notifier: &Notifier) {
                 },
                 severity: anomaly.severity,
                 summary: format!(
-                    "{} security events (401/403/404/429) from {network} in {} (baseline {:.1})",
-                    finding.events, anomaly.window, finding.baseline
+                    "{} security events ({}) from {network} in {} (baseline {:.1})",
+                    finding.events,
+                    anomaly
+                        .events
+                        .iter()
+                        .map(|kind| serde_json::to_value(kind)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    anomaly.window,
+                    finding.baseline
                 ),
                 value: finding.events as f64,
                 threshold: (anomaly.rise_over_baseline * finding.baseline)

@@ -293,7 +293,10 @@ async fn demo_serves_the_curl_commands_it_prints() {
     // the traffic above
     let dashboard = text
         .lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("http://127.0.0.1:{admin}/dashboard#token=")))
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix(&format!("http://127.0.0.1:{admin}/dashboard#token="))
+        })
         .expect("the dashboard URL is printed")
         .to_owned();
     let page = send(

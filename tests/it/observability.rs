@@ -537,7 +537,7 @@ async fn a_brute_force_from_one_network_raises_an_anomaly_and_tightens_its_limit
     let upstream = TestUpstream::echo().await;
     let receiver = TestUpstream::start(|_| Reply::status(204)).await;
     let observability = format!(
-        "  access_log: {{ enabled: false }}\n  sampling: {{ interval: 100ms, history: 1m }}\n  alerts:\n    webhooks:\n      - url: {}/hook\n  anomaly:\n    window: 1s\n    min_events: 20\n    adaptive_points: 25\n",
+        "  access_log: {{ enabled: false }}\n  sampling: {{ interval: 100ms, history: 1m }}\n  alerts:\n    webhooks:\n      - url: {}/hook\n  anomaly:\n    events: [auth_failure]\n    window: 1s\n    min_events: 20\n    adaptive_points: 25\n",
         receiver.url()
     );
     let rate_limits = "rate_limits:\n  rules:\n    - name: per-client\n      key: [client_ip]\n      rate: 6000/min\n      global: true\n  adaptive:\n    points: { auth_failure: 0.1 }\n    thresholds:\n      - { score: 20, multiplier: 0.5 }\n";
@@ -550,6 +550,16 @@ async fn a_brute_force_from_one_network_raises_an_anomaly_and_tightens_its_limit
             &format!("198.51.100.{i}"),
             "/secure/x",
             Some("bad"),
+        )
+        .await;
+    }
+    // a 404 scan from a third network: not an event this detector counts (`events: [auth_failure]`)
+    for i in 0..30 {
+        from(
+            &gateway,
+            &format!("192.0.2.{i}"),
+            &format!("/scan/{i}"),
+            None,
         )
         .await;
     }

@@ -52,6 +52,15 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
         if let Some(refused) = check_token(&request, state) {
             return refused;
         }
+    } else if matches!(path, "/metrics" | "/dashboard") && !addressed_by_ip(&request) {
+        // what is served without a token must not be readable by a web page through DNS
+        // rebinding (its browser would send the attacker's host name)
+        return error_response(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            "the admin listener answers requests addressed to an IP address or localhost",
+            &new_request_id(),
+        );
     }
     let method = request.method().clone();
     match (method, path) {
@@ -96,10 +105,11 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
             // the page runs only its own inline code and talks only to this listener
             headers.insert(
                 header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static(
-                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-                     connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-                ),
+                dashboard::CONTENT_SECURITY_POLICY.clone(),
+            );
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
             );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             headers.insert(
@@ -110,9 +120,12 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
         }
         (Method::GET | Method::HEAD, "/dashboard/data") if dashboard_enabled(state) => {
             let mut response = json(StatusCode::OK, &dashboard::data(state));
-            response
-                .headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            let headers = response.headers_mut();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
             response
         }
         (Method::GET | Method::HEAD, "/alerts") => json(
@@ -275,6 +288,23 @@ fn rate_limit_state(state: &GatewayState) -> serde_json::Value {
         "redis": shared,
         "adaptive": snapshot.adaptive.is_some(),
     })
+}
+
+/// Whether the request's `Host` is an IP address or `localhost` (with or without a port).
+fn addressed_by_ip(request: &Request<Incoming>) -> bool {
+    let Some(host) = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().host())
+    else {
+        return true; // HTTP/1.0 without Host: not a browser
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 fn dashboard_enabled(state: &GatewayState) -> bool {

@@ -20,7 +20,7 @@ use serde_yaml::Value;
 pub use error::{ConfigError, ConfigErrors, ConfigWarning};
 pub use model::Config;
 pub use source::SpanIndex;
-pub use validate::{credential_headers, parse_cidr, parse_target_url};
+pub use validate::{credential_headers, credential_query_params, parse_cidr, parse_target_url};
 
 /// A parsed, structurally valid config with what is needed to report errors against its text.
 #[derive(Debug)]

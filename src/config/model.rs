@@ -808,6 +808,10 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     /// Log output format and level.
     pub log: LogConfig,
+    /// Deprecated: use `observability.access_log.enabled` (this one, when set, wins and is
+    /// warned about).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
     /// Proxies (CIDRs) whose `X-Forwarded-*`, `Forwarded` and `x-request-id` headers are believed.
     /// From anyone else those headers are replaced.
     pub trusted_proxies: Vec<String>,
@@ -821,6 +825,7 @@ impl Default for ServerConfig {
             workers: None,
             shutdown_timeout: HumanDuration::from_secs(30),
             log: LogConfig::default(),
+            access_log: None,
             trusted_proxies: Vec::new(),
             watch_config: true,
         }

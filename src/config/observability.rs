@@ -100,8 +100,9 @@ pub struct TracingConfig {
     /// Send `traceparent` to upstreams: the client's trace continued with the gateway's span, or
     /// a new trace when the request has none (or an invalid one).
     pub propagate: bool,
-    /// Believe `traceparent` from any client (`true`), or only from `server.trusted_proxies`
-    /// (`false`: other clients' requests start a new trace).
+    /// Continue traces (`traceparent`, `tracestate`) from any client (`true`), or only from
+    /// `server.trusted_proxies` (`false`, the default: other clients' requests start a new trace,
+    /// so a client cannot pick trace ids or force sampling).
     pub trust_client_traces: bool,
     /// Fraction (0–1) of new traces sampled (a continued trace keeps its caller's decision).
     pub sample_ratio: f64,
@@ -114,7 +115,7 @@ impl Default for TracingConfig {
     fn default() -> Self {
         Self {
             propagate: true,
-            trust_client_traces: true,
+            trust_client_traces: false,
             sample_ratio: 1.0,
             otlp: None,
         }
@@ -294,7 +295,8 @@ fn default_webhook_retries() -> u32 {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnomalyConfig {
-    /// Network size clients are grouped by (IPv4 / IPv6 prefix lengths).
+    /// Network size clients are grouped by (IPv4 / IPv6 prefix lengths; the defaults, /24 and
+    /// /56, match `rate_limits.adaptive.network`, whose scores anomalies feed).
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     /// Which security events count: `auth_failure` (401), `forbidden` (403), `not_found` (404),
@@ -310,7 +312,7 @@ pub struct AnomalyConfig {
     /// Points added to the network's adaptive rate-limit score when it turns anomalous (needs
     /// `rate_limits.adaptive`); 0 to only alert.
     pub adaptive_points: f64,
-    /// Networks tracked at most (the quietest are forgotten first).
+    /// Networks tracked at most (when more send events, the quietest are forgotten first).
     pub max_networks: usize,
     /// `warning` or `critical`.
     pub severity: Severity,
@@ -320,7 +322,7 @@ impl Default for AnomalyConfig {
     fn default() -> Self {
         Self {
             ipv4_prefix: 24,
-            ipv6_prefix: 64,
+            ipv6_prefix: 56,
             events: vec![
                 SecurityEventKind::AuthFailure,
                 SecurityEventKind::Forbidden,
@@ -356,7 +358,7 @@ pub enum SecurityEventKind {
 #[serde(deny_unknown_fields, default)]
 pub struct DashboardConfig {
     /// Serve `/dashboard` and `/dashboard/data` on the admin listener (the data needs the admin
-    /// token when one is set; the page asks for it).
+    /// token; the page asks for it).
     pub enabled: bool,
 }
 

@@ -109,8 +109,7 @@ fn identity_header_names(config: &Config) -> Vec<String> {
 }
 
 /// Headers that carry credentials (lower case): never identity headers, never sent to a policy
-/// service.
-/// Headers that carry credentials: never sent to policy services, never logged in the clear.
+/// service, never logged in the clear.
 pub fn credential_headers(section: &AuthenticationConfig) -> Vec<String> {
     let mut headers: Vec<String> = ["authorization", "proxy-authorization", "cookie", "dpop"]
         .iter()
@@ -127,6 +126,17 @@ pub fn credential_headers(section: &AuthenticationConfig) -> Vec<String> {
         _ => None,
     }));
     headers
+}
+
+/// Query parameters that carry credentials (JWT and API-key query sources): never logged in the
+/// clear.
+pub fn credential_query_params(section: &AuthenticationConfig) -> Vec<String> {
+    let jwt = section.jwt.iter().filter_map(|p| match &p.token_source {
+        TokenSourceConfig::Query(name) => Some(name.clone()),
+        _ => None,
+    });
+    let api_keys = section.api_keys.iter().filter_map(|s| s.query.clone());
+    jwt.chain(api_keys).collect()
 }
 
 /// Checks of `authorization` against other sections (references into the section itself, the

@@ -65,6 +65,9 @@ pub struct RequestCtx {
     pub route_observer: Option<Arc<crate::telemetry::RouteObserver>>,
     /// Counts the request in flight while it lives.
     pub in_flight_gauge: Option<crate::telemetry::InFlightGauge>,
+    /// Finishes the record (metrics, access log) exactly once: when the response has been sent,
+    /// or — if the client went away before the response head — when the record is dropped.
+    pub observer: Option<Arc<crate::telemetry::Observer>>,
     /// When the request's phases ran (kept only for traces that are exported).
     pub phases: Option<Vec<PhaseTiming>>,
     /// The route's payload capture settings, and what was captured (`capture_payload`).
@@ -132,6 +135,7 @@ impl RequestCtx {
             logged_response_headers: Vec::new(),
             route_observer: None,
             in_flight_gauge: None,
+            observer: None,
             phases: None,
             capture: None,
             request_capture: None,
@@ -160,19 +164,13 @@ impl RequestCtx {
 /// connection's in-flight marker released.
 pub struct Completion {
     pub ctx: RequestCtx,
-    observer: Arc<crate::telemetry::Observer>,
     _in_flight: InFlightGuard,
 }
 
 impl Completion {
-    pub fn new(
-        ctx: RequestCtx,
-        observer: Arc<crate::telemetry::Observer>,
-        in_flight: InFlightGuard,
-    ) -> Box<Self> {
+    pub fn new(ctx: RequestCtx, in_flight: InFlightGuard) -> Box<Self> {
         Box::new(Self {
             ctx,
-            observer,
             _in_flight: in_flight,
         })
     }
@@ -180,9 +178,32 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        // permits first: the next request may take them while this one is being logged
-        self.ctx.in_flight.clear();
-        self.observer.finish(&self.ctx);
+        self.ctx.finish();
+    }
+}
+
+impl RequestCtx {
+    /// Reports the request once (later calls do nothing).
+    pub fn finish(&mut self) {
+        if let Some(observer) = self.observer.take() {
+            // permits first: the next request may take them while this one is being logged
+            self.in_flight.clear();
+            observer.finish(self);
+        }
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        if self.observer.is_some() {
+            // dropped before a response was made: the client went away while the request was
+            // being handled (an HTTP/2 reset, a closed connection during a slow upstream call)
+            self.response_aborted = true;
+            if self.status == 0 {
+                self.status = 499;
+            }
+            self.finish();
+        }
     }
 }
 

@@ -249,17 +249,27 @@ impl Gateway {
 
     /// Replaces the config. On any error the running config stays in place untouched.
     pub fn reload(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
-        let generation = self.generation + 1;
-        let reloads = &self.registry.telemetry.metrics.reloads;
-        let snapshot = compile(loaded, &self.registry, generation).map_err(|errors| {
-            reloads
-                .get_or_create(&crate::telemetry::metrics::KindLabel { kind: "error" })
-                .inc();
-            ReloadError::Config(errors)
-        })?;
-        reloads
-            .get_or_create(&crate::telemetry::metrics::KindLabel { kind: "ok" })
+        let result = self.swap_in(loaded);
+        self.count_reload(result.is_ok());
+        result
+    }
+
+    /// Counts a reload's outcome (`portcullis_config_reloads_total`), also one refused before it
+    /// reached [`Gateway::reload`] (a file that does not parse).
+    pub fn count_reload(&self, ok: bool) {
+        self.registry
+            .telemetry
+            .metrics
+            .reloads
+            .get_or_create(&crate::telemetry::metrics::KindLabel {
+                kind: if ok { "ok" } else { "error" },
+            })
             .inc();
+    }
+
+    fn swap_in(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
+        let generation = self.generation + 1;
+        let snapshot = compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
@@ -377,6 +387,12 @@ impl Gateway {
                 let _ = thread.join();
             }
         }
+        // the last requests' access-log lines reach the output before the process exits
+        self.registry
+            .telemetry
+            .access_log
+            .flush(Duration::from_secs(2))
+            .await;
         cut
     }
 }

@@ -24,7 +24,7 @@ use crate::{
     route::{normalize_path, request_host},
     telemetry::{
         payload::CapturedBody,
-        trace::{TraceContext, TRACEPARENT},
+        trace::{TraceContext, TRACEPARENT, TRACESTATE},
     },
     upstream::HashKey,
 };
@@ -76,6 +76,7 @@ pub async fn handle(
     });
     let observer = &snapshot.observer;
     ctx.in_flight_gauge = Some(observer.begin());
+    ctx.observer = Some(observer.clone());
     if observer.access_log.enabled {
         ctx.query = request.uri().query().map(Into::into);
         ctx.bytes_in = request
@@ -144,8 +145,7 @@ pub async fn handle(
             .access_log
             .pick_response_headers(response.headers());
     }
-    let observer = snapshot.observer.clone();
-    response.map(|body| body.with_completion(Completion::new(ctx, observer, in_flight)))
+    response.map(|body| body.with_completion(Completion::new(ctx, in_flight)))
 }
 
 async fn proxy(
@@ -314,8 +314,12 @@ async fn proxy(
     );
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
     if let Some(trace) = &ctx.trace {
-        // the upstream's parent is the gateway's span; `tracestate` passes through as is
+        // the upstream's parent is the gateway's span; `tracestate` belongs to the trace it came
+        // with, so it passes only when that trace was continued
         parts.headers.insert(TRACEPARENT, trace.upstream_header());
+        if trace.parent_id.is_none() {
+            parts.headers.remove(TRACESTATE);
+        }
     }
     match &route.host {
         HostRewrite::Keep => {

@@ -75,6 +75,7 @@ pub fn reload_from_file(gateway: &mut Gateway, path: &Path, trigger: &str) {
     let loaded = match config::load_file(path) {
         Ok(loaded) => loaded,
         Err(errors) => {
+            gateway.count_reload(false);
             tracing::error!(trigger, errors = %errors, "config reload rejected; keeping the running config");
             return;
         }

@@ -261,21 +261,20 @@ fn compile_observability(
     registry: &UpstreamRegistry,
     sink: &mut ErrorSink<'_>,
 ) -> Arc<crate::telemetry::Observer> {
-    use crate::config::model::TokenSourceConfig;
     use crate::telemetry::{access_log::AccessLogPolicy, alerts::Webhook};
     let section = &config.observability;
     let credential_headers = crate::config::credential_headers(&config.authentication);
-    let token_params: Vec<String> = config
-        .authentication
-        .jwt
-        .iter()
-        .filter_map(|p| match &p.token_source {
-            TokenSourceConfig::Query(name) => Some(name.clone()),
-            _ => None,
-        })
-        .collect();
+    let token_params = crate::config::credential_query_params(&config.authentication);
+    let mut access_log_config = section.access_log.clone();
+    if let Some(enabled) = config.server.access_log {
+        sink.warn(
+            "server.access_log",
+            "deprecated: use `observability.access_log.enabled` (this setting wins while it is here)",
+        );
+        access_log_config.enabled = enabled;
+    }
     let access_log =
-        AccessLogPolicy::compile(&section.access_log, &credential_headers, &token_params)
+        AccessLogPolicy::compile(&access_log_config, &credential_headers, &token_params)
             .unwrap_or_else(|error| {
                 sink.error("observability.access_log", error);
                 AccessLogPolicy::disabled()
@@ -319,6 +318,23 @@ fn compile_observability(
         if rule.above.is_none() && rule.rise_over_baseline.is_none() {
             sink.error(at.clone(), "needs `above`, `rise_over_baseline` or both");
         }
+        use crate::config::model::AlertSignal;
+        let gauge = matches!(
+            rule.signal,
+            AlertSignal::InFlight | AlertSignal::Connections | AlertSignal::LogQueueFill
+        );
+        if gauge && rule.rise_over_baseline.is_some() {
+            sink.error(
+                format!("{at}.rise_over_baseline"),
+                "gauge signals (in_flight, connections, log_queue_fill) are judged by `above` only",
+            );
+        }
+        if gauge && rule.route.is_some() {
+            sink.error(
+                format!("{at}.route"),
+                "gauge signals (in_flight, connections, log_queue_fill) are gateway-wide",
+            );
+        }
         if let Some(route) = &rule.route {
             if !config.routes.iter().any(|r| &r.name == route) {
                 sink.error(
@@ -349,6 +365,22 @@ fn compile_observability(
         if anomaly.events.is_empty() {
             sink.error("observability.anomaly.events", "names no event to count");
         }
+        if let Some(adaptive) = config.rate_limits.adaptive.as_ref() {
+            let (v4, v6) = (adaptive.network.ipv4, adaptive.network.ipv6);
+            if anomaly.adaptive_points > 0.0
+                && (anomaly.ipv4_prefix, anomaly.ipv6_prefix) != (v4, v6)
+            {
+                sink.warn(
+                    "observability.anomaly",
+                    format!(
+                        "networks are grouped by /{}, /{} here but by /{v4}, /{v6} in \
+                         rate_limits.adaptive.network: the score of the adaptive network holding \
+                         an anomalous one is raised",
+                        anomaly.ipv4_prefix, anomaly.ipv6_prefix
+                    ),
+                );
+            }
+        }
         if anomaly.ipv4_prefix > 32 || anomaly.ipv6_prefix > 128 {
             sink.error(
                 "observability.anomaly",
@@ -368,6 +400,7 @@ fn compile_observability(
         access_log,
         webhooks,
         rate_limits.adaptive.clone(),
+        config.routes.iter().map(|r| r.name.clone()).collect(),
     ))
 }
 

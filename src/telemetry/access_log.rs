@@ -5,7 +5,6 @@
 //! (`portcullis_access_log_dropped_total`), and no request ever waits for the log.
 
 use std::{
-    collections::HashSet,
     fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
     path::{Path, PathBuf},
@@ -19,34 +18,16 @@ use std::{
 use http::{HeaderMap, HeaderName};
 use serde::Serialize;
 
-use super::metrics::Metrics;
+use super::{metrics::Metrics, redact};
 use crate::{config::model::AccessLogConfig, pipeline::RequestCtx};
-
-const REDACTED: &str = "[redacted]";
-
-/// Query parameters redacted whatever the config says.
-const SECRET_QUERY_PARAMS: &[&str] = &[
-    "access_token",
-    "token",
-    "id_token",
-    "refresh_token",
-    "api_key",
-    "apikey",
-    "key",
-    "password",
-    "secret",
-    "client_secret",
-    "code",
-    "signature",
-    "sig",
-];
 
 /// What goes into a line, compiled from the config (per snapshot: changes apply on reload).
 #[derive(Debug)]
 pub struct AccessLogPolicy {
     pub enabled: bool,
     sample_success: f64,
-    redact_query: HashSet<String>,
+    /// Query parameters redacted besides the built-in secret names (normalised).
+    redact_query: Vec<String>,
     request_headers: Vec<(HeaderName, bool)>,
     response_headers: Vec<(HeaderName, bool)>,
 }
@@ -59,12 +40,12 @@ impl AccessLogPolicy {
         credential_headers: &[String],
         token_params: &[String],
     ) -> Result<Self, String> {
-        let mut redact_query: HashSet<String> = SECRET_QUERY_PARAMS
+        let redact_query: Vec<String> = config
+            .redact_query
             .iter()
-            .map(|p| (*p).to_owned())
+            .chain(token_params)
+            .map(|p| redact::normalize(p))
             .collect();
-        redact_query.extend(config.redact_query.iter().map(|p| p.to_ascii_lowercase()));
-        redact_query.extend(token_params.iter().map(|p| p.to_ascii_lowercase()));
         let headers = |names: &[String], secret: &dyn Fn(&str) -> bool| {
             names
                 .iter()
@@ -76,7 +57,10 @@ impl AccessLogPolicy {
                 })
                 .collect::<Result<Vec<_>, String>>()
         };
-        let is_credential = |name: &str| credential_headers.iter().any(|c| c == name);
+        // configured credential headers, and any header whose name says secret (`x-auth-token`)
+        let is_credential = |name: &str| {
+            credential_headers.iter().any(|c| c == name) || redact::is_secret(name, &[])
+        };
         Ok(Self {
             enabled: config.enabled,
             sample_success: config.sample_success.clamp(0.0, 1.0),
@@ -93,7 +77,7 @@ impl AccessLogPolicy {
         Self {
             enabled: false,
             sample_success: 0.0,
-            redact_query: HashSet::new(),
+            redact_query: Vec::new(),
             request_headers: Vec::new(),
             response_headers: Vec::new(),
         }
@@ -132,32 +116,7 @@ impl AccessLogPolicy {
 
     /// The query string with secret parameters' values replaced.
     pub fn redact_query(&self, query: &str) -> String {
-        let mut out = String::with_capacity(query.len());
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            let (name, value) = match pair.split_once('=') {
-                Some((name, value)) => (name, Some(value)),
-                None => (pair, None),
-            };
-            out.push_str(name);
-            if let Some(value) = value {
-                out.push('=');
-                if self.is_secret_param(name) {
-                    out.push_str(REDACTED);
-                } else {
-                    out.push_str(value);
-                }
-            }
-        }
-        out
-    }
-
-    fn is_secret_param(&self, name: &str) -> bool {
-        // compare decoded and case-folded, so `Access%5FToken` is caught too
-        let decoded = percent_decode_lossy(name).to_ascii_lowercase();
-        self.redact_query.contains(&decoded)
+        redact::redact_pairs(query, &self.redact_query)
     }
 
     /// The JSON line for a finished request (with the trailing newline).
@@ -238,11 +197,18 @@ fn pick(selected: &[(HeaderName, bool)], headers: &HeaderMap) -> Vec<(HeaderName
     selected
         .iter()
         .filter_map(|(name, redact)| {
-            let value = headers.get(name)?;
+            let mut values = headers.get_all(name).iter();
+            let first = values.next()?;
             let value = if *redact {
-                REDACTED.to_owned()
+                redact::REDACTED.to_owned()
             } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
+                // every value, as a repeated header is evidence worth keeping
+                let mut joined = String::from_utf8_lossy(first.as_bytes()).into_owned();
+                for value in values {
+                    joined.push_str(", ");
+                    joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                }
+                joined
             };
             Some((name.clone(), value))
         })
@@ -258,29 +224,6 @@ fn version_name(version: http::Version) -> &'static str {
         http::Version::HTTP_3 => "HTTP/3",
         _ => "unknown",
     }
-}
-
-pub(crate) fn percent_decode_lossy(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Serialize)]
@@ -429,6 +372,14 @@ impl AccessLogSink {
         }
     }
 
+    /// Waits (up to `within`) until the writer has taken every queued line and written it.
+    pub async fn flush(&self, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.queued.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Fill of the buffer, 0–1.
     pub fn fill(&self) -> f64 {
         self.queued.load(Ordering::Relaxed).max(0) as f64 / self.capacity as f64
@@ -479,7 +430,6 @@ fn write_lines(
             std::thread::sleep(IDLE_POLL);
             continue;
         }
-        queued.fetch_sub(batch.len() as i64, Ordering::Relaxed);
         // a whole batch per write, flushed: a line is never left in a buffer while the writer
         // sleeps
         let result = match &mut output {
@@ -503,6 +453,8 @@ fn write_lines(
                 tracing::warn!(%error, written, "access log write failed; lines dropped");
             }
         }
+        // counted out once written (or dropped), so `flush` knows when everything is out
+        queued.fetch_sub(batch.len() as i64, Ordering::Release);
         batch.clear();
     }
 }
@@ -532,7 +484,11 @@ impl RotatingFile {
     fn write_batch(&mut self, batch: &[Vec<u8>]) -> io::Result<()> {
         for line in batch {
             if self.size > 0 && self.size + line.len() as u64 > self.max_size {
-                self.rotate()?;
+                if let Err(error) = self.rotate() {
+                    // keep logging into the current file; try again after another max_size
+                    tracing::warn!(%error, path = %self.path.display(), "access log rotation failed");
+                    self.size = 0;
+                }
             }
             self.file.write_all(line)?;
             self.size += line.len() as u64;

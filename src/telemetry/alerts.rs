@@ -193,6 +193,11 @@ impl AlertBook {
                 pending_since: None,
                 firing: None,
             });
+            if value.is_none() {
+                // not enough data to judge (an outage may have stopped the traffic): a firing
+                // alert keeps firing, a pending one keeps waiting
+                continue;
+            }
             if rule.holds(value, baseline) {
                 let value = value.unwrap_or_default();
                 let since = *state.pending_since.get_or_insert(now);
@@ -373,7 +378,8 @@ pub struct Notifier {
 #[derive(Debug)]
 pub struct Webhook {
     endpoint: ServiceEndpoint,
-    url: String,
+    /// Scheme and host only, for the log: chat webhook URLs carry their secret in the path.
+    origin: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     retries: u32,
@@ -388,9 +394,15 @@ impl Webhook {
                 .map_err(|_| "the token is not a valid header value".to_owned())?;
             headers.push((header::AUTHORIZATION, value));
         }
+        let origin = config
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?)))
+            .unwrap_or_default();
         Ok(Self {
             endpoint,
-            url: config.url.clone(),
+            origin,
             headers,
             timeout: config.timeout.0,
             retries: config.retries,
@@ -400,20 +412,30 @@ impl Webhook {
 
 type Delivery = (Notification, Arc<Vec<Arc<Webhook>>>);
 
+/// Webhook deliveries (with their retries) in flight at most.
+const MAX_DELIVERIES: usize = 32;
+
 impl Notifier {
     /// Starts the delivery task (on the current runtime).
     pub fn start() -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, mut receiver) = mpsc::channel::<Delivery>(1024);
+        // deliveries in flight at most (with their retries): a storm of notifications queues
+        // here, then in the channel, then is dropped with a warning — never unbounded tasks
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_DELIVERIES));
         let task = tokio::spawn(async move {
             while let Some((notification, webhooks)) = receiver.recv().await {
                 let body = Bytes::from(serde_json::to_vec(&notification).unwrap_or_default());
                 for webhook in webhooks.iter() {
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
                     // each webhook on its own: one slow receiver does not delay the others
-                    tokio::spawn(deliver(
-                        webhook.clone(),
-                        body.clone(),
-                        notification.alert.clone(),
-                    ));
+                    let (webhook, body, alert) =
+                        (webhook.clone(), body.clone(), notification.alert.clone());
+                    tokio::spawn(async move {
+                        deliver(webhook, body, alert).await;
+                        drop(slot);
+                    });
                 }
             }
         });
@@ -459,10 +481,10 @@ async fn deliver(webhook: Arc<Webhook>, body: Bytes, alert: String) {
         match sent {
             Ok(Ok(_)) => return,
             Ok(Err(error)) => {
-                tracing::warn!(target: "alert", url = &*webhook.url, alert, attempt, error, "webhook delivery failed")
+                tracing::warn!(target: "alert", webhook = &*webhook.origin, alert, attempt, error, "webhook delivery failed")
             }
             Err(_) => {
-                tracing::warn!(target: "alert", url = &*webhook.url, alert, attempt, "webhook delivery timed out")
+                tracing::warn!(target: "alert", webhook = &*webhook.origin, alert, attempt, "webhook delivery timed out")
             }
         }
         if attempt < webhook.retries {

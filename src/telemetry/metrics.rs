@@ -169,7 +169,9 @@ pub struct Metrics {
     pub(crate) reloads: Family<KindLabel, Counter>,
     pub(crate) spans_exported: Counter,
     pub(crate) spans_dropped: Counter,
-    cpu_seconds: Gauge<f64, AtomicU64>,
+    cpu_seconds: Counter<f64, AtomicU64>,
+    /// CPU seconds already added to `cpu_seconds` (it is a counter, advanced by the difference).
+    cpu_seen: std::sync::Mutex<f64>,
     resident_bytes: Gauge,
     open_fds: Gauge,
     start_time: Gauge<f64, AtomicU64>,
@@ -249,7 +251,8 @@ impl Metrics {
             reloads: Family::default(),
             spans_exported: Counter::default(),
             spans_dropped: Counter::default(),
-            cpu_seconds: Gauge::default(),
+            cpu_seconds: Counter::default(),
+            cpu_seen: std::sync::Mutex::new(0.0),
             resident_bytes: Gauge::default(),
             open_fds: Gauge::default(),
             start_time: Gauge::default(),
@@ -333,7 +336,7 @@ impl Metrics {
         );
         registry.register(
             "portcullis_access_log_dropped",
-            "Access-log lines dropped because the buffer was full",
+            "Access-log lines dropped: the buffer was full, or writing failed",
             m.log_dropped.clone(),
         );
         registry.register(
@@ -464,25 +467,37 @@ impl Metrics {
     }
 
     fn read_process(&self) {
-        // Linux: utime and stime are fields 14 and 15 of /proc/self/stat, in clock ticks
-        // (USER_HZ, 100 on every mainstream kernel); the name field may hold spaces, so count
-        // from its closing parenthesis.
+        // Linux: utime and stime are fields 14 and 15 of /proc/self/stat, in USER_HZ ticks (100
+        // per second: fixed by the kernel's ABI); the name field may hold spaces, so fields are
+        // counted from its closing parenthesis
         if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
             if let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) {
                 let fields: Vec<&str> = rest.split_whitespace().collect();
                 let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
                 if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
-                    self.cpu_seconds.set((user + system) / 100.0);
+                    let total = (user + system) / 100.0;
+                    let mut seen = self.cpu_seen.lock().unwrap_or_else(|e| e.into_inner());
+                    if total > *seen {
+                        self.cpu_seconds.inc_by(total - *seen);
+                        *seen = total;
+                    }
                 }
             }
         }
-        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
-            if let Some(pages) = statm
-                .split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<i64>().ok())
+        // resident memory as the kernel reports it, in kB (no page-size assumption)
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            if let Some(kb) = status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<i64>()
+                        .ok()
+                })
             {
-                self.resident_bytes.set(pages * 4096);
+                self.resident_bytes.set(kb * 1024);
             }
         }
         if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {

@@ -16,6 +16,7 @@ pub mod anomaly;
 pub mod metrics;
 pub mod otlp;
 pub mod payload;
+pub mod redact;
 pub mod stats;
 pub mod trace;
 
@@ -110,16 +111,14 @@ impl Telemetry {
     /// read here only). Call inside a tokio runtime.
     pub fn start(config: &ObservabilityConfig) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let access_log = if config.access_log.enabled {
+        // started even when the log is off, so a reload can turn it on
+        let access_log =
             AccessLogSink::start(&config.access_log, metrics.clone()).map_err(|source| {
                 StartError::AccessLog {
                     output: config.access_log.output.clone(),
                     source,
                 }
-            })?
-        } else {
-            AccessLogSink::disabled()
-        };
+            })?;
         let mut telemetry = Self::with_sink(config, metrics, access_log);
         if let Some(otlp) = &config.tracing.otlp {
             let (traces, task) = otlp::TraceExport::start(otlp, &telemetry.metrics)
@@ -192,6 +191,8 @@ pub struct Observer {
     /// The adaptive limiter anomalous networks are handed to.
     pub adaptive: Option<Arc<Adaptive>>,
     unrouted: Arc<RouteObserver>,
+    /// The config's route names (live statistics of other routes are dropped).
+    routes: std::collections::HashSet<String>,
 }
 
 impl Observer {
@@ -203,6 +204,7 @@ impl Observer {
         access_log: AccessLogPolicy,
         webhooks: Vec<Arc<Webhook>>,
         adaptive: Option<Arc<Adaptive>>,
+        routes: std::collections::HashSet<String>,
     ) -> Self {
         let alert_rules = config
             .alerts
@@ -227,6 +229,7 @@ impl Observer {
             webhooks: Arc::new(webhooks),
             adaptive,
             unrouted,
+            routes,
             telemetry,
         }
     }
@@ -339,6 +342,70 @@ impl Sampler {
     }
 }
 
+/// Anomalous networks become notifications (at most this many per sample; the rest are
+/// counted in one log line) and tighter adaptive limits.
+const MAX_ANOMALY_NOTIFICATIONS: usize = 20;
+
+fn judge_networks(observer: &Observer, anomaly: &AnomalyConfig) -> Vec<Notification> {
+    let telemetry = &*observer.telemetry;
+    let window = telemetry.stats.samples_in(anomaly.window.0);
+    let mut notifications = Vec::new();
+    let mut unsent = 0usize;
+    for finding in telemetry.networks.sample(anomaly, window) {
+        let network = format!("{}/{}", finding.network, finding.prefix);
+        let name = format!("anomaly:{network}");
+        let raised = finding.change != anomaly::Change::Calmed;
+        if raised && anomaly.adaptive_points > 0.0 {
+            // raised, or still going after another window: the network's limits tighten (again)
+            if let Some(adaptive) = &observer.adaptive {
+                adaptive.penalize_network(finding.network, anomaly.adaptive_points);
+            }
+        }
+        if finding.change == anomaly::Change::Persisting {
+            continue;
+        }
+        let started_at = telemetry.alerts.started_at(&name);
+        let kinds: Vec<String> = anomaly
+            .events
+            .iter()
+            .filter_map(|kind| serde_json::to_value(kind).ok()?.as_str().map(str::to_owned))
+            .collect();
+        let notification = Notification {
+            alert: name,
+            state: if raised { "firing" } else { "resolved" },
+            severity: anomaly.severity,
+            summary: format!(
+                "{} security events ({}) from {network} in {} (baseline {:.1})",
+                finding.events,
+                kinds.join(", "),
+                anomaly.window,
+                finding.baseline
+            ),
+            value: finding.events as f64,
+            threshold: (anomaly.rise_over_baseline * finding.baseline)
+                .max(anomaly.min_events as f64),
+            route: None,
+            network: Some(network),
+            started_at: started_at.unwrap_or_else(|| alerts::rfc3339(SystemTime::now())),
+            ended_at: (!raised).then(|| alerts::rfc3339(SystemTime::now())),
+        };
+        telemetry.alerts.set_external(&notification);
+        if notifications.len() < MAX_ANOMALY_NOTIFICATIONS {
+            notifications.push(notification);
+        } else {
+            unsent += 1;
+        }
+    }
+    if unsent > 0 {
+        tracing::warn!(
+            target: "alert",
+            unsent,
+            "more networks changed state than one sample notifies; see /alerts and the dashboard"
+        );
+    }
+    notifications
+}
+
 /// One sample, evaluation and anomaly pass.
 pub fn sample_once(observer: &Observer, notifier: &Notifier) {
     let telemetry = &*observer.telemetry;
@@ -348,6 +415,9 @@ pub fn sample_once(observer: &Observer, notifier: &Notifier) {
         .unwrap_or_default()
         .as_millis() as u64;
     metrics.log_queue.set(telemetry.access_log.queued());
+    telemetry
+        .stats
+        .retain_routes(|name| name == metrics::NO_ROUTE || observer.routes.contains(name));
     telemetry.stats.sample(
         now_ms,
         metrics.in_flight.get(),
@@ -361,53 +431,35 @@ pub fn sample_once(observer: &Observer, notifier: &Notifier) {
     let mut notifications = telemetry
         .alerts
         .evaluate(&observer.alert_rules, &telemetry.stats);
-    if let Some(anomaly) = &observer.anomaly {
-        let window = telemetry.stats.samples_in(anomaly.window.0);
-        for finding in telemetry.networks.sample(anomaly, window) {
-            let network = format!("{}/{}", finding.network, finding.prefix);
-            let name = format!("anomaly:{network}");
-            let started_at = telemetry.alerts.started_at(&name);
-            let notification = Notification {
-                alert: name,
-                state: if finding.anomalous {
-                    "firing"
-                } else {
-                    "resolved"
-                },
-                severity: anomaly.severity,
-                summary: format!(
-                    "{} security events ({}) from {network} in {} (baseline {:.1})",
-                    finding.events,
-                    anomaly
-                        .events
-                        .iter()
-                        .map(|kind| serde_json::to_value(kind)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    anomaly.window,
-                    finding.baseline
-                ),
-                value: finding.events as f64,
-                threshold: (anomaly.rise_over_baseline * finding.baseline)
-                    .max(anomaly.min_events as f64),
-                route: None,
-                network: Some(network),
-                started_at: started_at.unwrap_or_else(|| alerts::rfc3339(SystemTime::now())),
-                ended_at: (!finding.anomalous).then(|| alerts::rfc3339(SystemTime::now())),
-            };
-            if finding.anomalous && anomaly.adaptive_points > 0.0 {
-                if let Some(adaptive) = &observer.adaptive {
-                    adaptive.penalize_network(finding.network, anomaly.adaptive_points);
-                }
+    match &observer.anomaly {
+        Some(anomaly) => notifications.extend(judge_networks(observer, anomaly)),
+        None => {
+            // turned off by a reload: what was anomalous resolves
+            telemetry.networks.clear();
+            for alert in telemetry.alerts.firing() {
+                let Some(network) = alert.name.strip_prefix("anomaly:") else {
+                    continue;
+                };
+                let notification = Notification {
+                    alert: alert.name.clone(),
+                    state: "resolved",
+                    severity: alert.severity,
+                    summary: format!("anomaly detection turned off; {network} no longer watched"),
+                    value: alert.value,
+                    threshold: alert.threshold,
+                    route: None,
+                    network: Some(network.to_owned()),
+                    started_at: alert.since.clone(),
+                    ended_at: Some(alerts::rfc3339(SystemTime::now())),
+                };
+                telemetry.alerts.set_external(&notification);
+                notifications.push(notification);
             }
-            telemetry.alerts.set_external(&notification);
-            notifications.push(notification);
         }
     }
     let firing = telemetry.alerts.firing();
+    // rebuilt each time: a rule removed by a reload leaves no stale series behind
+    metrics.alerts_firing.clear();
     for rule in &observer.alert_rules {
         let on = firing.iter().any(|f| f.name == rule.name);
         metrics

@@ -166,7 +166,11 @@ impl TraceExport {
                 attributes.push(KeyValue::new("portcullis.retries", i64::from(ctx.retries)));
                 (SpanKind::Client, trace.span_id, attributes)
             } else {
-                (SpanKind::Internal, random_span_id(), Vec::new())
+                (
+                    SpanKind::Internal,
+                    super::trace::random_nonzero::<8>(),
+                    Vec::new(),
+                )
             };
             attributes.push(KeyValue::new("portcullis.phase", phase.name));
             spans.push(self.span(
@@ -213,15 +217,6 @@ impl TraceExport {
             links: SpanLinks::default(),
             status,
             instrumentation_scope: self.scope.clone(),
-        }
-    }
-}
-
-fn random_span_id() -> [u8; 8] {
-    loop {
-        let id = fastrand::u64(..).to_be_bytes();
-        if id != [0; 8] {
-            return id;
         }
     }
 }

@@ -6,33 +6,10 @@
 //! strings. Anything else — other content types, bodies cut off at `max_bytes`, JSON that does
 //! not parse — is logged as its size and type only, never as text that might hold a secret.
 
-use std::collections::HashSet;
-
 use serde_json::Value;
 
+use super::redact;
 use crate::config::model::CapturePayloadConfig;
-
-const REDACTED: &str = "[redacted]";
-
-/// Field names redacted whatever the config says (compared case-insensitively).
-const SECRET_FIELDS: &[&str] = &[
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "access_token",
-    "refresh_token",
-    "id_token",
-    "client_secret",
-    "api_key",
-    "apikey",
-    "authorization",
-    "cookie",
-    "private_key",
-    "card_number",
-    "cvv",
-    "ssn",
-];
 
 /// A route's capture settings, compiled.
 #[derive(Debug)]
@@ -40,13 +17,17 @@ pub struct CapturePolicy {
     pub request: bool,
     pub response: bool,
     pub max_bytes: usize,
-    fields: HashSet<String>,
+    /// Names redacted besides the built-in secret names (normalised).
+    fields: Vec<String>,
 }
 
 impl CapturePolicy {
     pub fn compile(config: &CapturePayloadConfig) -> Self {
-        let mut fields: HashSet<String> = SECRET_FIELDS.iter().map(|f| (*f).to_owned()).collect();
-        fields.extend(config.redact_fields.iter().map(|f| f.to_ascii_lowercase()));
+        let fields = config
+            .redact_fields
+            .iter()
+            .map(|f| redact::normalize(f))
+            .collect();
         Self {
             request: config.request,
             response: config.response,
@@ -57,7 +38,7 @@ impl CapturePolicy {
 
     /// Whether a field (or form parameter) name is secret.
     pub fn is_secret(&self, name: &str) -> bool {
-        self.fields.contains(&name.to_ascii_lowercase())
+        redact::is_secret(name, &self.fields)
     }
 
     /// The log's view of a captured body.
@@ -104,7 +85,7 @@ impl CapturePolicy {
         }
         if kind == "application/x-www-form-urlencoded" {
             if let Ok(text) = std::str::from_utf8(&capture.data) {
-                return Value::String(self.redact_form(text));
+                return Value::String(redact::redact_pairs(text, &self.fields));
             }
         }
         described()
@@ -115,7 +96,7 @@ impl CapturePolicy {
             Value::Object(map) => {
                 for (key, item) in map.iter_mut() {
                     if self.is_secret(key) {
-                        *item = Value::String(REDACTED.into());
+                        *item = Value::String(redact::REDACTED.into());
                     } else {
                         self.redact(item);
                     }
@@ -124,20 +105,6 @@ impl CapturePolicy {
             Value::Array(items) => items.iter_mut().for_each(|item| self.redact(item)),
             _ => {}
         }
-    }
-
-    fn redact_form(&self, text: &str) -> String {
-        text.split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((name, _))
-                    if self.is_secret(&super::access_log::percent_decode_lossy(name)) =>
-                {
-                    format!("{name}={REDACTED}")
-                }
-                _ => pair.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join("&")
     }
 }
 

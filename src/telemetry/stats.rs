@@ -148,14 +148,7 @@ pub struct History {
 impl History {
     /// The sum of the last `n` samples (fewer when the history is shorter).
     pub fn window(&self, n: usize) -> (Counts, usize) {
-        let mut sum = Counts::default();
-        let taken = self.samples.iter().rev().take(n);
-        let mut count = 0;
-        for sample in taken {
-            sum.add(&sample.counts);
-            count += 1;
-        }
-        (sum, count)
+        self.window_before(0, n)
     }
 
     /// The sum of `n` samples ending `skip` samples ago.
@@ -249,6 +242,18 @@ impl LiveStats {
             .clone()
     }
 
+    /// Forgets routes the running config no longer has (removed, or only ever in a rejected
+    /// reload), with their histories.
+    pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| keep(name));
+        let mut histories = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        histories.routes.retain(|name, _| keep(name));
+        histories.totals.retain(|name, _| keep(name));
+    }
+
     /// How many samples a duration spans (at least one).
     pub fn samples_in(&self, duration: Duration) -> usize {
         ((duration.as_secs_f64() / self.interval.as_secs_f64()).round() as usize).max(1)
@@ -265,7 +270,6 @@ impl LiveStats {
             .collect();
         let mut histories = self.history.lock().unwrap_or_else(|e| e.into_inner());
         let mut overall = Counts::default();
-        let mut overall_now = Counts::default();
         for (name, tallies) in routes {
             let now = tallies.read();
             let history = histories.routes.entry(name.clone()).or_default();
@@ -283,10 +287,8 @@ impl LiveStats {
                 self.capacity,
             );
             overall.add(&delta);
-            overall_now.add(&now);
             histories.totals.insert(name, now);
         }
-        histories.overall.last_reading = overall_now;
         push_bounded(
             &mut histories.overall.samples,
             Sample {
@@ -341,20 +343,23 @@ fn round4(v: f64) -> f64 {
 }
 
 /// The busiest clients, by requests with exponential decay: a bounded sharded map the request
-/// path bumps.
+/// path bumps. When a shard is full, a new client takes the place of the least busy one and
+/// inherits its count (the "space-saving" top-k scheme), so a flood of one-off addresses cannot
+/// keep a busy client out.
 #[derive(Debug)]
 pub struct TopClients {
     shards: Box<[Mutex<HashMap<IpAddr, f64>>]>,
-    max_per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
 }
 
-const CLIENT_SHARDS: usize = 16;
+const CLIENT_SHARDS: usize = 64;
+const CLIENTS_PER_SHARD: usize = 256;
 
 impl Default for TopClients {
     fn default() -> Self {
         Self {
             shards: (0..CLIENT_SHARDS).map(|_| Mutex::default()).collect(),
-            max_per_shard: 1024,
+            hasher: Default::default(),
         }
     }
 }
@@ -368,17 +373,25 @@ pub struct ClientTraffic {
 
 impl TopClients {
     pub fn record(&self, ip: IpAddr) {
-        let shard = match ip {
-            IpAddr::V4(v4) => v4.octets()[3] as usize,
-            IpAddr::V6(v6) => v6.octets()[15] as usize,
-        } % CLIENT_SHARDS;
+        use std::hash::BuildHasher;
+        let shard = self.hasher.hash_one(ip) as usize % CLIENT_SHARDS;
         let mut shard = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = shard.get_mut(&ip) {
             *count += 1.0;
-        } else if shard.len() < self.max_per_shard {
-            shard.insert(ip, 1.0);
+            return;
         }
-        // a full shard counts only the clients it knows until the next decay makes room
+        if shard.len() < CLIENTS_PER_SHARD {
+            shard.insert(ip, 1.0);
+            return;
+        }
+        let least = shard
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(ip, count)| (*ip, *count));
+        if let Some((least, count)) = least {
+            shard.remove(&least);
+            shard.insert(ip, count + 1.0);
+        }
     }
 
     /// Multiplies every count by `factor` and forgets clients below one request.
@@ -478,5 +491,17 @@ mod tests {
             1,
             "a client below one request is forgotten"
         );
+    }
+
+    #[test]
+    fn a_flood_of_one_off_clients_does_not_push_out_a_busy_one() {
+        let top = TopClients::default();
+        for _ in 0..50 {
+            top.record("10.0.0.1".parse().unwrap());
+        }
+        for i in 0..100_000u32 {
+            top.record(IpAddr::from(i.to_be_bytes()));
+        }
+        assert_eq!(top.top(1)[0].client, "10.0.0.1");
     }
 }

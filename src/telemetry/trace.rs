@@ -105,7 +105,8 @@ fn decode_hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn random_nonzero<const N: usize>() -> [u8; N] {
+/// Random bytes, never all zero (an all-zero id is invalid in W3C trace context).
+pub(crate) fn random_nonzero<const N: usize>() -> [u8; N] {
     loop {
         let mut out = [0u8; N];
         out.iter_mut().for_each(|b| *b = fastrand::u8(..));

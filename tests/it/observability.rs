@@ -25,7 +25,7 @@ async fn gateway(upstream: &TestUpstream, observability: &str, extra: &str) -> T
     let routes = "  - name: open\n    match: { path: /open/** }\n    public: true\n    upstream: app\n\
                   \x20 - name: secure\n    match: { path: /secure/** }\n    auth: [keys]\n    authorization: { any_authenticated: true }\n    upstream: app\n";
     let yaml = format!(
-        "{}authentication:\n  api_keys:\n    - name: keys\n      keys:\n        - {{ id: alice, sha256: {} }}\nobservability:\n{observability}{extra}",
+        "{}authentication:\n  api_keys:\n    - name: keys\n      query: partner_key\n      keys:\n        - {{ id: alice, sha256: {} }}\nobservability:\n{observability}{extra}",
         config_with(&[upstream.url()], "", routes),
         digest(API_KEY),
     )
@@ -126,12 +126,21 @@ async fn access_log_lines_carry_every_field_and_never_a_secret() {
         Some("wrong-key-secret"),
     )
     .await;
+    // the key in the query parameter the API-key set reads (not a built-in secret name)
+    let by_query = from(
+        &gateway,
+        "198.51.100.8",
+        &format!("/secure/orders?partner_key={API_KEY}&x=1"),
+        None,
+    )
+    .await;
+    assert_eq!(by_query.status, 200);
     assert_eq!(refused.status, 401);
 
-    let lines = wait_for_lines(&log, 2).await;
+    let lines = wait_for_lines(&log, 3).await;
     let line = lines
         .iter()
-        .find(|l| l["status"] == 200)
+        .find(|l| l["status"] == 200 && l["query"].as_str().unwrap_or_default().starts_with("page"))
         .expect("the 200 is logged");
     let timestamp = line["timestamp"].as_str().unwrap();
     assert!(
@@ -170,6 +179,17 @@ async fn access_log_lines_carry_every_field_and_never_a_secret() {
     assert_eq!(line["response_headers"]["set-cookie"], "[redacted]");
     assert_eq!(line["response_headers"]["content-type"], "text/plain");
     let failed = lines.iter().find(|l| l["status"] == 401).unwrap();
+    // the gateway removes the key from the upstream's URL; the log shows that it was there
+    let keyed = lines
+        .iter()
+        .find(|l| {
+            l["query"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("partner_key")
+        })
+        .unwrap();
+    assert_eq!(keyed["query"], "partner_key=[redacted]&x=1");
     assert!(failed["auth_failure"].is_string(), "{failed}");
     assert_eq!(failed["client_ip"], "198.51.100.8");
 
@@ -189,13 +209,13 @@ async fn access_log_lines_carry_every_field_and_never_a_secret() {
             .status,
         404
     );
-    let lines = wait_for_lines(&log, 3).await;
+    let lines = wait_for_lines(&log, 4).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let lines_after = log_lines(&log);
     assert_eq!(lines_after.len(), lines.len());
-    assert_eq!(lines.len(), 3, "only the 404 was added: {lines:?}");
-    assert_eq!(lines[2]["status"], 404);
-    assert!(lines[2].get("route").is_none());
+    assert_eq!(lines.len(), 4, "only the 404 was added: {lines:?}");
+    assert_eq!(lines[3]["status"], 404);
+    assert!(lines[3].get("route").is_none());
 
     let text = std::fs::read_to_string(&log).unwrap();
     for secret in [
@@ -951,7 +971,7 @@ async fn sampled_requests_are_exported_as_otlp_spans() {
 #[tokio::test]
 async fn captured_payloads_are_logged_redacted() {
     let upstream = TestUpstream::start(|_| {
-        Reply::ok(r#"{"id":7,"session":{"token":"response-token-secret"},"note":"ok"}"#)
+        Reply::ok(r#"{"id":7,"login":{"token":"response-token-secret"},"note":"ok"}"#)
             .header("content-type", "application/json")
     })
     .await;
@@ -973,7 +993,7 @@ async fn captured_payloads_are_logged_redacted() {
                 .unwrap(),
         )
     };
-    let signup = r#"{"user":"alice","password":"request-password-secret","card":{"PIN":"4321"}}"#;
+    let signup = r#"{"user":"alice","password":"request-password-secret","card":{"PIN":"pin-value-secret"}}"#;
     assert_eq!(
         post("/signup", "application/json", signup).await.status,
         200
@@ -1012,7 +1032,7 @@ async fn captured_payloads_are_logged_redacted() {
     assert_eq!(json["request_body"]["password"], "[redacted]");
     assert_eq!(json["request_body"]["card"]["PIN"], "[redacted]");
     assert_eq!(json["response_body"]["id"], 7);
-    assert_eq!(json["response_body"]["session"]["token"], "[redacted]");
+    assert_eq!(json["response_body"]["login"]["token"], "[redacted]");
     assert_eq!(lines[1]["request_body"], "user=bob&password=[redacted]");
     assert_eq!(lines[2]["request_body"], "[29 bytes of text/plain]");
     assert!(
@@ -1022,12 +1042,103 @@ async fn captured_payloads_are_logged_redacted() {
     let text = std::fs::read_to_string(&log).unwrap();
     for secret in [
         "request-password-secret",
-        "4321",
+        "pin-value-secret",
         "response-token-secret",
         "form-password-secret",
         "text-password-secret",
         "not-captured-here",
     ] {
         assert!(!text.contains(secret), "{secret} in the log:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_request_the_client_abandons_is_still_logged_and_counted() {
+    let upstream = TestUpstream::start(|_| Reply::ok("late").delayed(Duration::from_secs(2))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let observability = format!("  access_log:\n    output: {}\n", log.display());
+    let mut gateway = gateway(&upstream, &observability, "").await;
+    let admin = admin(&mut gateway).await;
+    // the client gives up long before the upstream answers
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        from(&gateway, "192.0.2.77", "/open/slow", None),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    let lines = wait_for_lines(&log, 1).await;
+    assert_eq!(lines[0]["status"], 499, "{}", lines[0]);
+    assert_eq!(lines[0]["aborted"], true);
+    assert_eq!(lines[0]["client_ip"], "192.0.2.77");
+    assert_eq!(lines[0]["route"], "open");
+    let metrics = admin_get(admin, "/metrics").await.body;
+    assert_eq!(
+        metric(
+            &metrics,
+            "portcullis_requests_total{route=\"open\",method=\"GET\",status_class=\"4xx\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&metrics, "portcullis_in_flight_requests"), Some(0.0));
+}
+
+#[tokio::test]
+async fn untrusted_clients_cannot_choose_the_trace() {
+    let upstream = TestUpstream::echo().await;
+    // no trusted proxies, default `trust_client_traces: false`
+    let gateway = TestGateway::start(&config_with(&[upstream.url()], "", CATCH_ALL)).await;
+    let response = send(
+        Request::get(gateway.url("/x"))
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header("tracestate", "vendor=forced-sampling")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let received = upstream.last();
+    let traceparent = received.headers["traceparent"].to_str().unwrap();
+    assert!(
+        !traceparent.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{traceparent}"
+    );
+    assert!(
+        !received.headers.contains_key("tracestate"),
+        "the client's tracestate is dropped"
+    );
+}
+
+#[tokio::test]
+async fn open_admin_endpoints_answer_only_requests_addressed_by_ip() {
+    let upstream = TestUpstream::echo().await;
+    let mut gateway = gateway(&upstream, "  access_log: { enabled: false }\n", "").await;
+    let admin = admin(&mut gateway).await;
+    for path in ["/metrics", "/dashboard"] {
+        let rebound = send(
+            Request::get(format!("http://{admin}{path}"))
+                .header("host", format!("attacker.example:{}", admin.port()))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(rebound.status, 421, "{path}");
+        for host in [
+            format!("127.0.0.1:{}", admin.port()),
+            "localhost".to_owned(),
+            "[::1]:9901".to_owned(),
+        ] {
+            let direct = send(
+                Request::get(format!("http://{admin}{path}"))
+                    .header("host", host.as_str())
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(direct.status, 200, "{path} {host}");
+        }
     }
 }

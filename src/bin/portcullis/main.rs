@@ -177,7 +177,7 @@ fn serve(
             if gateway.snapshot().admin_token.is_none() {
                 tracing::warn!(
                     "no admin token (admin.token or PORTCULLIS_ADMIN_TOKEN): the admin API serves \
-                     only /healthz, /readyz, /metrics and the dashboard page"
+                     only the probes, the dashboard page and /metrics (unless it requires a token)"
                 );
             }
             tokio::spawn(portcullis::admin::serve(listener, gateway.state()));

@@ -463,15 +463,14 @@ impl Adaptive {
         assessment
     }
 
-    /// Adds `points` to the score of `ip`'s network (anomaly detection found it acting up);
-    /// returns the network's name as listed. Networks are tightened, never blocked whole.
-    pub fn penalize_network(&self, ip: IpAddr, points: f64) -> Box<str> {
+    /// Adds `points` to the score of `ip`'s network (anomaly detection found it acting up).
+    /// Networks are tightened, never blocked whole.
+    pub fn penalize_network(&self, ip: IpAddr, points: f64) {
         let client = Client::Network(super::rule::network(ip, self.network.0, self.network.1));
         let (key, name) = self.update(&client, |entry, score_now| entry.score = score_now + points);
         if let Some(shared) = &self.shared {
-            shared.add(key, name.clone(), points, false);
+            shared.add(key, name, points, false);
         }
-        name
     }
 
     /// Scores a finished request by its status.

@@ -168,6 +168,7 @@ pub struct Metrics {
     pub(crate) alerts_firing: Family<AlertLabel, Gauge>,
     pub(crate) reloads: Family<KindLabel, Counter>,
     pub(crate) spans_exported: Counter,
+    pub(crate) networks_tracked: Gauge,
     pub(crate) spans_dropped: Counter,
     cpu_seconds: Counter<f64, AtomicU64>,
     /// CPU seconds already added to `cpu_seconds` (it is a counter, advanced by the difference).
@@ -250,6 +251,7 @@ impl Metrics {
             alerts_firing: Family::default(),
             reloads: Family::default(),
             spans_exported: Counter::default(),
+            networks_tracked: Gauge::default(),
             spans_dropped: Counter::default(),
             cpu_seconds: Counter::default(),
             cpu_seen: std::sync::Mutex::new(0.0),
@@ -353,6 +355,11 @@ impl Metrics {
             "portcullis_config_reloads",
             "Config reloads by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "portcullis_anomaly_networks_tracked",
+            "Client networks anomaly detection is following (at most anomaly.max_networks)",
+            m.networks_tracked.clone(),
         );
         registry.register(
             "portcullis_trace_spans_exported",

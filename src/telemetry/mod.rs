@@ -457,6 +457,9 @@ pub fn sample_once(observer: &Observer, notifier: &Notifier) {
             }
         }
     }
+    metrics
+        .networks_tracked
+        .set(telemetry.networks.tracked() as i64);
     let firing = telemetry.alerts.firing();
     // rebuilt each time: a rule removed by a reload leaves no stale series behind
     metrics.alerts_firing.clear();

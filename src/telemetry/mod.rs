@@ -6,64 +6,33 @@
 //! touches it twice: [`Observer::begin`] when it arrives, [`Observer::finish`] when its response
 //! has been sent (metrics, live tallies, the log line).
 
-use std::sync::OnceLock;
-
-use tracing_subscriber::{fmt, prelude::*, EnvFilter};
-
 pub mod access_log;
 pub mod alerts;
 pub mod anomaly;
+mod log;
 pub mod metrics;
 pub mod otlp;
 pub mod payload;
 pub mod redact;
+mod sampler;
 pub mod stats;
 pub mod trace;
 
-use std::{
-    sync::Arc,
-    time::{Instant, SystemTime},
-};
+use std::{sync::Arc, time::Instant};
+
+pub use log::init;
+pub use sampler::{sample_once, Sampler};
 
 use crate::{
-    config::model::{AnomalyConfig, LogFormat, ObservabilityConfig},
+    config::model::{AnomalyConfig, ObservabilityConfig},
     pipeline::RequestCtx,
     policy::ratelimit::Adaptive,
 };
 use access_log::{AccessLogPolicy, AccessLogSink};
-use alerts::{AlertBook, AlertRule, Notification, Notifier, Webhook};
+use alerts::{AlertBook, AlertRule, Webhook};
 use anomaly::NetworkSignals;
 use metrics::{Metrics, Outcome, RouteMetrics, SecurityEvent};
 use stats::{LiveStats, RouteTallies, Tallied, TopClients};
-
-static INSTALLED: OnceLock<()> = OnceLock::new();
-
-/// Installs the global subscriber once; `RUST_LOG` overrides the configured level.
-/// Logging settings are read at start only (changing them needs a restart).
-pub fn init(format: LogFormat, level: &str) {
-    INSTALLED.get_or_init(|| {
-        let filter = EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(level))
-            .unwrap_or_else(|_| EnvFilter::new("info"));
-        let registry = tracing_subscriber::registry().with(filter);
-        let result = match format {
-            LogFormat::Json => registry
-                .with(
-                    fmt::layer()
-                        .json()
-                        .flatten_event(true)
-                        .with_current_span(false)
-                        .with_writer(std::io::stdout),
-                )
-                .try_init(),
-            LogFormat::Human => registry
-                .with(fmt::layer().with_writer(std::io::stdout))
-                .try_init(),
-        };
-        // a test harness may have installed one already; that is fine
-        let _ = result;
-    });
-}
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -97,12 +66,6 @@ impl Drop for Telemetry {
         if let Some(task) = &self.export_task {
             task.abort();
         }
-    }
-}
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
     }
 }
 
@@ -305,186 +268,5 @@ impl Observer {
             let line = self.access_log.format(ctx);
             telemetry.access_log.send(line, &telemetry.metrics);
         }
-    }
-}
-
-/// The background work of the live statistics: a sample every interval, then alert rules and
-/// anomaly detection on it. `current` reads the observer of the current config.
-pub struct Sampler {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-    }
-}
-
-impl Sampler {
-    /// Starts on the current runtime.
-    pub fn start(current: impl Fn() -> Arc<Observer> + Send + 'static) -> Self {
-        let (notifier, delivery) = Notifier::start();
-        let interval = current().telemetry.stats.interval;
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                sample_once(&current(), &notifier);
-            }
-        });
-        Self {
-            tasks: vec![task, delivery],
-        }
-    }
-}
-
-/// Anomalous networks become notifications (at most this many per sample; the rest are
-/// counted in one log line) and tighter adaptive limits.
-const MAX_ANOMALY_NOTIFICATIONS: usize = 20;
-
-fn judge_networks(observer: &Observer, anomaly: &AnomalyConfig) -> Vec<Notification> {
-    let telemetry = &*observer.telemetry;
-    let window = telemetry.stats.samples_in(anomaly.window.0);
-    let mut notifications = Vec::new();
-    let mut unsent = 0usize;
-    for finding in telemetry.networks.sample(anomaly, window) {
-        let network = format!("{}/{}", finding.network, finding.prefix);
-        let name = format!("anomaly:{network}");
-        let raised = finding.change != anomaly::Change::Calmed;
-        if raised && anomaly.adaptive_points > 0.0 {
-            // raised, or still going after another window: the network's limits tighten (again)
-            if let Some(adaptive) = &observer.adaptive {
-                adaptive.penalize_network(finding.network, anomaly.adaptive_points);
-            }
-        }
-        if finding.change == anomaly::Change::Persisting {
-            continue;
-        }
-        let started_at = telemetry.alerts.started_at(&name);
-        let kinds: Vec<String> = anomaly
-            .events
-            .iter()
-            .filter_map(|kind| serde_json::to_value(kind).ok()?.as_str().map(str::to_owned))
-            .collect();
-        let notification = Notification {
-            alert: name,
-            state: if raised { "firing" } else { "resolved" },
-            severity: anomaly.severity,
-            summary: format!(
-                "{} security events ({}) from {network} in {} (baseline {:.1})",
-                finding.events,
-                kinds.join(", "),
-                anomaly.window,
-                finding.baseline
-            ),
-            value: finding.events as f64,
-            threshold: (anomaly.rise_over_baseline * finding.baseline)
-                .max(anomaly.min_events as f64),
-            route: None,
-            network: Some(network),
-            started_at: started_at.unwrap_or_else(|| alerts::rfc3339(SystemTime::now())),
-            ended_at: (!raised).then(|| alerts::rfc3339(SystemTime::now())),
-        };
-        telemetry.alerts.set_external(&notification);
-        if notifications.len() < MAX_ANOMALY_NOTIFICATIONS {
-            notifications.push(notification);
-        } else {
-            unsent += 1;
-        }
-    }
-    if unsent > 0 {
-        tracing::warn!(
-            target: "alert",
-            unsent,
-            "more networks changed state than one sample notifies; see /alerts and the dashboard"
-        );
-    }
-    notifications
-}
-
-/// One sample, evaluation and anomaly pass.
-pub fn sample_once(observer: &Observer, notifier: &Notifier) {
-    let telemetry = &*observer.telemetry;
-    let metrics = &telemetry.metrics;
-    let now_ms = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
-    metrics.log_queue.set(telemetry.access_log.queued());
-    telemetry
-        .stats
-        .retain_routes(|name| name == metrics::NO_ROUTE || observer.routes.contains(name));
-    telemetry.stats.sample(
-        now_ms,
-        metrics.in_flight.get(),
-        metrics.open_connections.get(),
-        telemetry.access_log.fill(),
-    );
-    // top clients: a half-life of one minute
-    telemetry
-        .clients
-        .decay(0.5f64.powf(telemetry.stats.interval.as_secs_f64() / 60.0));
-    let mut notifications = telemetry
-        .alerts
-        .evaluate(&observer.alert_rules, &telemetry.stats);
-    match &observer.anomaly {
-        Some(anomaly) => notifications.extend(judge_networks(observer, anomaly)),
-        None => {
-            // turned off by a reload: what was anomalous resolves
-            telemetry.networks.clear();
-            for alert in telemetry.alerts.firing() {
-                let Some(network) = alert.name.strip_prefix("anomaly:") else {
-                    continue;
-                };
-                let notification = Notification {
-                    alert: alert.name.clone(),
-                    state: "resolved",
-                    severity: alert.severity,
-                    summary: format!("anomaly detection turned off; {network} no longer watched"),
-                    value: alert.value,
-                    threshold: alert.threshold,
-                    route: None,
-                    network: Some(network.to_owned()),
-                    started_at: alert.since.clone(),
-                    ended_at: Some(alerts::rfc3339(SystemTime::now())),
-                };
-                telemetry.alerts.set_external(&notification);
-                notifications.push(notification);
-            }
-        }
-    }
-    metrics
-        .networks_tracked
-        .set(telemetry.networks.tracked() as i64);
-    let firing = telemetry.alerts.firing();
-    // rebuilt each time: a rule removed by a reload leaves no stale series behind
-    metrics.alerts_firing.clear();
-    for rule in &observer.alert_rules {
-        let on = firing.iter().any(|f| f.name == rule.name);
-        metrics
-            .alerts_firing
-            .get_or_create(&metrics::AlertLabel {
-                alert: rule.name.clone(),
-            })
-            .set(i64::from(on));
-    }
-    // anomalies share one series (a label per network would be unbounded)
-    metrics
-        .alerts_firing
-        .get_or_create(&metrics::AlertLabel {
-            alert: "anomaly".into(),
-        })
-        .set(
-            firing
-                .iter()
-                .filter(|f| f.name.starts_with("anomaly:"))
-                .count() as i64,
-        );
-    for notification in notifications {
-        notifier.notify(notification, observer.webhooks.clone());
     }
 }

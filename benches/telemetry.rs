@@ -1,0 +1,65 @@
+//! What observability costs on the request path: the metrics and live statistics a finished
+//! request updates through its route's cached handles (`Observer::finish` with the access log
+//! off), and formatting its access-log line (JSON, redacted).
+//!
+//! `cargo bench --bench telemetry`. Numbers in docs/benchmarks.md.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Method, Version};
+use portcullis::{
+    config::load_str,
+    pipeline::{Arrival, RequestCtx},
+    upstream::UpstreamRegistry,
+};
+
+const CONFIG: &str = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: orders\n    public: true\n    upstream: app\nobservability:\n  access_log:\n    enabled: false\n";
+
+fn ctx() -> RequestCtx {
+    let mut ctx = RequestCtx::new(Arrival {
+        request_id: HeaderValue::from_static("5c2b3a0e9d8f4e1aa3b2c1d0e9f8a7b6"),
+        peer: "127.0.0.1:40000".parse().unwrap(),
+        client_ip: "198.51.100.7".parse().unwrap(),
+        listener: "main".into(),
+        tls: false,
+        method: Method::GET,
+        version: Version::HTTP_11,
+        user_agent: Some(HeaderValue::from_static("bench/1.0")),
+        tls_version: None,
+    });
+    ctx.host = "api.example.com".into();
+    ctx.path = "/orders/7".into();
+    ctx.query = Some("page=2&access_token=secret".into());
+    ctx.route = Some("orders".into());
+    ctx.upstream = Some("app".into());
+    ctx.target = Some("http://127.0.0.1:9".into());
+    ctx.status = 200;
+    ctx.bytes_out = 512;
+    ctx.upstream_latency = Some(std::time::Duration::from_micros(250));
+    ctx
+}
+
+fn bench(c: &mut Criterion) {
+    let loaded = load_str(CONFIG, "bench.yaml".as_ref(), ".".into(), &|_| None).expect("valid");
+    let snapshot =
+        portcullis::proxy::compile(&loaded, &UpstreamRegistry::new(1), 0).expect("compiles");
+    let route = snapshot
+        .routes
+        .find(0, "", &Method::GET, "/orders/7", &HeaderMap::new())
+        .expect("the route")
+        .clone();
+    let mut ctx = ctx();
+    ctx.route_observer = Some(route.observer.clone());
+    let observer = snapshot.observer.clone();
+    observer.finish(&ctx); // the route's handles are resolved on first use
+    c.bench_function("telemetry/metrics-and-tallies", |b| {
+        b.iter(|| observer.finish(black_box(&ctx)))
+    });
+    c.bench_function("telemetry/access-log-line", |b| {
+        b.iter(|| black_box(observer.access_log.format(black_box(&ctx))))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -96,10 +96,7 @@ pub fn data(state: &GatewayState) -> serde_json::Value {
     let telemetry = &snapshot.observer.telemetry;
     let stats = &telemetry.stats;
     let (overall, mut routes) = stats.with_histories(|histories| {
-        let mut overall_totals = crate::telemetry::stats::Counts::default();
-        for counts in histories.totals.values() {
-            overall_totals.add(counts);
-        }
+        let overall_totals = histories.overall_totals();
         let overall = Series {
             series: stats.points(&histories.overall, CHART_POINTS),
             totals: Totals::from(&overall_totals),

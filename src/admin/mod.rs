@@ -52,9 +52,11 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
         if let Some(refused) = check_token(&request, state) {
             return refused;
         }
-    } else if matches!(path, "/metrics" | "/dashboard") && !addressed_by_ip(&request) {
+    } else if (path == "/dashboard" || (path == "/metrics" && from_a_browser(&request)))
+        && !addressed_by_ip(&request)
+    {
         // what is served without a token must not be readable by a web page through DNS
-        // rebinding (its browser would send the attacker's host name)
+        // rebinding (its browser would send the attacker's host name); scrapers may use names
         return error_response(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected_request",
@@ -288,6 +290,15 @@ fn rate_limit_state(state: &GatewayState) -> serde_json::Value {
         "redis": shared,
         "adaptive": snapshot.adaptive.is_some(),
     })
+}
+
+/// Whether a browser sent the request (it adds `Origin` or `Sec-Fetch-*` headers; scrapers
+/// don't).
+fn from_a_browser(request: &Request<Incoming>) -> bool {
+    let headers = request.headers();
+    headers.contains_key(header::ORIGIN)
+        || headers.contains_key("sec-fetch-site")
+        || headers.contains_key("sec-fetch-mode")
 }
 
 /// Whether the request's `Host` is an IP address or `localhost` (with or without a port).

@@ -278,7 +278,7 @@ pub struct WebhookConfig {
     /// Per attempt.
     #[serde(default = "default_webhook_timeout")]
     pub timeout: HumanDuration,
-    /// Attempts after the first, with doubling back-off from 500 ms.
+    /// Attempts after the first (at most 10), with doubling back-off from 500 ms (at most 30 s).
     #[serde(default = "default_webhook_retries")]
     pub retries: u32,
 }
@@ -300,7 +300,8 @@ pub struct AnomalyConfig {
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
     /// Which security events count: `auth_failure` (401), `forbidden` (403), `not_found` (404),
-    /// `rate_limited` (429). All by default; `[auth_failure]` watches failed logins alone.
+    /// `rate_limited` (429). Default: the first three (429s would count the refusals anomaly
+    /// detection's own penalty causes); `[auth_failure]` watches failed logins alone.
     pub events: Vec<SecurityEventKind>,
     /// Events are counted over this window.
     pub window: HumanDuration,
@@ -327,7 +328,6 @@ impl Default for AnomalyConfig {
                 SecurityEventKind::AuthFailure,
                 SecurityEventKind::Forbidden,
                 SecurityEventKind::NotFound,
-                SecurityEventKind::RateLimited,
             ],
             window: HumanDuration::from_secs(60),
             min_events: 50,

@@ -201,6 +201,7 @@ impl Drop for RequestCtx {
             self.response_aborted = true;
             if self.status == 0 {
                 self.status = 499;
+                self.error.get_or_insert("client_closed_request");
             }
             self.finish();
         }

@@ -317,7 +317,7 @@ impl Serialize for HeaderList<'_> {
 #[derive(Debug)]
 pub struct AccessLogSink {
     sender: Option<SyncSender<Vec<u8>>>,
-    queued: Arc<AtomicI64>,
+    backlog: Arc<Backlog>,
     capacity: usize,
 }
 
@@ -326,7 +326,7 @@ impl AccessLogSink {
     pub fn start(config: &AccessLogConfig, metrics: Arc<Metrics>) -> io::Result<Self> {
         let capacity = config.buffer.max(1);
         let (sender, receiver) = mpsc::sync_channel(capacity);
-        let queued = Arc::new(AtomicI64::new(0));
+        let backlog = Arc::new(Backlog::default());
         let output = match config.output.as_str() {
             "stdout" | "-" => Output::Stdout,
             path => Output::File(RotatingFile::open(
@@ -336,13 +336,13 @@ impl AccessLogSink {
             )?),
         };
         metrics.log_capacity.set(capacity as i64);
-        let writer_queued = queued.clone();
+        let writer_backlog = backlog.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(receiver, output, writer_queued, metrics))?;
+            .spawn(move || write_lines(receiver, output, writer_backlog, metrics))?;
         Ok(Self {
             sender: Some(sender),
-            queued,
+            backlog,
             capacity,
         })
     }
@@ -351,7 +351,7 @@ impl AccessLogSink {
     pub fn disabled() -> Self {
         Self {
             sender: None,
-            queued: Arc::default(),
+            backlog: Arc::default(),
             capacity: 1,
         }
     }
@@ -361,11 +361,13 @@ impl AccessLogSink {
         let Some(sender) = &self.sender else {
             return false;
         };
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.backlog.queued.fetch_add(1, Ordering::Relaxed);
+        self.backlog.unwritten.fetch_add(1, Ordering::Relaxed);
         match sender.try_send(line) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(1, Ordering::Relaxed);
+                self.backlog.queued.fetch_sub(1, Ordering::Relaxed);
+                self.backlog.unwritten.fetch_sub(1, Ordering::Relaxed);
                 metrics.log_dropped.inc();
                 false
             }
@@ -375,18 +377,21 @@ impl AccessLogSink {
     /// Waits (up to `within`) until the writer has taken every queued line and written it.
     pub async fn flush(&self, within: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + within;
-        while self.queued.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        while self.backlog.unwritten.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
     /// Fill of the buffer, 0–1.
     pub fn fill(&self) -> f64 {
-        self.queued.load(Ordering::Relaxed).max(0) as f64 / self.capacity as f64
+        self.queued() as f64 / self.capacity as f64
     }
 
+    /// Lines in the queue (not yet taken by the writer).
     pub fn queued(&self) -> i64 {
-        self.queued.load(Ordering::Relaxed).max(0)
+        self.backlog.queued.load(Ordering::Relaxed).max(0)
     }
 }
 
@@ -403,10 +408,17 @@ const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Lines written per batch at most.
 const MAX_BATCH: usize = 1024;
 
+/// Lines on their way: in the queue (its fill), and not yet written (what `flush` waits for).
+#[derive(Debug, Default)]
+struct Backlog {
+    queued: AtomicI64,
+    unwritten: AtomicI64,
+}
+
 fn write_lines(
     receiver: Receiver<Vec<u8>>,
     mut output: Output,
-    queued: Arc<AtomicI64>,
+    backlog: Arc<Backlog>,
     metrics: Arc<Metrics>,
 ) {
     let mut written = 0u64;
@@ -430,6 +442,9 @@ fn write_lines(
             std::thread::sleep(IDLE_POLL);
             continue;
         }
+        backlog
+            .queued
+            .fetch_sub(batch.len() as i64, Ordering::Relaxed);
         // a whole batch per write, flushed: a line is never left in a buffer while the writer
         // sleeps
         let result = match &mut output {
@@ -454,7 +469,9 @@ fn write_lines(
             }
         }
         // counted out once written (or dropped), so `flush` knows when everything is out
-        queued.fetch_sub(batch.len() as i64, Ordering::Release);
+        backlog
+            .unwritten
+            .fetch_sub(batch.len() as i64, Ordering::Release);
         batch.clear();
     }
 }

@@ -195,7 +195,8 @@ impl AlertBook {
             });
             if value.is_none() {
                 // not enough data to judge (an outage may have stopped the traffic): a firing
-                // alert keeps firing, a pending one keeps waiting
+                // alert keeps firing; a pending one starts over (`for` means continuously)
+                state.pending_since = None;
                 continue;
             }
             if rule.holds(value, baseline) {
@@ -383,6 +384,9 @@ pub struct Webhook {
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
     retries: u32,
+    /// This webhook's deliveries in flight (with their retries): a dead receiver fills its own
+    /// slots, never another webhook's.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Webhook {
@@ -394,11 +398,21 @@ impl Webhook {
                 .map_err(|_| "the token is not a valid header value".to_owned())?;
             headers.push((header::AUTHORIZATION, value));
         }
+        if config.retries > MAX_RETRIES {
+            return Err(format!("retries: at most {MAX_RETRIES}"));
+        }
+        // host and port only: no user info, no path (chat webhooks keep their secret there)
         let origin = config
             .url
             .parse::<http::Uri>()
             .ok()
-            .and_then(|uri| Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?)))
+            .and_then(|uri| {
+                let host = uri.host()?;
+                Some(match uri.port_u16() {
+                    Some(port) => format!("{}://{host}:{port}", uri.scheme_str()?),
+                    None => format!("{}://{host}", uri.scheme_str()?),
+                })
+            })
             .unwrap_or_default();
         Ok(Self {
             endpoint,
@@ -406,28 +420,40 @@ impl Webhook {
             headers,
             timeout: config.timeout.0,
             retries: config.retries,
+            slots: Arc::new(tokio::sync::Semaphore::new(DELIVERIES_PER_WEBHOOK)),
         })
     }
 }
 
 type Delivery = (Notification, Arc<Vec<Arc<Webhook>>>);
 
-/// Webhook deliveries (with their retries) in flight at most.
-const MAX_DELIVERIES: usize = 32;
+/// Deliveries (with their retries) in flight to one webhook at most; more are dropped.
+const DELIVERIES_PER_WEBHOOK: usize = 16;
+
+/// Retries of one delivery at most (`webhooks[].retries`).
+pub const MAX_RETRIES: u32 = 10;
+
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Notifier {
     /// Starts the delivery task (on the current runtime).
     pub fn start() -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, mut receiver) = mpsc::channel::<Delivery>(1024);
-        // deliveries in flight at most (with their retries): a storm of notifications queues
-        // here, then in the channel, then is dropped with a warning — never unbounded tasks
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_DELIVERIES));
         let task = tokio::spawn(async move {
             while let Some((notification, webhooks)) = receiver.recv().await {
                 let body = Bytes::from(serde_json::to_vec(&notification).unwrap_or_default());
                 for webhook in webhooks.iter() {
-                    let Ok(slot) = slots.clone().acquire_owned().await else {
-                        return;
+                    // never waits: a webhook whose slots are all taken by slow deliveries
+                    // loses this notification (with a warning), the others still get it
+                    let Ok(slot) = webhook.slots.clone().try_acquire_owned() else {
+                        tracing::warn!(
+                            target: "alert",
+                            webhook = &*webhook.origin,
+                            alert = &*notification.alert,
+                            "webhook busy with earlier deliveries; notification not sent to it"
+                        );
+                        continue;
                     };
                     // each webhook on its own: one slow receiver does not delay the others
                     let (webhook, body, alert) =
@@ -489,7 +515,7 @@ async fn deliver(webhook: Arc<Webhook>, body: Bytes, alert: String) {
         }
         if attempt < webhook.retries {
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

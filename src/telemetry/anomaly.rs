@@ -22,6 +22,11 @@ const PRIOR_WINDOWS: usize = 10;
 /// The weight of the baseline is capped (old history fades) at this many intervals.
 const MAX_BASELINE_WEIGHT: u32 = 1_000;
 
+/// While a network is anomalous its baseline does not learn for this many windows (an attack is
+/// not learnt as normal); after that it learns again, so a level that lasts becomes the new
+/// normal (and a busy network seen for the first time is not flagged forever).
+const FROZEN_WINDOWS: usize = 10;
+
 /// Per-network event counts and windows. Lives as long as the gateway.
 #[derive(Debug)]
 pub struct NetworkSignals {
@@ -42,6 +47,8 @@ struct NetworkWindow {
     anomalous: bool,
     /// Intervals since the network was last reported (raised, or still anomalous).
     since_report: usize,
+    /// Intervals the network has been anomalous for.
+    anomalous_for: usize,
 }
 
 /// What changed about a network in a sample.
@@ -104,7 +111,8 @@ impl NetworkSignals {
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         for network in arrived.keys() {
             windows.entry(*network).or_insert_with(|| NetworkWindow {
-                baseline_intervals: (PRIOR_WINDOWS * window) as u32,
+                baseline_intervals: (PRIOR_WINDOWS * window).min(MAX_BASELINE_WEIGHT as usize)
+                    as u32,
                 ..Default::default()
             });
         }
@@ -115,7 +123,7 @@ impl NetworkSignals {
             // `while`: a reload may have shortened the window
             while state.recent.len() > window {
                 let left = f64::from(state.recent.pop_front().unwrap_or(0));
-                if !state.anomalous {
+                if !state.anomalous || state.anomalous_for >= FROZEN_WINDOWS * window {
                     state.baseline_intervals =
                         (state.baseline_intervals + 1).min(MAX_BASELINE_WEIGHT);
                     state.baseline += (left - state.baseline) / f64::from(state.baseline_intervals);
@@ -126,6 +134,11 @@ impl NetworkSignals {
             let anomalous =
                 events >= config.min_events && events as f64 > config.rise_over_baseline * baseline;
             state.since_report += 1;
+            state.anomalous_for = if anomalous {
+                state.anomalous_for + 1
+            } else {
+                0
+            };
             let change = match (state.anomalous, anomalous) {
                 (false, true) => Some(Change::Raised),
                 (true, false) => Some(Change::Calmed),
@@ -156,11 +169,8 @@ impl NetworkSignals {
                 .iter()
                 .map(|(network, state)| {
                     let events: u32 = state.recent.iter().sum();
-                    (
-                        state.anomalous,
-                        f64::from(events) + state.baseline,
-                        *network,
-                    )
+                    let expected = state.baseline * window as f64;
+                    (state.anomalous, f64::from(events) + expected, *network)
                 })
                 .collect();
             ranked.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
@@ -244,7 +254,7 @@ mod tests {
         let signals = NetworkSignals::default();
         let config = config();
         let mut changes = Vec::new();
-        for _ in 0..60 {
+        for _ in 0..30 {
             burst(&signals, "203.0.113", 10);
             changes.extend(signals.sample(&config, 3).into_iter().map(|f| f.change));
         }
@@ -253,8 +263,14 @@ mod tests {
         // reported again every window while it lasts
         assert_eq!(
             changes.iter().filter(|c| **c == Change::Persisting).count(),
-            19
+            9
         );
+        // a level that lasts far longer becomes the new normal
+        for _ in 0..400 {
+            burst(&signals, "203.0.113", 10);
+            changes.extend(signals.sample(&config, 3).into_iter().map(|f| f.change));
+        }
+        assert_eq!(changes.last(), Some(&Change::Calmed), "{changes:?}");
     }
 
     #[test]

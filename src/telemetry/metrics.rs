@@ -165,7 +165,9 @@ pub struct Metrics {
     pub(crate) log_capacity: Gauge,
     pub(crate) log_dropped: Counter,
     pub(crate) log_lines: Counter,
-    pub(crate) alerts_firing: Family<AlertLabel, Gauge>,
+    alerts_firing: Family<AlertLabel, Gauge>,
+    /// The alert names `alerts_firing` has series for.
+    alert_names: std::sync::Mutex<Vec<String>>,
     pub(crate) reloads: Family<KindLabel, Counter>,
     pub(crate) spans_exported: Counter,
     pub(crate) networks_tracked: Gauge,
@@ -255,6 +257,7 @@ impl Metrics {
             log_dropped: Counter::default(),
             log_lines: Counter::default(),
             alerts_firing: Family::default(),
+            alert_names: std::sync::Mutex::default(),
             reloads: Family::default(),
             spans_exported: Counter::default(),
             networks_tracked: Gauge::default(),
@@ -469,6 +472,28 @@ impl Metrics {
         if let Some(event) = SecurityEvent::of_status(outcome.status) {
             self.security[event as usize].inc();
         }
+    }
+
+    /// Sets `portcullis_alerts_firing` to these values, and removes the series of alerts no
+    /// longer configured (set first, removed after: a scrape never sees a current one missing).
+    pub fn set_alert_series(&self, series: &[(String, i64)]) {
+        for (alert, value) in series {
+            self.alerts_firing
+                .get_or_create(&AlertLabel {
+                    alert: alert.clone(),
+                })
+                .set(*value);
+        }
+        let mut names = self.alert_names.lock().unwrap_or_else(|e| e.into_inner());
+        for stale in names
+            .iter()
+            .filter(|n| !series.iter().any(|(a, _)| a == *n))
+        {
+            self.alerts_firing.remove(&AlertLabel {
+                alert: stale.clone(),
+            });
+        }
+        *names = series.iter().map(|(a, _)| a.clone()).collect();
     }
 
     /// Prometheus text exposition, process gauges read first.

@@ -74,14 +74,25 @@ impl Telemetry {
     /// read here only). Call inside a tokio runtime.
     pub fn start(config: &ObservabilityConfig) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        // started even when the log is off, so a reload can turn it on
-        let access_log =
-            AccessLogSink::start(&config.access_log, metrics.clone()).map_err(|source| {
-                StartError::AccessLog {
+        // started even when the log is off, so a reload can turn it on; an output that cannot
+        // be opened stops the start only when the log is on
+        let access_log = match AccessLogSink::start(&config.access_log, metrics.clone()) {
+            Ok(sink) => sink,
+            Err(source) if config.access_log.enabled => {
+                return Err(StartError::AccessLog {
                     output: config.access_log.output.clone(),
                     source,
-                }
-            })?;
+                })
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    output = &*config.access_log.output,
+                    "the access log (off) cannot be opened; turning it on will need a restart"
+                );
+                AccessLogSink::disabled()
+            }
+        };
         let mut telemetry = Self::with_sink(config, metrics, access_log);
         if let Some(otlp) = &config.tracing.otlp {
             let (traces, task) = otlp::TraceExport::start(otlp, &telemetry.metrics)
@@ -226,9 +237,10 @@ impl Observer {
             let duration = ctx.started.elapsed();
             let denied = ctx.authorization.as_ref().is_some_and(|d| !d.allowed);
             // the gateway's own answers by their code; the upstream's errors by class
+            let forwarded = ctx.upstream_latency.is_some();
             let error_kind = ctx.error.or(match ctx.status {
-                500.. => Some("upstream_5xx"),
-                400..=499 => Some("upstream_4xx"),
+                500.. if forwarded => Some("upstream_5xx"),
+                400..=499 if forwarded => Some("upstream_4xx"),
                 _ => None,
             });
             telemetry.metrics.record(

@@ -1,10 +1,12 @@
-//! What counts as a secret name, for query parameters, form fields and JSON fields alike.
+//! What counts as a secret name, for query parameters, form fields, JSON fields and header names
+//! alike.
 //!
-//! Names are compared after percent-decoding, lower-casing and dropping everything but letters
-//! and digits, so `Access_Token`, `access-token`, `accessToken`, `access.token`, `access_token[]`
-//! and `access%5Ftoken` are one name. A name is secret when it contains one of the stems below,
-//! or is one of the short exact names (too short to match inside other words). Over-redaction is
-//! the safe side: a field named `tokenizer` is hidden too.
+//! A name is percent-decoded, then looked at two ways: lower-cased with everything but letters
+//! and digits dropped (so `Access_Token`, `access-token`, `accessToken`, `access.token`,
+//! `access_token[]` and `access%5Ftoken` are one name), which is secret when it contains one of
+//! the stems below; and split into words (at non-alphanumerics and camelCase humps), any of
+//! which may be one of the short exact names (`mfa_code`, `x-auth`, `key[0]`, `signingKey`).
+//! Over-redaction is the safe side: a field named `tokenizer` is hidden too.
 
 /// Secret when the normalised name contains one of these.
 const STEMS: &[&str] = &[
@@ -35,42 +37,79 @@ pub const REDACTED: &str = "[redacted]";
 
 /// Letters and digits of the percent-decoded name, lower-cased.
 pub fn normalize(name: &str) -> String {
-    percent_decode_lossy(name)
+    squash(&percent_decode_lossy(name))
+}
+
+fn squash(decoded: &str) -> String {
+    decoded
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .map(|c| c.to_ascii_lowercase())
         .collect()
 }
 
-/// Whether a name built in, or listed in `extra` (already normalised), is secret.
-pub fn is_secret(name: &str, extra: &[String]) -> bool {
-    let name = normalize(name);
-    STEMS.iter().any(|stem| name.contains(stem))
-        || EXACT.contains(&name.as_str())
-        || extra.contains(&name)
+/// The words of a decoded name, lower-cased: split at anything but letters and digits, and
+/// before an upper-case letter that follows a lower-case one.
+fn words(decoded: &str) -> impl Iterator<Item = String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut previous_lower = false;
+    for c in decoded.chars() {
+        if !c.is_ascii_alphanumeric() {
+            words.push(std::mem::take(&mut word));
+            previous_lower = false;
+            continue;
+        }
+        if c.is_ascii_uppercase() && previous_lower {
+            words.push(std::mem::take(&mut word));
+        }
+        previous_lower = c.is_ascii_lowercase();
+        word.push(c.to_ascii_lowercase());
+    }
+    words.push(word);
+    words.into_iter().filter(|w| !w.is_empty())
 }
 
-/// `a=1&token=x;b=2` with secret values replaced; `&` and `;` both separate pairs.
+/// Whether a name is secret: built in, or listed in `extra` (each already [`normalize`]d; they
+/// match the whole name or one of its words).
+pub fn is_secret(name: &str, extra: &[String]) -> bool {
+    let decoded = percent_decode_lossy(name);
+    let whole = squash(&decoded);
+    if STEMS.iter().any(|stem| whole.contains(stem)) || extra.contains(&whole) {
+        return true;
+    }
+    words(&decoded).any(|word| EXACT.contains(&word.as_str()) || extra.contains(&word))
+}
+
+/// `a=1&token=x&b=2` with secret values replaced. Pairs are split at `&`; inside one, a `;`
+/// may start another (some frameworks read `a=1;token=x` as two), and from a secret name on the
+/// rest of the `&`-pair is redacted (others read `token=x;y` as one value).
 pub fn redact_pairs(text: &str, extra: &[String]) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    loop {
-        let end = rest.find(['&', ';']).unwrap_or(rest.len());
-        let pair = &rest[..end];
-        match pair.split_once('=') {
-            Some((name, _)) if is_secret(name, extra) => {
-                out.push_str(name);
-                out.push('=');
-                out.push_str(REDACTED);
+    for (i, pair) in text.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let mut start = 0;
+        loop {
+            let end = pair[start..].find(';').map_or(pair.len(), |e| start + e);
+            if let Some((name, _)) = pair[start..end].split_once('=') {
+                if is_secret(name, extra) {
+                    out.push_str(&pair[..start]);
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(REDACTED);
+                    break;
+                }
             }
-            _ => out.push_str(pair),
+            if end == pair.len() {
+                out.push_str(pair);
+                break;
+            }
+            start = end + 1;
         }
-        if end == rest.len() {
-            return out;
-        }
-        out.push_str(&rest[end..end + 1]);
-        rest = &rest[end + 1..];
     }
+    out
 }
 
 /// Percent-decoding for names (`+` is a space); malformed escapes stay as they are.
@@ -124,6 +163,18 @@ mod tests {
             assert!(is_secret(name, &[]), "{name}");
         }
         for name in [
+            "mfa_code",
+            "verificationCode",
+            "x-auth",
+            "key[0]",
+            "data[code]",
+            "signing_key",
+            "pinCode",
+        ] {
+            assert!(is_secret(name, &[]), "{name}");
+        }
+        assert!(!is_secret("oauth_state", &[]));
+        for name in [
             "page",
             "user",
             "shipping",
@@ -140,8 +191,13 @@ mod tests {
     fn pairs_keep_their_shape() {
         assert_eq!(
             redact_pairs("a=1&token=x;b=2&flag&&c=", &[]),
-            "a=1&token=[redacted];b=2&flag&&c="
+            "a=1&token=[redacted]&flag&&c="
         );
+        assert_eq!(
+            redact_pairs("x=1;password=abc;def&y=2", &[]),
+            "x=1;password=[redacted]&y=2"
+        );
+        assert_eq!(redact_pairs("é=ü;ö=1", &[]), "é=ü;ö=1");
         assert_eq!(redact_pairs("", &[]), "");
         assert_eq!(redact_pairs("sig=abc", &[]), "sig=[redacted]");
     }

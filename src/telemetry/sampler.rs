@@ -90,7 +90,9 @@ fn judge_networks(observer: &Observer, anomaly: &AnomalyConfig) -> Vec<Notificat
             ended_at: (!raised).then(|| alerts::rfc3339(SystemTime::now())),
         };
         telemetry.alerts.set_external(&notification);
-        if notifications.len() < MAX_ANOMALY_NOTIFICATIONS {
+        // the cap is on new alerts: every resolved one goes out, so no receiver is left with
+        // an incident that never closes
+        if !raised || notifications.len() < MAX_ANOMALY_NOTIFICATIONS {
             notifications.push(notification);
         } else {
             unsent += 1;
@@ -161,29 +163,22 @@ pub fn sample_once(observer: &Observer, notifier: &Notifier) {
         .networks_tracked
         .set(telemetry.networks.tracked() as i64);
     let firing = telemetry.alerts.firing();
-    // rebuilt each time: a rule removed by a reload leaves no stale series behind
-    metrics.alerts_firing.clear();
-    for rule in &observer.alert_rules {
-        let on = firing.iter().any(|f| f.name == rule.name);
-        metrics
-            .alerts_firing
-            .get_or_create(&metrics::AlertLabel {
-                alert: rule.name.clone(),
-            })
-            .set(i64::from(on));
-    }
-    // anomalies share one series (a label per network would be unbounded)
-    metrics
-        .alerts_firing
-        .get_or_create(&metrics::AlertLabel {
-            alert: "anomaly".into(),
+    // one series per rule, and one counting anomalous networks (a label per network would be
+    // unbounded)
+    let mut series: Vec<(String, i64)> = observer
+        .alert_rules
+        .iter()
+        .map(|rule| {
+            let on = firing.iter().any(|f| f.name == rule.name);
+            (rule.name.clone(), i64::from(on))
         })
-        .set(
-            firing
-                .iter()
-                .filter(|f| f.name.starts_with("anomaly:"))
-                .count() as i64,
-        );
+        .collect();
+    let anomalous = firing
+        .iter()
+        .filter(|f| f.name.starts_with("anomaly:"))
+        .count();
+    series.push(("anomaly".into(), anomalous as i64));
+    metrics.set_alert_series(&series);
     for notification in notifications {
         notifier.notify(notification, observer.webhooks.clone());
     }

@@ -217,6 +217,19 @@ pub struct Histories {
     pub routes: HashMap<String, History>,
     /// Cumulative counts per route at the last sample.
     pub totals: HashMap<String, Counts>,
+    /// Cumulative counts of routes that are gone (overall totals never go down).
+    pub retired: Counts,
+}
+
+impl Histories {
+    /// Cumulative counts over every route, gone ones included.
+    pub fn overall_totals(&self) -> Counts {
+        let mut all = self.retired;
+        for counts in self.totals.values() {
+            all.add(counts);
+        }
+        all
+    }
 }
 
 impl LiveStats {
@@ -251,7 +264,17 @@ impl LiveStats {
             .retain(|name, _| keep(name));
         let mut histories = self.history.lock().unwrap_or_else(|e| e.into_inner());
         histories.routes.retain(|name, _| keep(name));
-        histories.totals.retain(|name, _| keep(name));
+        let gone: Vec<String> = histories
+            .totals
+            .keys()
+            .filter(|name| !keep(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(counts) = histories.totals.remove(&name) {
+                histories.retired.add(&counts);
+            }
+        }
     }
 
     /// How many samples a duration spans (at least one).

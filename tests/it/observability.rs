@@ -1118,9 +1118,11 @@ async fn open_admin_endpoints_answer_only_requests_addressed_by_ip() {
     let mut gateway = gateway(&upstream, "  access_log: { enabled: false }\n", "").await;
     let admin = admin(&mut gateway).await;
     for path in ["/metrics", "/dashboard"] {
+        // a browser's request under a rebound name (it sends Sec-Fetch-* headers)
         let rebound = send(
             Request::get(format!("http://{admin}{path}"))
                 .header("host", format!("attacker.example:{}", admin.port()))
+                .header("sec-fetch-site", "same-origin")
                 .body(Full::default())
                 .unwrap(),
         )
@@ -1141,4 +1143,21 @@ async fn open_admin_endpoints_answer_only_requests_addressed_by_ip() {
             assert_eq!(direct.status, 200, "{path} {host}");
         }
     }
+    // a scraper may address the listener by name (a Kubernetes Service, a compose service)
+    let scrape = send(
+        Request::get(format!("http://{admin}/metrics"))
+            .header("host", "portcullis-admin.monitoring.svc:9901")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(scrape.status, 200);
+    let page = send(
+        Request::get(format!("http://{admin}/dashboard"))
+            .header("host", "portcullis-admin.monitoring.svc:9901")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.status, 421, "the page only by address");
 }

@@ -71,24 +71,44 @@ fn words(decoded: &str) -> impl Iterator<Item = String> {
 }
 
 /// Whether a name is secret: built in, or listed in `extra` (each already [`normalize`]d; they
-/// match the whole name or one of its words).
+/// match the whole name or one of its words). The name is judged whole and, as PHP reads names,
+/// cut at its first NUL byte.
 pub fn is_secret(name: &str, extra: &[String]) -> bool {
     let decoded = percent_decode_lossy(name);
-    let whole = squash(&decoded);
-    if STEMS.iter().any(|stem| whole.contains(stem)) || extra.contains(&whole) {
-        return true;
-    }
-    words(&decoded).any(|word| EXACT.contains(&word.as_str()) || extra.contains(&word))
+    let cut = decoded.split('\0').next().unwrap_or_default();
+    judged_secret(&decoded, extra) || (cut.len() < decoded.len() && judged_secret(cut, extra))
 }
 
-/// `a=1&token=x&b=2` with secret values replaced. Pairs are split at `&`; inside one, a `;`
-/// may start another (some frameworks read `a=1;token=x` as two), and from a secret name on the
-/// rest of the `&`-pair is redacted (others read `token=x;y` as one value).
+fn judged_secret(decoded: &str, extra: &[String]) -> bool {
+    let whole = squash(decoded);
+    if STEMS.iter().any(|stem| whole.contains(stem))
+        || EXACT.contains(&whole.as_str())
+        || extra.contains(&whole)
+    {
+        return true;
+    }
+    words(decoded).any(|word| EXACT.contains(&word.as_str()) || extra.contains(&word))
+}
+
+/// `a=1&token=x&b=2` with secret values replaced. Pairs are split at `&`. A pair whose name
+/// (before its first `=`) is secret is redacted whole; otherwise, inside it, a `;` may start
+/// another pair (some frameworks read `a=1;token=x` as two), and from a secret name on the rest of
+/// the `&`-pair is redacted (others read `token=x;y` as one value).
 pub fn redact_pairs(text: &str, extra: &[String]) -> String {
     let mut out = String::with_capacity(text.len());
     for (i, pair) in text.split('&').enumerate() {
         if i > 0 {
             out.push('&');
+        }
+        // the name as a framework that does not split at `;` reads it (all before the first
+        // `=`): `token%00x;y=1` is `token` to PHP
+        if let Some((name, _)) = pair.split_once('=') {
+            if is_secret(name, extra) {
+                out.push_str(name);
+                out.push('=');
+                out.push_str(REDACTED);
+                continue;
+            }
         }
         let mut start = 0;
         loop {
@@ -118,10 +138,14 @@ pub fn percent_decode_lossy(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        // two hex digits exactly (`from_str_radix` alone would take `%+5`)
+        let decoded = (bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && bytes[i + 1].is_ascii_hexdigit()
+            && bytes[i + 2].is_ascii_hexdigit())
+        .then(|| std::str::from_utf8(&bytes[i + 1..i + 3]).ok())
+        .flatten()
+        .and_then(|hex| u8::from_str_radix(hex, 16).ok());
         match decoded {
             Some(byte) => {
                 out.push(byte);
@@ -170,6 +194,9 @@ mod tests {
             "data[code]",
             "signing_key",
             "pinCode",
+            "keY",
+            "CODE",
+            "keY%00%00pppp",
         ] {
             assert!(is_secret(name, &[]), "{name}");
         }
@@ -200,5 +227,10 @@ mod tests {
         assert_eq!(redact_pairs("é=ü;ö=1", &[]), "é=ü;ö=1");
         assert_eq!(redact_pairs("", &[]), "");
         assert_eq!(redact_pairs("sig=abc", &[]), "sig=[redacted]");
+        // PHP reads this as `access_token` (the name ends at the NUL)
+        assert_eq!(
+            redact_pairs("access_token%00x;t=secret", &[]),
+            "access_token%00x;t=[redacted]"
+        );
     }
 }

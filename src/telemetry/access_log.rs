@@ -121,16 +121,16 @@ impl AccessLogPolicy {
 
     /// The JSON line for a finished request (with the trailing newline).
     pub fn format(&self, ctx: &RequestCtx) -> Vec<u8> {
-        let timestamp = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let timestamp = timestamp_now();
         let query = ctx.query.as_deref().map(|q| self.redact_query(q));
-        let trace_id = ctx.trace.as_ref().map(|t| t.trace_id_hex());
+        let trace_id = ctx.trace.as_ref().map(|t| t.trace_id_buf());
         let line = Line {
             timestamp: &timestamp,
             log: "access",
             request_id: ctx.request_id.to_str().unwrap_or_default(),
-            trace_id: trace_id.as_deref(),
+            trace_id: trace_id
+                .as_ref()
+                .and_then(|hex| std::str::from_utf8(hex).ok()),
             client_ip: ctx.client_ip,
             peer: ctx.peer,
             listener: &ctx.listener,
@@ -213,6 +213,34 @@ fn pick(selected: &[(HeaderName, bool)], headers: &HeaderMap) -> Vec<(HeaderName
             Some((name.clone(), value))
         })
         .collect()
+}
+
+/// Now, as RFC 3339 in UTC with microseconds (`2026-11-25T06:00:00.123456Z`). The date and time
+/// of day are formatted once per second per thread; each line only adds the microseconds.
+fn timestamp_now() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let second = since_epoch.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let at = time::OffsetDateTime::from_unix_timestamp(second as i64)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let format =
+                time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+            *cached = (second, at.format(&format).unwrap_or_default());
+        }
+        let mut out = String::with_capacity(28);
+        out.push_str(&cached.1);
+        let micros = since_epoch.subsec_micros();
+        let _ = std::fmt::Write::write_fmt(&mut out, format_args!(".{micros:06}Z"));
+        out
+    })
 }
 
 fn version_name(version: http::Version) -> &'static str {
@@ -597,6 +625,18 @@ mod tests {
             text.contains("text/plain") && !text.contains("secret"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        let stamp = timestamp_now();
+        let parsed =
+            time::OffsetDateTime::parse(&stamp, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        assert_eq!(stamp.len(), 27, "{stamp}");
+        assert!(stamp.ends_with('Z'));
+        let now = time::OffsetDateTime::now_utc();
+        assert!((now - parsed).whole_seconds().abs() <= 1, "{stamp}");
     }
 
     #[test]

@@ -48,33 +48,49 @@ fn squash(decoded: &str) -> String {
         .collect()
 }
 
-/// The words of a decoded name, lower-cased: split at anything but letters and digits, and
-/// before an upper-case letter that follows a lower-case one.
-fn words(decoded: &str) -> impl Iterator<Item = String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut previous_lower = false;
-    for c in decoded.chars() {
-        if !c.is_ascii_alphanumeric() {
-            words.push(std::mem::take(&mut word));
-            previous_lower = false;
-            continue;
+/// The words of a decoded name (as slices, in their original case): runs of ASCII letters and
+/// digits, split before an upper-case letter that follows a lower-case one. Everything else
+/// (including every byte of a non-ASCII character) separates words.
+fn words(decoded: &str) -> impl Iterator<Item = &str> {
+    let bytes = decoded.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i <= bytes.len() {
+            let at = i;
+            i += 1;
+            let (ends_word, starts_next) = match bytes.get(at) {
+                None => (true, at),
+                Some(b) if !b.is_ascii_alphanumeric() => (true, at + 1),
+                Some(b) => (
+                    b.is_ascii_uppercase() && at > start && bytes[at - 1].is_ascii_lowercase(),
+                    at,
+                ),
+            };
+            if !ends_word {
+                continue;
+            }
+            // only ASCII letters and digits lie between `start` and `at`
+            let word = std::str::from_utf8(&bytes[start..at]).unwrap_or_default();
+            start = starts_next;
+            if !word.is_empty() {
+                return Some(word);
+            }
         }
-        if c.is_ascii_uppercase() && previous_lower {
-            words.push(std::mem::take(&mut word));
-        }
-        previous_lower = c.is_ascii_lowercase();
-        word.push(c.to_ascii_lowercase());
-    }
-    words.push(word);
-    words.into_iter().filter(|w| !w.is_empty())
+        None
+    })
 }
 
 /// Whether a name is secret: built in, or listed in `extra` (each already [`normalize`]d; they
 /// match the whole name or one of its words). The name is judged whole and, as PHP reads names,
 /// cut at its first NUL byte.
 pub fn is_secret(name: &str, extra: &[String]) -> bool {
-    let decoded = percent_decode_lossy(name);
+    // decoding allocates only when there is something to decode
+    let decoded: std::borrow::Cow<'_, str> = if name.contains(['%', '+']) {
+        percent_decode_lossy(name).into()
+    } else {
+        name.into()
+    };
     let cut = decoded.split('\0').next().unwrap_or_default();
     judged_secret(&decoded, extra) || (cut.len() < decoded.len() && judged_secret(cut, extra))
 }
@@ -87,7 +103,10 @@ fn judged_secret(decoded: &str, extra: &[String]) -> bool {
     {
         return true;
     }
-    words(decoded).any(|word| EXACT.contains(&word.as_str()) || extra.contains(&word))
+    words(decoded).any(|word| {
+        EXACT.iter().any(|exact| word.eq_ignore_ascii_case(exact))
+            || extra.iter().any(|e| word.eq_ignore_ascii_case(e))
+    })
 }
 
 /// `a=1&token=x&b=2` with secret values replaced. Pairs are split at `&`. A pair whose name
@@ -212,6 +231,19 @@ mod tests {
             assert!(!is_secret(name, &[]), "{name}");
         }
         assert!(is_secret("I-B-A-N", &["iban".into()]));
+    }
+
+    #[test]
+    fn words_split_at_separators_and_humps() {
+        fn split(name: &str) -> Vec<&str> {
+            words(name).collect()
+        }
+        assert_eq!(split("mfa_code"), ["mfa", "code"]);
+        assert_eq!(split("signingKey"), ["signing", "Key"]);
+        assert_eq!(split("key[0]"), ["key", "0"]);
+        assert_eq!(split("é-pin"), ["pin"]);
+        assert_eq!(split("__"), Vec::<&str>::new());
+        assert_eq!(split("URLValue"), ["URLValue"]);
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl TraceContext {
         hex(&self.trace_id)
     }
 
+    /// The trace id as hex in a stack buffer (the access log's, without an allocation).
+    pub fn trace_id_buf(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        write_hex(&mut out, &self.trace_id);
+        out
+    }
+
     /// The `traceparent` the upstream receives: this trace, the gateway's span as parent.
     pub fn upstream_header(&self) -> HeaderValue {
         let mut value = [0u8; 55];

@@ -6,32 +6,16 @@
 use std::{hint::black_box, sync::Arc};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue, Method, Request, Version};
+use http::{HeaderMap, Method, Request};
 use portcullis::{
     config::load_str,
-    pipeline::{Arrival, RequestCtx},
     policy::ratelimit::{KeySource, Phase, Record, RouteLimits},
     upstream::UpstreamRegistry,
 };
 
-const CONFIG: &str = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: limited\n    public: true\n    rate_limits: [per-ip, per-ip-route, reads]\n    upstream: app\nrate_limits:\n  rules:\n    - name: per-ip\n      key: [client_ip]\n      rate: 100000000/s\n    - name: per-ip-route\n      key: [client_ip, route]\n      rate: 100000000/s\n    - name: reads\n      key: [class]\n      class: read\n      rate: 100000000/s\n";
+mod common;
 
-fn ctx() -> RequestCtx {
-    let mut ctx = RequestCtx::new(Arrival {
-        request_id: HeaderValue::from_static("bench"),
-        peer: "127.0.0.1:40000".parse().unwrap(),
-        client_ip: "198.51.100.7".parse().unwrap(),
-        listener: "main".into(),
-        tls: false,
-        method: Method::GET,
-        version: Version::HTTP_11,
-        user_agent: None,
-        tls_version: None,
-    });
-    ctx.path = "/x".into();
-    ctx.route = Some("limited".into());
-    ctx
-}
+const CONFIG: &str = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: limited\n    public: true\n    rate_limits: [per-ip, per-ip-route, reads]\n    upstream: app\nrate_limits:\n  rules:\n    - name: per-ip\n      key: [client_ip]\n      rate: 100000000/s\n    - name: per-ip-route\n      key: [client_ip, route]\n      rate: 100000000/s\n    - name: reads\n      key: [class]\n      class: read\n      rate: 100000000/s\n";
 
 fn bench(c: &mut Criterion) {
     let loaded = load_str(CONFIG, "bench.yaml".as_ref(), ".".into(), &|_| None).expect("valid");
@@ -42,7 +26,7 @@ fn bench(c: &mut Criterion) {
         .find(0, "", &Method::GET, "/x", &HeaderMap::new())
         .expect("the route");
     let limits: Arc<RouteLimits> = route.policies.rate_limits.clone().expect("limited");
-    let ctx = ctx();
+    let ctx = common::routed_ctx("limited", "/x");
     let request = Request::get("/x").body(()).unwrap().into_parts().0;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -7,31 +7,18 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue, Method, Version};
-use portcullis::{
-    config::load_str,
-    pipeline::{Arrival, RequestCtx},
-    upstream::UpstreamRegistry,
-};
+use http::{HeaderMap, Method};
+use portcullis::{config::load_str, upstream::UpstreamRegistry};
+
+mod common;
 
 const CONFIG: &str = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: orders\n    public: true\n    upstream: app\nobservability:\n  access_log:\n    enabled: false\n";
 
-fn ctx() -> RequestCtx {
-    let mut ctx = RequestCtx::new(Arrival {
-        request_id: HeaderValue::from_static("5c2b3a0e9d8f4e1aa3b2c1d0e9f8a7b6"),
-        peer: "127.0.0.1:40000".parse().unwrap(),
-        client_ip: "198.51.100.7".parse().unwrap(),
-        listener: "main".into(),
-        tls: false,
-        method: Method::GET,
-        version: Version::HTTP_11,
-        user_agent: Some(HeaderValue::from_static("bench/1.0")),
-        tls_version: None,
-    });
+/// A proxied request, finished: what `Observer::finish` sees.
+fn ctx() -> portcullis::pipeline::RequestCtx {
+    let mut ctx = common::routed_ctx("orders", "/orders/7");
     ctx.host = "api.example.com".into();
-    ctx.path = "/orders/7".into();
     ctx.query = Some("page=2&access_token=secret".into());
-    ctx.route = Some("orders".into());
     ctx.upstream = Some("app".into());
     ctx.target = Some("http://127.0.0.1:9".into());
     ctx.status = 200;

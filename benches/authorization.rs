@@ -6,15 +6,13 @@
 use std::{hint::black_box, net::IpAddr, sync::Arc};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, Method};
-use portcullis::{
-    config::load_str,
-    policy::{
-        authn::Identity,
-        authz::{RequestFacts, RouteAuthorization},
-    },
-    upstream::UpstreamRegistry,
+use http::Method;
+use portcullis::policy::{
+    authn::Identity,
+    authz::{RequestFacts, RouteAuthorization},
 };
+
+mod common;
 
 const ROLES: usize = 1_000;
 const PERMISSIONS_PER_ROLE: usize = 10;
@@ -72,14 +70,8 @@ fn identity(roles: &[&str]) -> Identity {
 }
 
 fn bench(c: &mut Criterion) {
-    let text = config();
-    let loaded = load_str(&text, "bench.yaml".as_ref(), ".".into(), &|_| None).expect("valid");
-    let snapshot =
-        portcullis::proxy::compile(&loaded, &UpstreamRegistry::new(1), 0).expect("compiles");
-    let route = snapshot
-        .routes
-        .find(0, "", &Method::GET, "/", &HeaderMap::new())
-        .expect("the route");
+    let snapshot = common::compile(&config());
+    let route = common::route(&snapshot, "/");
     let authorization: Arc<RouteAuthorization> =
         route.policies.authorization.clone().expect("checked route");
     assert_eq!(

@@ -6,25 +6,16 @@
 use std::{hint::black_box, sync::Arc};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, Method, Request};
-use portcullis::{
-    config::load_str,
-    policy::ratelimit::{KeySource, Phase, Record, RouteLimits},
-    upstream::UpstreamRegistry,
-};
+use http::Request;
+use portcullis::policy::ratelimit::{KeySource, Phase, Record, RouteLimits};
 
 mod common;
 
 const CONFIG: &str = "listeners:\n  - name: main\n    bind: 127.0.0.1:0\nupstreams:\n  - name: app\n    targets:\n      - url: http://127.0.0.1:9\nroutes:\n  - name: limited\n    public: true\n    rate_limits: [per-ip, per-ip-route, reads]\n    upstream: app\nrate_limits:\n  rules:\n    - name: per-ip\n      key: [client_ip]\n      rate: 100000000/s\n    - name: per-ip-route\n      key: [client_ip, route]\n      rate: 100000000/s\n    - name: reads\n      key: [class]\n      class: read\n      rate: 100000000/s\n";
 
 fn bench(c: &mut Criterion) {
-    let loaded = load_str(CONFIG, "bench.yaml".as_ref(), ".".into(), &|_| None).expect("valid");
-    let snapshot =
-        portcullis::proxy::compile(&loaded, &UpstreamRegistry::new(1), 0).expect("compiles");
-    let route = snapshot
-        .routes
-        .find(0, "", &Method::GET, "/x", &HeaderMap::new())
-        .expect("the route");
+    let snapshot = common::compile(CONFIG);
+    let route = common::route(&snapshot, "/x");
     let limits: Arc<RouteLimits> = route.policies.rate_limits.clone().expect("limited");
     let ctx = common::routed_ctx("limited", "/x");
     let request = Request::get("/x").body(()).unwrap().into_parts().0;

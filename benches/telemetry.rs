@@ -7,8 +7,6 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, Method};
-use portcullis::{config::load_str, upstream::UpstreamRegistry};
 
 mod common;
 
@@ -28,14 +26,8 @@ fn ctx() -> portcullis::pipeline::RequestCtx {
 }
 
 fn bench(c: &mut Criterion) {
-    let loaded = load_str(CONFIG, "bench.yaml".as_ref(), ".".into(), &|_| None).expect("valid");
-    let snapshot =
-        portcullis::proxy::compile(&loaded, &UpstreamRegistry::new(1), 0).expect("compiles");
-    let route = snapshot
-        .routes
-        .find(0, "", &Method::GET, "/orders/7", &HeaderMap::new())
-        .expect("the route")
-        .clone();
+    let snapshot = common::compile(CONFIG);
+    let route = common::route(&snapshot, "/orders/7");
     let mut ctx = ctx();
     ctx.route_observer = Some(route.observer.clone());
     let observer = snapshot.observer.clone();

@@ -1,4 +1,7 @@
-//! What the benches share: a request record as the handler would have it after routing.
+//! What the benches share: compiling a config, finding a route, and a request record as the
+//! handler would have it after routing.
+// each bench uses part of this module
+#![allow(dead_code)]
 
 use http::{HeaderValue, Method, Version};
 use portcullis::pipeline::{Arrival, RequestCtx};
@@ -19,4 +22,24 @@ pub fn routed_ctx(route: &str, path: &str) -> RequestCtx {
     ctx.path = path.into();
     ctx.route = Some(route.into());
     ctx
+}
+
+/// The snapshot a config text compiles to (through the real loader and compiler).
+pub fn compile(yaml: &str) -> portcullis::proxy::Snapshot {
+    let loaded = portcullis::config::load_str(yaml, "bench.yaml".as_ref(), ".".into(), &|_| None)
+        .expect("valid");
+    portcullis::proxy::compile(&loaded, &portcullis::upstream::UpstreamRegistry::new(1), 0)
+        .expect("compiles")
+}
+
+/// The route a `GET path` on the first listener reaches.
+pub fn route(
+    snapshot: &portcullis::proxy::Snapshot,
+    path: &str,
+) -> std::sync::Arc<portcullis::proxy::snapshot::Route> {
+    snapshot
+        .routes
+        .find(0, "", &Method::GET, path, &http::HeaderMap::new())
+        .expect("the route")
+        .clone()
 }

@@ -11,6 +11,8 @@ use crate::support::*;
 
 const ADMIN_TOKEN: &str = "observability-admin-token";
 const API_KEY: &str = "key-alice-very-secret";
+/// The W3C Trace Context specification's example `traceparent`.
+const SPEC_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn digest(key: &str) -> String {
     portcullis::policy::authn::sha256(key.as_bytes())
@@ -110,10 +112,7 @@ async fn access_log_lines_carry_every_field_and_never_a_secret() {
         .header("cookie", "sid=client-cookie-secret")
         .header("authorization", "Bearer bearer-token-secret")
         .header("user-agent", "observability-test/1.0")
-        .header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
+        .header("traceparent", SPEC_TRACEPARENT)
         .body(Full::default())
         .unwrap(),
     )
@@ -400,10 +399,7 @@ async fn trace_context_reaches_the_upstream() {
     // continued: same trace, the gateway's span as the parent
     let continued = send(
         Request::get(gateway.url("/open/t"))
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
+            .header("traceparent", SPEC_TRACEPARENT)
             .header("tracestate", "vendor=abc")
             .body(Full::default())
             .unwrap(),
@@ -881,10 +877,7 @@ async fn sampled_requests_are_exported_as_otlp_spans() {
     let ok = send(
         Request::get(gateway.url("/secure/orders"))
             .header("x-api-key", API_KEY)
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
+            .header("traceparent", SPEC_TRACEPARENT)
             .body(Full::default())
             .unwrap(),
     )
@@ -1090,10 +1083,7 @@ async fn untrusted_clients_cannot_choose_the_trace() {
     let gateway = TestGateway::start(&config_with(&[upstream.url()], "", CATCH_ALL)).await;
     let response = send(
         Request::get(gateway.url("/x"))
-            .header(
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            )
+            .header("traceparent", SPEC_TRACEPARENT)
             .header("tracestate", "vendor=forced-sampling")
             .body(Full::default())
             .unwrap(),

@@ -209,6 +209,7 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
                 )
             }
         }
+        (Method::DELETE, "/cache") => purge_cache(&request, state).await,
         (
             _,
             "/healthz"
@@ -218,7 +219,8 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
             | "/config"
             | "/revocations"
             | "/ratelimits"
-            | "/ratelimits/suspicious",
+            | "/ratelimits/suspicious"
+            | "/cache",
         ) => error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -231,6 +233,42 @@ async fn route(request: Request<Incoming>, state: &GatewayState) -> Response<Res
             "unknown admin endpoint",
             &new_request_id(),
         ),
+    }
+}
+
+/// `DELETE /cache?key=HOST/PATH?QUERY` or `?prefix=HOST/PATH`: drops those cached responses
+/// (every route, identity and variant); `prefix=` with an empty value empties the cache.
+async fn purge_cache(request: &Request<Incoming>, state: &GatewayState) -> Response<ResponseBody> {
+    let (url, prefix) = match (query_param(request, "key"), query_param(request, "prefix")) {
+        (Some(key), None) if !key.is_empty() => (key, false),
+        (None, Some(prefix)) => (prefix, true),
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "give exactly one of `key` (a URL: host, path, query) or `prefix`",
+                &new_request_id(),
+            )
+        }
+    };
+    let store = state.snapshot.load().cache_store.clone();
+    match store
+        .purge(&crate::cache::lowercase_host(&url), prefix)
+        .await
+    {
+        Ok(purged) => {
+            tracing::info!(url, prefix, purged, "cache purged through the admin API");
+            json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cache purge failed");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the cache store could not be purged; try again",
+                &new_request_id(),
+            )
+        }
     }
 }
 

@@ -282,6 +282,11 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
             config.observability = observability;
         }
     }
+    if let Some(value) = map.remove("cache") {
+        if let Some(cache) = typed(value, "cache", sink) {
+            config.cache = cache;
+        }
+    }
     config.listeners = typed_list(map.remove("listeners"), "listeners", sink);
     config.upstreams = typed_list(map.remove("upstreams"), "upstreams", sink);
     config.routes = typed_list(map.remove("routes"), "routes", sink);
@@ -289,7 +294,7 @@ fn deserialize_sections(root: Value, sink: &mut ErrorSink<'_>) -> Config {
         let key = key.as_str().unwrap_or("?").to_owned();
         let error = sink.make(
             &key,
-            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `rate_limits`, `redis`, `observability`"),
+            format!("unknown field `{key}`, expected one of `server`, `admin`, `listeners`, `upstreams`, `routes`, `authentication`, `authorization`, `rate_limits`, `redis`, `observability`, `cache`"),
             true,
         );
         sink.errors.push(error);

@@ -47,6 +47,58 @@ pub struct Config {
     /// Access log, metrics, tracing, alerts, anomaly detection, dashboard.
     #[serde(default)]
     pub observability: ObservabilityConfig,
+    /// The response cache that routes with a `cache` section use: its size and where it lives.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The response cache's store (routes opt in with their own `cache` section).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes of responses (bodies, headers, bookkeeping) kept in memory at most; the least
+    /// recently used URLs are evicted first.
+    pub max_size: ByteSize,
+    /// The largest response body stored; larger ones stream through uncached.
+    pub max_entry_size: ByteSize,
+    /// `memory` (each replica its own) or `redis` (the top-level `redis` server, shared by the
+    /// replicas; a failing Redis is a cache miss, never an error).
+    pub store: StoreKind,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: ByteSize(64 << 20),
+            max_entry_size: ByteSize(1 << 20),
+            store: StoreKind::Memory,
+        }
+    }
+}
+
+/// A route's response caching (RFC 9111). Only `GET` requests without a body or `Range` are
+/// looked up; the lookup happens after authentication, authorization and rate limits.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    /// Freshness for responses that state none (no `max-age`, `s-maxage` or `Expires`).
+    /// Absent: such responses are not stored.
+    #[serde(default)]
+    pub ttl: Option<HumanDuration>,
+    /// Use `ttl` even when the upstream states a freshness (`no-store` and `private` are still
+    /// obeyed).
+    #[serde(default)]
+    pub override_ttl: bool,
+    /// How long past its freshness a response may still be served (`x-cache: stale`) while one
+    /// background request refreshes it. The response's own `stale-while-revalidate` wins when
+    /// larger; `must-revalidate`, `proxy-revalidate` and `no-cache` forbid it.
+    #[serde(default)]
+    pub stale_while_revalidate: Option<HumanDuration>,
+    /// Serve an entry to every identity. Off (the default), a response to an authenticated
+    /// request is kept for its identity alone; on, it is stored only when the upstream marks it
+    /// `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// Rate limiting: named rules that routes list (or that apply to every route), and where their
@@ -1247,6 +1299,9 @@ pub struct RouteConfig {
     /// Put (the first bytes of) request and response bodies in the access log, redacted.
     #[serde(default)]
     pub capture_payload: Option<CapturePayloadConfig>,
+    /// Serve `GET` responses from the cache (see `docs/caching.md`).
+    #[serde(default)]
+    pub cache: Option<RouteCacheConfig>,
 }
 
 /// Request matching. All given conditions must hold.

@@ -30,6 +30,13 @@ pub struct ResponseBody {
 enum ResponseKind {
     Full(Option<Bytes>),
     Upstream(UpstreamResponseBody),
+    /// An upstream body whose start was read ahead (to be cached, and found too large or ending
+    /// in trailers): the bytes read, then the rest of the stream, then the trailers read.
+    Replay {
+        head: Option<Bytes>,
+        rest: Option<UpstreamResponseBody>,
+        trailers: Option<http::HeaderMap>,
+    },
 }
 
 impl ResponseBody {
@@ -43,6 +50,22 @@ impl ResponseBody {
     pub fn empty() -> Self {
         Self {
             kind: ResponseKind::Full(None),
+            completion: None,
+        }
+    }
+
+    /// A body whose first bytes (and possibly its end) were already read from `rest`.
+    pub fn replay(
+        head: Bytes,
+        rest: Option<UpstreamResponseBody>,
+        trailers: Option<http::HeaderMap>,
+    ) -> Self {
+        Self {
+            kind: ResponseKind::Replay {
+                head: (!head.is_empty()).then_some(head),
+                rest,
+                trailers,
+            },
             completion: None,
         }
     }
@@ -74,6 +97,25 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             ResponseKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ResponseKind::Replay {
+                head,
+                rest,
+                trailers,
+            } => {
+                if let Some(head) = head.take() {
+                    Poll::Ready(Some(Ok(Frame::data(head))))
+                } else if let Some(body) = rest {
+                    match Pin::new(body).poll_frame(cx) {
+                        Poll::Ready(None) => {
+                            *rest = None;
+                            Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                        }
+                        other => other.map_err(Into::into),
+                    }
+                } else {
+                    Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                }
+            }
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -101,6 +143,11 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Full(bytes) => bytes.is_none(),
             ResponseKind::Upstream(body) => body.is_end_stream(),
+            ResponseKind::Replay {
+                head,
+                rest,
+                trailers,
+            } => head.is_none() && rest.is_none() && trailers.is_none(),
         }
     }
 
@@ -109,6 +156,18 @@ impl Body for ResponseBody {
             ResponseKind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ResponseKind::Full(None) => SizeHint::with_exact(0),
             ResponseKind::Upstream(body) => body.size_hint(),
+            ResponseKind::Replay { head, rest, .. } => {
+                let head = head.as_ref().map_or(0, |h| h.len() as u64);
+                let mut hint = rest.as_ref().map(Body::size_hint).unwrap_or_default();
+                hint.set_lower(hint.lower() + head);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + head);
+                }
+                if rest.is_none() {
+                    hint = SizeHint::with_exact(head);
+                }
+                hint
+            }
         }
     }
 }

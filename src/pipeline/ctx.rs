@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub target: Option<Arc<str>>,
     pub status: u16,
     pub retries: u32,
+    /// What the response cache did (routes with a `cache` section).
+    pub cache: Option<crate::cache::CacheStatus>,
     pub upstream_latency: Option<Duration>,
     pub bytes_out: u64,
     /// Short machine-readable reason when the gateway itself answered with an error.
@@ -116,6 +118,7 @@ impl RequestCtx {
             target: None,
             status: 0,
             retries: 0,
+            cache: None,
             upstream_latency: None,
             bytes_out: 0,
             error: None,

@@ -11,11 +11,13 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::{
+    caching,
     conn::ConnFlags,
     forwarding,
     snapshot::{HostRewrite, Route, Snapshot},
 };
 use crate::{
+    cache::{CacheStatus, X_CACHE},
     pipeline::{
         Arrival, Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody,
         UpstreamBody, X_REQUEST_ID,
@@ -26,7 +28,7 @@ use crate::{
         payload::CapturedBody,
         trace::{TraceContext, TRACEPARENT, TRACESTATE},
     },
-    upstream::HashKey,
+    upstream::{HashKey, UpstreamResponseBody},
 };
 
 const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
@@ -348,14 +350,39 @@ async fn proxy(
     }
     let upstream_request = Request::from_parts(parts, body);
 
-    // 8. forward
+    // 8. forward, through the cache when the route has one and the request may use it
+    if let Some(cache) = &route.cache {
+        if caching::is_cacheable(&upstream_request) {
+            return caching::serve(cache, &route, upstream_request, hash_key, ctx).await;
+        }
+        cache.count(CacheStatus::Bypass);
+        ctx.cache = Some(CacheStatus::Bypass);
+    }
+    let response = forward(&route, upstream_request, hash_key.as_deref(), ctx).await?;
+    let (mut parts, body) = response.into_parts();
+    if let Some(capture) = ctx.capture.as_ref().filter(|c| c.response) {
+        ctx.response_capture = Some(Box::new(CapturedBody::new(
+            capture.max_bytes,
+            parts.headers.get(header::CONTENT_TYPE),
+        )));
+    }
+    if route.cache.is_some() {
+        parts.headers.insert(X_CACHE, CacheStatus::Bypass.header());
+    }
+    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// Sends the request to the route's upstream (load balancing, retries, timeouts), records the
+/// outcome in `ctx`, and returns the response minus its hop-by-hop headers.
+pub(super) async fn forward(
+    route: &Route,
+    request: Request<UpstreamBody>,
+    hash_key: Option<&[u8]>,
+    ctx: &mut RequestCtx,
+) -> Result<Response<UpstreamResponseBody>, GatewayError> {
     let forwarded = route
         .upstream
-        .forward(
-            upstream_request,
-            hash_key.as_deref(),
-            matches!(route.host, HostRewrite::Target),
-        )
+        .forward(request, hash_key, matches!(route.host, HostRewrite::Target))
         .await;
     let forwarded = match forwarded {
         Ok(forwarded) => forwarded,
@@ -374,19 +401,13 @@ async fn proxy(
 
     // 9. the response, minus hop-by-hop headers
     let (mut parts, body) = forwarded.response.into_parts();
-    if let Some(capture) = ctx.capture.as_ref().filter(|c| c.response) {
-        ctx.response_capture = Some(Box::new(CapturedBody::new(
-            capture.max_bytes,
-            parts.headers.get(header::CONTENT_TYPE),
-        )));
-    }
     forwarding::strip_hop_by_hop(&mut parts.headers, false);
     parts.version = Version::HTTP_11;
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         // upgrades are not proxied (yet): never pass a 101 through without the tunnel behind it
         return Err(GatewayError::UpstreamProtocol);
     }
-    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Applies `strip_prefix` then `add_prefix` to the normalised path.

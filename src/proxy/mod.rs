@@ -1,6 +1,7 @@
 //! The data plane: compiling the config into a snapshot, accepting and serving connections,
 //! handling requests, and the gateway's lifecycle (start, reload, drain).
 
+mod caching;
 mod conn;
 mod forwarding;
 mod gateway;

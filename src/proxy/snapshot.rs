@@ -66,6 +66,8 @@ pub struct Snapshot {
     pub connection_counts: Arc<crate::policy::ratelimit::ConnectionCounts>,
     /// Adaptive limits: scored after every request, listed on the admin API.
     pub adaptive: Option<Arc<crate::policy::ratelimit::Adaptive>>,
+    /// The response cache's store (purged through the admin API).
+    pub cache_store: crate::cache::Store,
 }
 
 impl Snapshot {
@@ -119,6 +121,8 @@ pub struct Route {
     pub observer: Arc<crate::telemetry::RouteObserver>,
     /// Bodies captured for the access log (`capture_payload`).
     pub capture: Option<Arc<crate::telemetry::payload::CapturePolicy>>,
+    /// Response caching (`cache`).
+    pub cache: Option<Arc<crate::cache::RouteCache>>,
 }
 
 /// The `Host` header sent upstream.
@@ -180,7 +184,15 @@ pub fn compile(
         }
     }
     let observer = compile_observability(config, &rate_limits, registry, &mut sink);
+    let cache_store = compile_cache_store(
+        &config.cache,
+        authentication.shared_store.as_ref(),
+        registry,
+        &mut sink,
+    );
     let context = RouteContext {
+        cache_store: &cache_store,
+        cache_max_entry: config.cache.max_entry_size.0,
         observer: &observer,
         upstreams: &upstreams,
         listener_index: &listener_index,
@@ -251,6 +263,7 @@ pub fn compile(
         max_connections_per_ip: config.rate_limits.max_connections_per_ip,
         connection_counts: registry.connection_counts.clone(),
         adaptive: rate_limits.adaptive.clone(),
+        cache_store,
     })
 }
 
@@ -569,6 +582,44 @@ struct RouteContext<'a> {
     /// Upstreams' caps on requests in flight, by name.
     upstream_limits: HashMap<&'a str, InFlightLimit>,
     observer: &'a crate::telemetry::Observer,
+    /// Where routes with a `cache` section keep their responses.
+    cache_store: &'a crate::cache::Store,
+    cache_max_entry: u64,
+}
+
+/// The response cache's store as the `cache` section wants it. The in-memory one lives in the
+/// registry (a reload keeps it, resized); a Redis one shares the `redis` section's connection.
+fn compile_cache_store(
+    config: &crate::config::model::CacheConfig,
+    redis: Option<&Arc<RedisStore>>,
+    registry: &UpstreamRegistry,
+    sink: &mut ErrorSink<'_>,
+) -> crate::cache::Store {
+    if config.max_entry_size.0 > config.max_size.0 / 16 {
+        sink.error(
+            "cache.max_entry_size",
+            format!(
+                "must be at most 1/16 of `max_size` ({} bytes): the store is split in 16 shards",
+                config.max_size.0 / 16
+            ),
+        );
+    }
+    match (config.store, redis) {
+        (StoreKind::Redis, Some(redis)) => crate::cache::Store::Redis(Arc::new(
+            crate::cache::redis::RedisStore::new(redis.clone()),
+        )),
+        (StoreKind::Redis, None) => {
+            sink.error(
+                "cache.store",
+                "`store: redis` needs the top-level `redis` section",
+            );
+            crate::cache::Store::Memory(registry.responses.clone())
+        }
+        (StoreKind::Memory, _) => {
+            registry.responses.set_max_bytes(config.max_size.0);
+            crate::cache::Store::Memory(registry.responses.clone())
+        }
+    }
 }
 
 fn compile_route(
@@ -586,6 +637,8 @@ fn compile_route(
         registry,
         upstream_limits,
         observer,
+        cache_store,
+        cache_max_entry,
     } = context;
     let path = format!("routes[{i}]");
     let upstream = upstreams.get(route.upstream.as_str())?.clone();
@@ -705,7 +758,31 @@ fn compile_route(
             .capture_payload
             .as_ref()
             .map(|config| Arc::new(crate::telemetry::payload::CapturePolicy::compile(config))),
+        cache: route.cache.as_ref().map(|config| {
+            Arc::new(crate::cache::RouteCache {
+                freshness: crate::cache::Freshness {
+                    default_ttl: config.ttl.map(|t| t.0),
+                    override_ttl: config.override_ttl,
+                    stale_while_revalidate: config
+                        .stale_while_revalidate
+                        .map(|t| t.0)
+                        .unwrap_or_default(),
+                },
+                shared: config.shared,
+                max_entry_bytes: *cache_max_entry,
+                store: (*cache_store).clone(),
+                coalescer: registry.cache_fetches.clone(),
+                outcomes: registry.telemetry.metrics.cache_outcomes(&route.name),
+            })
+        }),
     };
+    if route
+        .cache
+        .as_ref()
+        .is_some_and(|c| c.override_ttl && c.ttl.is_none())
+    {
+        sink.error(format!("{path}.cache.override_ttl"), "needs `ttl`");
+    }
     Some((
         RouteMatch {
             hosts,

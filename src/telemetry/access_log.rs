@@ -148,6 +148,7 @@ impl AccessLogPolicy {
             upstream: ctx.upstream.as_deref(),
             upstream_target: ctx.target.as_deref(),
             retries: ctx.retries,
+            cache: ctx.cache.map(crate::cache::CacheStatus::as_str),
             error: ctx.error,
             aborted: ctx.response_aborted,
             auth_subject: ctx.identity.as_ref().map(|i| &*i.subject),
@@ -284,6 +285,9 @@ struct Line<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream_target: Option<&'a str>,
     retries: u32,
+    /// What the response cache did (routes with a cache only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'static str>,
     aborted: bool,

@@ -178,6 +178,15 @@ pub struct Metrics {
     resident_bytes: Gauge,
     open_fds: Gauge,
     start_time: Gauge<f64, AtomicU64>,
+    cache_lookups: Family<RouteResultLabels, Counter>,
+    /// The response cache's size, entries and evictions (kept current by the store).
+    pub cache_store: crate::cache::StoreMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteResultLabels {
+    route: String,
+    result: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -267,6 +276,8 @@ impl Metrics {
             resident_bytes: Gauge::default(),
             open_fds: Gauge::default(),
             start_time: Gauge::default(),
+            cache_lookups: Family::default(),
+            cache_store: crate::cache::StoreMetrics::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -415,6 +426,26 @@ impl Metrics {
             "Start time since the Unix epoch",
             m.start_time.clone(),
         );
+        registry.register(
+            "portcullis_cache_lookups",
+            "Cacheable requests by what the cache did: hit, miss, stale, revalidated, bypass",
+            m.cache_lookups.clone(),
+        );
+        registry.register(
+            "portcullis_cache_size_bytes",
+            "Bytes the in-memory response cache holds",
+            m.cache_store.bytes.clone(),
+        );
+        registry.register(
+            "portcullis_cache_entries",
+            "URLs the in-memory response cache holds",
+            m.cache_store.entries.clone(),
+        );
+        registry.register(
+            "portcullis_cache_evictions",
+            "URLs evicted from the in-memory response cache to stay within its size",
+            m.cache_store.evictions.clone(),
+        );
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -423,6 +454,18 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// One route's cache lookup counters, in [`crate::cache::CacheStatus::ALL`] order.
+    pub fn cache_outcomes(&self, route: &str) -> [Counter; 5] {
+        crate::cache::CacheStatus::ALL.map(|status| {
+            self.cache_lookups
+                .get_or_create(&RouteResultLabels {
+                    route: route.to_owned(),
+                    result: status.as_str(),
+                })
+                .clone()
+        })
     }
 
     /// The handles one route's requests update (resolved as they are first needed, then cached).

@@ -120,6 +120,10 @@ pub struct UpstreamRegistry {
     pub in_flight: crate::policy::ratelimit::InFlightCounters,
     /// Metrics, live statistics, alert states, the access-log writer.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The in-memory response cache (a reload keeps what it holds).
+    pub responses: Arc<crate::cache::MemoryStore>,
+    /// Concurrent cache misses waiting for one fetch.
+    pub cache_fetches: Arc<crate::cache::Coalescer>,
 }
 
 #[derive(Debug, Default)]
@@ -140,7 +144,13 @@ impl UpstreamRegistry {
 
     /// A registry whose snapshots report to `telemetry` (a serving gateway's).
     pub fn with_telemetry(workers: usize, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        let defaults = crate::config::model::CacheConfig::default();
         Self {
+            responses: Arc::new(crate::cache::MemoryStore::new(
+                defaults.max_size.0,
+                telemetry.metrics.cache_store.clone(),
+            )),
+            cache_fetches: Arc::default(),
             telemetry,
             epoch: Instant::now(),
             workers,

@@ -5,6 +5,7 @@ mod support;
 
 mod authn;
 mod authz;
+mod caching;
 mod cli;
 mod hardening;
 mod lifecycle;

@@ -10,6 +10,7 @@
 //! - [`route`]: path normalisation, patterns and the precedence-ordered route table;
 //! - [`policy`]: the per-route policy chain (authentication, authorization, rate limits);
 //! - [`upstream`]: pools, load balancing, health, retries;
+//! - [`compose`]: request composition (parallel and dependent upstream calls merged as JSON);
 //! - [`cache`]: the response cache (RFC 9111 freshness, per-identity entries, coalescing);
 //! - [`store`]: state shared by replicas (Redis);
 //! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod compose;
 pub mod config;
 pub mod demo;
 pub mod explain;

@@ -1302,6 +1302,79 @@ pub struct RouteConfig {
     /// Serve `GET` responses from the cache (see `docs/caching.md`).
     #[serde(default)]
     pub cache: Option<RouteCacheConfig>,
+    /// Answer with one JSON response composed of several upstream calls instead of forwarding
+    /// the request (see `docs/composition.md`).
+    #[serde(default)]
+    pub compose: Option<ComposeConfig>,
+}
+
+/// Request composition: upstream calls made in parallel (or after the calls whose JSON they
+/// use), merged into one JSON response.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComposeConfig {
+    /// The calls (at most 16). A call whose path uses another call's JSON runs after it; the
+    /// others run in parallel.
+    pub calls: Vec<ComposeCallConfig>,
+    /// `sections` (the default): `{"<call name>": <its JSON>, ...}`; `object`: the calls' JSON
+    /// objects merged into one, later calls winning on equal keys.
+    #[serde(default)]
+    pub merge: ComposeMerge,
+    /// When a call fails: `fail` (the default) answers 502 `composition_failed`; `partial`
+    /// answers 200 with what succeeded, the failed calls as `null` sections, their reasons under
+    /// `"_errors"` and their names in the `x-compose-partial` header.
+    #[serde(default)]
+    pub on_failure: ComposeFailure,
+    /// The sum of the calls' response bodies at most; more fails the whole request (502).
+    #[serde(default = "default_compose_max_response")]
+    pub max_response_size: ByteSize,
+}
+
+fn default_compose_max_response() -> ByteSize {
+    ByteSize(1 << 20)
+}
+
+/// How composed results are put together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ComposeMerge {
+    #[default]
+    Sections,
+    Object,
+}
+
+/// What a failed call does to the composed response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ComposeFailure {
+    #[default]
+    Fail,
+    Partial,
+}
+
+/// One upstream call of a composed response.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComposeCallConfig {
+    /// Names the call's section and lets later calls use its JSON (`{name.field}`).
+    pub name: String,
+    /// The upstream (by name); absent: the route's.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Path and query sent, with placeholders: `{param}` (the route's path parameters),
+    /// `{subject}` (the authenticated subject), `{call.field.0.name}` (a field of an earlier
+    /// call's JSON). Values are percent-encoded.
+    pub path: String,
+    /// `GET` (the default) or another method without a body.
+    #[serde(default = "default_compose_method")]
+    pub method: String,
+    /// How long the call may take; absent: the upstream's total timeout.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+}
+
+fn default_compose_method() -> String {
+    "GET".to_owned()
 }
 
 /// Request matching. All given conditions must hold.

@@ -37,6 +37,8 @@ pub enum GatewayError {
     LimiterUnavailable,
     #[error("too many requests in flight")]
     Overloaded,
+    #[error("a call of a composed response failed")]
+    CompositionFailed,
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 style). Deliberately coarse: a client
@@ -74,7 +76,9 @@ impl GatewayError {
             | Self::ShuttingDown
             | Self::LimiterUnavailable
             | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamConnect | Self::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            Self::UpstreamConnect | Self::UpstreamProtocol | Self::CompositionFailed => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
@@ -98,6 +102,7 @@ impl GatewayError {
             Self::TooManyRequests { .. } => "rate_limited",
             Self::LimiterUnavailable => "rate_limit_unavailable",
             Self::Overloaded => "overloaded",
+            Self::CompositionFailed => "composition_failed",
         }
     }
 
@@ -114,6 +119,7 @@ impl GatewayError {
                 "the upstream service failed to answer"
             }
             Self::UpstreamTimeout => "the upstream service did not answer in time",
+            Self::CompositionFailed => "a service this response is composed of failed to answer",
             Self::ShuttingDown => "the gateway is restarting; retry",
             Self::Unauthorized(_) => "authentication is required",
             // the same words whatever rule denied: the policy is not the client's to learn
@@ -194,6 +200,7 @@ mod tests {
             (GatewayError::UpstreamConnect, 502),
             (GatewayError::UpstreamTimeout, 504),
             (GatewayError::UpstreamProtocol, 502),
+            (GatewayError::CompositionFailed, 502),
             (GatewayError::ShuttingDown, 503),
             (GatewayError::Unauthorized(Challenge::Bearer), 401),
             (GatewayError::Forbidden, 403),

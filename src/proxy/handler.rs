@@ -348,6 +348,11 @@ async fn proxy(
         body = body.with_capture(shared.clone());
         ctx.request_capture = Some(shared);
     }
+    if let Some(composition) = &route.compose {
+        // answered by the composition's calls; a client body has nowhere to go
+        drop(body);
+        return respond_composed(composition, &parts.headers, ctx).await;
+    }
     let upstream_request = Request::from_parts(parts, body);
 
     // 8. forward, through the cache when the route has one and the request may use it
@@ -370,6 +375,35 @@ async fn proxy(
         parts.headers.insert(X_CACHE, CacheStatus::Bypass.header());
     }
     Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+}
+
+/// Runs a route's composition and answers with its JSON.
+async fn respond_composed(
+    composition: &crate::compose::Composition,
+    headers: &http::HeaderMap,
+    ctx: &mut RequestCtx,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let started = std::time::Instant::now();
+    let subject = ctx.identity.as_ref().map(|i| &*i.subject);
+    let composed = composition.run(&ctx.path, subject, headers).await;
+    ctx.upstream_latency = Some(started.elapsed());
+    ctx.phase_end("upstream", ctx.phases.as_ref().map(|_| started));
+    let composed = composed?;
+    let mut response = Response::new(ResponseBody::full(composed.body));
+    let response_headers = response.headers_mut();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // composed per request and identity: not for shared caches
+    response_headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    if let Some(failed) = composed.failed {
+        response_headers.insert(crate::compose::X_COMPOSE_PARTIAL, failed);
+    }
+    Ok(response)
 }
 
 /// Sends the request to the route's upstream (load balancing, retries, timeouts), records the

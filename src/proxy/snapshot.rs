@@ -123,6 +123,8 @@ pub struct Route {
     pub capture: Option<Arc<crate::telemetry::payload::CapturePolicy>>,
     /// Response caching (`cache`).
     pub cache: Option<Arc<crate::cache::RouteCache>>,
+    /// Request composition (`compose`): answered by several upstream calls.
+    pub compose: Option<Arc<crate::compose::Composition>>,
 }
 
 /// The `Host` header sent upstream.
@@ -642,6 +644,7 @@ fn compile_route(
     } = context;
     let path = format!("routes[{i}]");
     let upstream = upstreams.get(route.upstream.as_str())?.clone();
+    let compiled_upstream = upstream.clone();
     let matcher = &route.matcher;
     let hosts = matcher
         .hosts
@@ -775,6 +778,7 @@ fn compile_route(
                 outcomes: registry.telemetry.metrics.cache_outcomes(&route.name),
             })
         }),
+        compose: None,
     };
     if route
         .cache
@@ -783,6 +787,37 @@ fn compile_route(
     {
         sink.error(format!("{path}.cache.override_ttl"), "needs `ttl`");
     }
+    let compose = match &route.compose {
+        None => None,
+        Some(_) if route.cache.is_some() => {
+            sink.error(
+                format!("{path}.compose"),
+                "a composed route cannot also have `cache` (cache the calls' own routes instead)",
+            );
+            return None;
+        }
+        Some(config) => match crate::compose::Composition::compile(
+            config,
+            &matcher.path,
+            &compiled_upstream,
+            upstreams,
+        ) {
+            Ok(composition) => Some(Arc::new(composition)),
+            Err((field, message)) => {
+                let field = if field.is_empty() {
+                    format!("{path}.compose")
+                } else {
+                    format!("{path}.compose.{field}")
+                };
+                sink.error(field, message);
+                return None;
+            }
+        },
+    };
+    let compiled = Route {
+        compose,
+        ..compiled
+    };
     Some((
         RouteMatch {
             hosts,

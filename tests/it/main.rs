@@ -7,6 +7,7 @@ mod authn;
 mod authz;
 mod caching;
 mod cli;
+mod composition;
 mod hardening;
 mod lifecycle;
 mod observability;

@@ -506,7 +506,15 @@ fn check_listeners(config: &Config, sink: &mut ErrorSink<'_>) {
 
 fn check_upstreams(config: &Config, sink: &mut ErrorSink<'_>) {
     let mut names = HashMap::new();
-    let used: HashSet<&str> = config.routes.iter().map(|r| r.upstream.as_str()).collect();
+    let used: HashSet<&str> = config
+        .routes
+        .iter()
+        .flat_map(|r| {
+            let calls = r.compose.iter().flat_map(|c| &c.calls);
+            std::iter::once(r.upstream.as_str())
+                .chain(calls.filter_map(|call| call.upstream.as_deref()))
+        })
+        .collect();
     for (i, upstream) in config.upstreams.iter().enumerate() {
         let path = format!("upstreams[{i}]");
         if let Some(first) = names.insert(upstream.name.as_str(), i) {

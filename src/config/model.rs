@@ -1306,6 +1306,10 @@ pub struct RouteConfig {
     /// the request (see `docs/composition.md`).
     #[serde(default)]
     pub compose: Option<ComposeConfig>,
+    /// Translate gRPC-Web requests (`application/grpc-web[-text]`, over HTTP/1.1 or HTTP/2) to
+    /// gRPC for the upstream, which must speak HTTP/2 (`h2c://` or `https://` targets).
+    #[serde(default)]
+    pub grpc_web: bool,
 }
 
 /// Request composition: upstream calls made in parallel (or after the calls whose JSON they

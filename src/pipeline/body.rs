@@ -37,6 +37,8 @@ enum ResponseKind {
         rest: Option<UpstreamResponseBody>,
         trailers: Option<http::HeaderMap>,
     },
+    /// An upstream body rewritten on its way (protocol translation).
+    Transformed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
 }
 
 impl ResponseBody {
@@ -70,6 +72,21 @@ impl ResponseBody {
         }
     }
 
+    /// A body produced by a translation of the upstream's (e.g. gRPC to gRPC-Web).
+    pub fn transformed<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: ResponseKind::Transformed(Box::pin(http_body_util::BodyExt::map_err(
+                body,
+                Into::into,
+            ))),
+            completion: None,
+        }
+    }
+
     pub fn upstream(body: UpstreamResponseBody) -> Self {
         Self {
             kind: ResponseKind::Upstream(body),
@@ -97,6 +114,7 @@ impl Body for ResponseBody {
         let polled = match &mut this.kind {
             ResponseKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ResponseKind::Transformed(body) => body.as_mut().poll_frame(cx),
             ResponseKind::Replay {
                 head,
                 rest,
@@ -143,6 +161,7 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Full(bytes) => bytes.is_none(),
             ResponseKind::Upstream(body) => body.is_end_stream(),
+            ResponseKind::Transformed(body) => body.is_end_stream(),
             ResponseKind::Replay {
                 head,
                 rest,
@@ -156,6 +175,7 @@ impl Body for ResponseBody {
             ResponseKind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ResponseKind::Full(None) => SizeHint::with_exact(0),
             ResponseKind::Upstream(body) => body.size_hint(),
+            ResponseKind::Transformed(body) => body.size_hint(),
             ResponseKind::Replay { head, rest, .. } => {
                 let head = head.as_ref().map_or(0, |h| h.len() as u64);
                 let mut hint = rest.as_ref().map(Body::size_hint).unwrap_or_default();

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use super::{
     caching,
     conn::ConnFlags,
-    forwarding,
+    forwarding, grpc_web,
     snapshot::{HostRewrite, Route, Snapshot},
 };
 use crate::{
@@ -107,6 +107,12 @@ pub async fn handle(
             ctx.phases = Some(Vec::with_capacity(6));
         }
     }
+    // a gRPC client reads errors from `grpc-status`, so the gateway's own answer it that way
+    let grpc_content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .cloned();
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
         Err(error) => {
@@ -114,7 +120,10 @@ pub async fn handle(
             if error.status().is_server_error() {
                 tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or_default(), %error, "request failed");
             }
-            let mut response = error.into_response(&ctx.request_id);
+            let mut response = match grpc_content_type {
+                Some(content_type) => error.into_grpc_response(&ctx.request_id, content_type),
+                None => error.into_response(&ctx.request_id),
+            };
             if matches!(error, GatewayError::BadRequest(_)) && ctx.version <= Version::HTTP_11 {
                 // a client that sends malformed requests does not keep its connection
                 response
@@ -339,7 +348,15 @@ async fn proxy(
     }
     parts.version = Version::HTTP_11;
     let hash_key = hash_key(&route, &parts.headers, ctx);
-    let mut body = UpstreamBody::client(body, max_body);
+    let grpc_web = if route.grpc_web {
+        grpc_web::Mode::of(&parts.headers)
+    } else {
+        None
+    };
+    let mut body = match grpc_web {
+        Some(mode) => grpc_web::request(&mut parts.headers, body, mode, max_body).await?,
+        None => UpstreamBody::client(body, max_body),
+    };
     if let Some(capture) = ctx.capture.as_ref().filter(|c| c.request) {
         let shared = std::sync::Arc::new(std::sync::Mutex::new(CapturedBody::new(
             capture.max_bytes,
@@ -365,6 +382,11 @@ async fn proxy(
     }
     let response = forward(&route, upstream_request, hash_key.as_deref(), ctx).await?;
     let (mut parts, body) = response.into_parts();
+    if let Some(mode) = grpc_web {
+        grpc_web::response_headers(&mut parts.headers, mode);
+        let body = grpc_web::GrpcWebBody::new(body, mode);
+        return Ok(Response::from_parts(parts, ResponseBody::transformed(body)));
+    }
     if let Some(capture) = ctx.capture.as_ref().filter(|c| c.response) {
         ctx.response_capture = Some(Box::new(CapturedBody::new(
             capture.max_bytes,

@@ -5,6 +5,7 @@ mod caching;
 mod conn;
 mod forwarding;
 mod gateway;
+mod grpc_web;
 mod handler;
 pub mod reload;
 mod server;

@@ -125,6 +125,8 @@ pub struct Route {
     pub cache: Option<Arc<crate::cache::RouteCache>>,
     /// Request composition (`compose`): answered by several upstream calls.
     pub compose: Option<Arc<crate::compose::Composition>>,
+    /// Translate gRPC-Web requests to gRPC (`grpc_web`).
+    pub grpc_web: bool,
 }
 
 /// The `Host` header sent upstream.
@@ -779,7 +781,17 @@ fn compile_route(
             })
         }),
         compose: None,
+        grpc_web: route.grpc_web,
     };
+    if route.grpc_web && compiled.upstream.scheme == crate::upstream::TargetScheme::Http1 {
+        sink.error(
+            format!("{path}.grpc_web"),
+            format!(
+                "gRPC needs HTTP/2: upstream `{}` must use `h2c://` or `https://` targets",
+                route.upstream
+            ),
+        );
+    }
     if route
         .cache
         .as_ref()

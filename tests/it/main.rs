@@ -8,6 +8,7 @@ mod authz;
 mod caching;
 mod cli;
 mod composition;
+mod grpc;
 mod hardening;
 mod lifecycle;
 mod observability;

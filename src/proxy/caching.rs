@@ -305,8 +305,10 @@ async fn read_body(
             trailers: None,
         });
     }
+    // sized from Content-Length when known, so the stored bytes are what the store counts
+    let expected = usize::try_from(http_body::Body::size_hint(&body).lower()).unwrap_or(0);
     let read = async {
-        let mut buffer = BytesMut::new();
+        let mut buffer = BytesMut::with_capacity(expected);
         loop {
             let Some(frame) = body.frame().await else {
                 return Ok(ReadBody::Complete(buffer.freeze()));

@@ -817,6 +817,12 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<String>,
     /// Watch the config file and reload it when it changes (SIGHUP always reloads).
     pub watch_config: bool,
+    /// A Unix socket path on which the running gateway hands its listening sockets to a new
+    /// process started with `portcullis run --upgrade` (zero-downtime restart, see
+    /// `docs/restart.md`). Relative to the config file's directory. Unset: no hand-over.
+    /// Changing it needs a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -828,6 +834,7 @@ impl Default for ServerConfig {
             access_log: None,
             trusted_proxies: Vec::new(),
             watch_config: true,
+            upgrade_socket: None,
         }
     }
 }

@@ -5,11 +5,12 @@ mod conn;
 mod forwarding;
 mod gateway;
 mod handler;
+pub mod handoff;
 pub mod reload;
 mod server;
 pub mod snapshot;
 
 pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;
-pub use gateway::{Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
+pub use gateway::{bind_tcp, Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
 pub use snapshot::{compile, Snapshot};

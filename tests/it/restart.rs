@@ -568,7 +568,10 @@ async fn a_failed_upgrade_leaves_the_old_gateway_serving() {
     drop(taken);
     std::fs::write(&new_config, with_socket(config(port, None, &upstream, ""))).unwrap();
     let _successor = Successor::start(&new_config, &["--upgrade"]);
-    let exit = exit_of(&mut old.child, Duration::from_secs(20), || String::new()).await;
+    let exit = exit_of(&mut old.child, Duration::from_secs(20), || {
+        std::fs::read_to_string(&old.log).unwrap_or_default()
+    })
+    .await;
     assert!(exit.success(), "{exit:?}\n{}", old.log_text());
     assert_eq!(status(port, "/after").await, 200);
 }

@@ -9,6 +9,7 @@ pub mod handoff;
 pub mod reload;
 mod server;
 pub mod snapshot;
+pub mod systemd;
 
 pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;

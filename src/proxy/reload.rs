@@ -297,6 +297,8 @@ pub async fn run_until_stopped(
                 }
             }
             let successor = accepting.pid();
+            // this process is about to exit: under systemd the successor becomes the service
+            super::systemd::main_pid(successor);
             if let Err(error) = accepting.confirm().await {
                 tracing::warn!(successor, %error, "cannot confirm the hand-over to the successor");
             }

@@ -580,7 +580,12 @@ async fn a_failed_upgrade_leaves_the_old_gateway_serving() {
 async fn listeners_follow_the_new_config_and_sigusr2_upgrades_again() {
     let upstream = TestUpstream::echo().await;
     let (port, dropped, added) = (free_port(), free_port(), free_port());
-    let mut old = GatewayProcess::start(
+    // stands in for systemd's notification socket
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify");
+    let notifications = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notifications.set_nonblocking(true).unwrap();
+    let mut old = GatewayProcess::start_with_env(
         &config(
             port,
             None,
@@ -588,6 +593,7 @@ async fn listeners_follow_the_new_config_and_sigusr2_upgrades_again() {
             &format!("  - name: legacy\n    bind: 127.0.0.1:{dropped}\n"),
         ),
         port,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
     );
     old.wait_for_port(dropped);
     std::fs::write(
@@ -617,6 +623,16 @@ async fn listeners_follow_the_new_config_and_sigusr2_upgrades_again() {
             .contains("not in this config: closing the socket handed over"),
         "{}",
         new.output()
+    );
+    // systemd heard that the gateway was ready, then that the successor is the main process
+    let mut received = Vec::new();
+    let mut buf = [0u8; 256];
+    while let Ok(n) = notifications.recv(&mut buf) {
+        received.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(
+        received,
+        ["READY=1".to_owned(), format!("MAINPID={}", new.child.id())]
     );
 
     // SIGUSR2 makes the new process start its own successor with the same config

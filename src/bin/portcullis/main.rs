@@ -274,6 +274,10 @@ fn serve(loaded: LoadedConfig, launch: Launch) -> anyhow::Result<()> {
             }
         }
         tracing::info!(workers = gateway.worker_count(), "portcullis started");
+        if launch.upgrade_from.is_none() {
+            // a successor is not the service's main process until its predecessor says so
+            portcullis::proxy::systemd::ready();
+        }
         if let Some(banner) = launch.banner {
             println!("{}", banner(&gateway));
         }

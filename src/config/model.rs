@@ -804,7 +804,8 @@ pub struct ServerConfig {
     /// Worker threads, each with its own single-threaded runtime. Default: one per CPU core.
     /// Changing it needs a restart.
     pub workers: Option<usize>,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT before connections are closed.
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT (or a hand-over to a
+    /// new process) before connections are closed.
     pub shutdown_timeout: HumanDuration,
     /// Log output format and level.
     pub log: LogConfig,

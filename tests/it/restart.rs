@@ -3,11 +3,13 @@
 //! follow the new config, and a successor can itself be upgraded (SIGUSR2).
 //!
 //! The traffic clients are strict. A client that opens a connection per request counts any
-//! error as a failure. A keep-alive client does what RFC 9112 §9.3.1 allows any HTTP client to
-//! do with an idempotent request: when a connection that already carried a response is closed
-//! before the next response's head arrives (the server closed it as idle at the moment the
-//! request went out), it retries that request once on a new connection. Everything else (an
-//! error on a new connection, a failed retry, a non-200, a broken body) is a failure.
+//! error as a failure. A keep-alive client (HTTP/1.1, or HTTP/2 over h2c) does what RFC 9112
+//! §9.3.1 (and for HTTP/2 streams the server's `GOAWAY` did not take, RFC 9113 §8.7) allows any
+//! HTTP client to do with an idempotent request: when a connection that already carried a
+//! response fails the next request before its response head arrives (the server closed it as
+//! idle at the moment the request went out), it retries that request once on a new connection.
+//! Everything else (an error on a new connection, a failed retry, a timeout, a non-200, a
+//! broken body) is a failure.
 
 use std::{
     net::SocketAddr,
@@ -23,7 +25,6 @@ use std::{
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use crate::support::*;
@@ -142,6 +143,8 @@ struct Tally {
     /// Keep-alive requests retried on a new connection (RFC 9112 §9.3.1), then successful.
     retried: AtomicUsize,
     failures: Mutex<Vec<String>>,
+    /// The slowest successful `/fresh` request, connect included (reported, not asserted).
+    slowest_fresh_us: std::sync::atomic::AtomicU64,
 }
 
 impl Tally {
@@ -150,22 +153,63 @@ impl Tally {
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(connection);
-    Ok(sender)
+/// A client connection, HTTP/1.1 or HTTP/2 (h2c with prior knowledge).
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
 }
 
-fn get(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
-    Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::new())
-        .unwrap()
+impl Sender {
+    async fn connect(addr: SocketAddr, h2: bool) -> Result<Self, String> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("h2 handshake: {e}"))?;
+            tokio::spawn(connection);
+            Ok(Self::H2(sender))
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(connection);
+            Ok(Self::H1(sender))
+        }
+    }
+
+    /// False once the server closed the connection (or sent HTTP/2 `GOAWAY`).
+    async fn usable(&mut self) -> bool {
+        match self {
+            Self::H1(sender) => sender.ready().await.is_ok(),
+            Self::H2(sender) => sender.ready().await.is_ok(),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        addr: SocketAddr,
+        path: &str,
+    ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Self::H1(sender) => {
+                let request = Request::get(path)
+                    .header("host", addr.to_string())
+                    .body(Empty::new())
+                    .unwrap();
+                sender.send_request(request).await
+            }
+            Self::H2(sender) => {
+                let request = Request::get(format!("http://{addr}{path}"))
+                    .body(Empty::new())
+                    .unwrap();
+                sender.send_request(request).await
+            }
+        }
+    }
 }
 
 /// Whether the response head arrived: errors before it may be retried on a reused connection.
@@ -175,13 +219,12 @@ enum Outcome {
     After(String),
 }
 
-async fn exchange(sender: &mut SendRequest<Empty<Bytes>>, addr: SocketAddr, path: &str) -> Outcome {
-    let request = get(addr, path);
+async fn exchange(sender: &mut Sender, addr: SocketAddr, path: &str) -> Outcome {
     let response =
-        match tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await {
+        match tokio::time::timeout(Duration::from_secs(10), sender.send(addr, path)).await {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => return Outcome::BeforeHead(error.to_string()),
-            Err(_) => return Outcome::BeforeHead("no response head within 10s".into()),
+            Err(_) => return Outcome::After("no response within 10s".into()),
         };
     let status = response.status();
     match response
@@ -204,7 +247,8 @@ async fn fresh_connections(
     tally: Arc<Tally>,
 ) {
     while !stop.load(Ordering::Relaxed) {
-        let mut sender = match connect(addr).await {
+        let started = Instant::now();
+        let mut sender = match Sender::connect(addr, false).await {
             Ok(sender) => sender,
             Err(error) => {
                 tally.fail(format!("fresh: {error}"));
@@ -214,6 +258,10 @@ async fn fresh_connections(
         match exchange(&mut sender, addr, path).await {
             Outcome::Ok => {
                 tally.ok.fetch_add(1, Ordering::Relaxed);
+                if path == "/fresh" {
+                    let took = started.elapsed().as_micros() as u64;
+                    tally.slowest_fresh_us.fetch_max(took, Ordering::Relaxed);
+                }
             }
             Outcome::BeforeHead(error) | Outcome::After(error) => {
                 tally.fail(format!("fresh: {error}"))
@@ -223,17 +271,17 @@ async fn fresh_connections(
 }
 
 /// One connection for as long as the server keeps it; see the module docs for the retry.
-async fn keep_alive(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
-    let mut current: Option<SendRequest<Empty<Bytes>>> = None;
+async fn keep_alive(addr: SocketAddr, h2: bool, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let mut current: Option<Sender> = None;
     while !stop.load(Ordering::Relaxed) {
         // a connection the server closed (after a response) is replaced before the next request
         let reusable = match current.as_mut() {
-            Some(sender) => sender.ready().await.is_ok(),
+            Some(sender) => sender.usable().await,
             None => false,
         };
         let reused = reusable;
         if !reusable {
-            match connect(addr).await {
+            match Sender::connect(addr, h2).await {
                 Ok(sender) => current = Some(sender),
                 Err(error) => {
                     tally.fail(format!("keep-alive: {error}"));
@@ -249,7 +297,7 @@ async fn keep_alive(addr: SocketAddr, stop: Arc<AtomicBool>, tally: Arc<Tally>) 
             }
             Outcome::BeforeHead(first) if reused => {
                 current = None;
-                let retry = match connect(addr).await {
+                let retry = match Sender::connect(addr, h2).await {
                     Ok(mut sender) => {
                         let outcome = exchange(&mut sender, addr, "/keep-alive").await;
                         current = Some(sender);
@@ -302,7 +350,20 @@ async fn an_upgrade_under_traffic_loses_no_request() {
             stop.clone(),
             tally.clone(),
         )));
-        clients.push(tokio::spawn(keep_alive(addr, stop.clone(), tally.clone())));
+        clients.push(tokio::spawn(keep_alive(
+            addr,
+            false,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+    for _ in 0..2 {
+        clients.push(tokio::spawn(keep_alive(
+            addr,
+            true,
+            stop.clone(),
+            tally.clone(),
+        )));
     }
     for _ in 0..4 {
         clients.push(tokio::spawn(fresh_connections(
@@ -343,9 +404,11 @@ async fn an_upgrade_under_traffic_loses_no_request() {
     let failures = tally.failures.lock().unwrap().clone();
     eprintln!(
         "restart under traffic: {ok} ok ({before_upgrade} before the upgrade, {} after the old \
-         process exited), {retried} keep-alive retries, {} failures; upgrade to old exit {switch:?}",
+         process exited), {retried} keep-alive retries, {} failures; upgrade to old exit \
+         {switch:?}; slowest new-connection request {}ms",
         ok - at_old_exit,
-        failures.len()
+        failures.len(),
+        tally.slowest_fresh_us.load(Ordering::Relaxed) / 1000
     );
     assert!(
         failures.is_empty(),
@@ -400,6 +463,12 @@ async fn an_upgrade_under_traffic_loses_no_request() {
     let (by_old, by_new) = (access_lines(&old_log), access_lines(&new.output()));
     eprintln!("access log: {by_old} requests served by the old process, {by_new} by the new one");
     assert!(by_old > 0 && by_new > 0, "old {by_old}, new {by_new}");
+    for (process, log) in [("old", &old_log), ("new", &new.output())] {
+        assert!(
+            log.contains("\"protocol\":\"HTTP/2"),
+            "the {process} process served HTTP/2 too"
+        );
+    }
     assert_eq!(
         by_old + by_new,
         ok,

@@ -243,15 +243,21 @@ fn serve(loaded: LoadedConfig, launch: Launch) -> anyhow::Result<()> {
             (None, Some(path)) => Some(UpgradeListener::bind(path).await?),
             _ => None,
         };
+        // a successor that gives up says what that means for the running gateway
+        let abandon = |error: anyhow::Error| match launch.upgrade_from {
+            Some(_) => error.context("upgrade abandoned, the running gateway keeps serving"),
+            None => error,
+        };
         let mut no_sockets = InheritedSockets::default();
         let inherited = handoff.as_mut().map_or(&mut no_sockets, |h| h.sockets());
-        let gateway = Gateway::start_with_sockets(&loaded, launch.workers, inherited)?;
+        let gateway = Gateway::start_with_sockets(&loaded, launch.workers, inherited)
+            .map_err(|error| abandon(error.into()))?;
         // the workers accept from here on: a failure must drain the gateway, not drop it
         let admin = match start_admin(&gateway, inherited) {
             Ok(admin) => admin,
             Err(error) => {
                 gateway.shutdown().await;
-                return Err(error);
+                return Err(abandon(error));
             }
         };
         for unused in inherited.remaining() {
@@ -261,8 +267,7 @@ fn serve(loaded: LoadedConfig, launch: Launch) -> anyhow::Result<()> {
             let old_pid = handoff.old_pid();
             if let Err(error) = handoff.finish().await {
                 gateway.shutdown().await;
-                return Err(anyhow!(error)
-                    .context("hand-over failed; the running gateway keeps serving"));
+                return Err(abandon(error.into()));
             }
             tracing::info!(old_pid, "the previous gateway stopped accepting: this one serves");
             match &upgrade_socket {

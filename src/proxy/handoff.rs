@@ -92,6 +92,8 @@ pub enum HandoffError {
         "refusing the upgrade peer (pid {pid}): it runs as uid {uid}, this process as uid {ours}"
     )]
     Forbidden { pid: i32, uid: u32, ours: u32 },
+    #[error("the hand-over needs Linux (it checks the peer's credentials with SO_PEERCRED)")]
+    Unsupported,
 }
 
 /// What a handed-over socket is for.
@@ -484,6 +486,7 @@ fn listening_socket(info: SocketInfo, fd: OwnedFd) -> Result<HandedSocket, Hando
 // === shared ===
 
 /// The peer's pid, if it runs as this process's user or as root.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 fn check_peer(stream: &UnixStream) -> Result<i32, HandoffError> {
     let peer = rustix::net::sockopt::socket_peercred(stream).map_err(io::Error::from)?;
     let ours = rustix::process::geteuid();
@@ -496,6 +499,12 @@ fn check_peer(stream: &UnixStream) -> Result<i32, HandoffError> {
         });
     }
     Ok(pid)
+}
+
+/// Without `SO_PEERCRED` the peer cannot be vetted, so there is no hand-over.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn check_peer(_: &UnixStream) -> Result<i32, HandoffError> {
+    Err(HandoffError::Unsupported)
 }
 
 fn process_exists(pid: i32) -> bool {

@@ -32,19 +32,31 @@ fn notify(state: &str) {
 }
 
 fn send(target: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
-    use std::os::{linux::net::SocketAddrExt, unix::ffi::OsStrExt};
+    use std::os::unix::ffi::OsStrExt;
     let socket = UnixDatagram::unbound()?;
     // `@name` is a socket in the abstract namespace
     match target.as_bytes().strip_prefix(b"@") {
-        Some(name) => {
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            socket.send_to_addr(state.as_bytes(), &addr)?;
-        }
-        None => {
-            socket.send_to(state.as_bytes(), target)?;
-        }
+        Some(name) => send_abstract(&socket, name, state),
+        None => socket.send_to(state.as_bytes(), target).map(drop),
     }
-    Ok(())
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn send_abstract(socket: &UnixDatagram, name: &[u8], state: &str) -> std::io::Result<()> {
+    #[cfg(target_os = "android")]
+    use std::os::android::net::SocketAddrExt;
+    #[cfg(target_os = "linux")]
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    socket.send_to_addr(state.as_bytes(), &addr).map(drop)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn send_abstract(_: &UnixDatagram, _: &[u8], _: &str) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "abstract socket addresses exist only on Linux",
+    ))
 }
 
 #[cfg(test)]
@@ -52,6 +64,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn states_reach_a_path_and_an_abstract_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");

@@ -260,7 +260,7 @@ async fn serve_io<I>(
             .keep_alive_timeout(Duration::from_secs(10));
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection.as_mut(), &mut draining, activity, |c| {
+        drive(connection.as_mut(), &mut draining, None, |c| {
             c.graceful_shutdown()
         })
         .await;
@@ -280,7 +280,7 @@ async fn serve_io<I>(
         }
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection.as_mut(), &mut draining, activity, |c| {
+        drive(connection.as_mut(), &mut draining, Some(activity), |c| {
             c.graceful_shutdown()
         })
         .await;
@@ -291,15 +291,17 @@ async fn serve_io<I>(
 /// (HTTP/1.1: close after the current response, or at once if idle; HTTP/2: GOAWAY) and keeps
 /// polling.
 ///
-/// A connection that has not had a request yet is not idle in the client's eyes: it was
-/// accepted moments ago (just before draining began, or while a successor process took over
-/// the listening socket) and its first request may be on the wire. Closing it would fail that
-/// request, so it first gets to deliver it (bounded by the head timeout and the shutdown
-/// deadline), then finishes like the others.
+/// An HTTP/1.1 connection that has not had a request yet (`first_request`) is not idle in the
+/// client's eyes: it was accepted moments ago (just before draining began, or while a successor
+/// process took over the listening socket) and its first request may be on the wire. Closing it
+/// would fail that request, so it first gets to deliver it (bounded by the head timeout and the
+/// shutdown deadline), then finishes like the others. HTTP/2 needs no such wait: its `GOAWAY`
+/// tells the client which streams were not taken, and hyper completes a handshake in progress
+/// before sending it.
 async fn drive<C, E>(
     mut connection: std::pin::Pin<&mut C>,
     draining: &mut watch::Receiver<bool>,
-    activity: &ConnActivity,
+    first_request: Option<&ConnActivity>,
     shutdown: impl FnOnce(std::pin::Pin<&mut C>),
 ) where
     C: std::future::Future<Output = Result<(), E>>,
@@ -316,7 +318,7 @@ async fn drive<C, E>(
             _ = draining.changed() => {}
         }
     }
-    while activity.started() == 0 {
+    while first_request.is_some_and(|activity| activity.started() == 0) {
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(error) = result {

@@ -286,28 +286,32 @@ fn serve(loaded: LoadedConfig, launch: Launch) -> anyhow::Result<()> {
         if let Some(banner) = launch.banner {
             println!("{}", banner(&gateway));
         }
-        let upgrades = upgrade_listener.map(|listener| {
-            let successor = launch.watch.as_ref().map(|config| {
-                let mut args: Vec<std::ffi::OsString> =
-                    vec!["run".into(), "--config".into(), config.into()];
-                if let Some(workers) = launch.workers {
-                    args.extend(["--workers".into(), workers.to_string().into()]);
-                }
-                args.extend(["--upgrade-from".into(), listener.path().into()]);
-                reload::SuccessorCommand {
-                    program: program.clone(),
-                    args,
-                }
-            });
-            reload::Upgrades {
-                listener,
-                admin,
-                successor,
-            }
+        let upgrades = upgrade_listener.map(|listener| reload::Upgrades {
+            successor: launch.watch.as_deref().map(|config| {
+                successor_command(program, config, launch.workers, listener.path())
+            }),
+            listener,
+            admin,
         });
         reload::run_until_stopped(gateway, launch.watch, signals, upgrades).await?;
         Ok(())
     })
+}
+
+/// What SIGUSR2 runs: this program on the same config and worker count, taking over from the
+/// gateway on `socket`.
+fn successor_command(
+    program: PathBuf,
+    config: &Path,
+    workers: Option<usize>,
+    socket: &Path,
+) -> reload::SuccessorCommand {
+    let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.into()];
+    if let Some(workers) = workers {
+        args.extend(["--workers".into(), workers.to_string().into()]);
+    }
+    args.extend(["--upgrade-from".into(), socket.into()]);
+    reload::SuccessorCommand { program, args }
 }
 
 /// Serves the admin API on the socket handed over, if it is on the configured address, or on a

@@ -94,6 +94,8 @@ pub enum HandoffError {
     Forbidden { pid: i32, uid: u32, ours: u32 },
     #[error("the hand-over needs Linux (it checks the peer's credentials with SO_PEERCRED)")]
     Unsupported,
+    #[error("cancelled: this gateway is stopping")]
+    Cancelled,
 }
 
 /// What a handed-over socket is for.
@@ -248,59 +250,75 @@ impl Successor {
     /// The old process's side up to the successor's `ready`: reads its `hello`, sends `sockets`,
     /// waits until it accepts on them. Until this returns `Ok` nothing has changed for this
     /// process; `sockets` are copies, and the successor's copies close with it if it fails.
-    pub async fn hand_over(self, sockets: Vec<HandedSocket>) -> Result<Accepting, HandoffError> {
-        let stream = self.stream;
-        match receive_within(&stream, "hello", STEP_TIMEOUT).await? {
-            (Message::Hello { version }, _) if version == PROTOCOL_VERSION => {}
-            (Message::Hello { version }, _) => {
-                let reason = format!(
-                    "protocol version {version} is not this gateway's {PROTOCOL_VERSION}: \
-                     upgrade through a stop and start"
-                );
+    /// When `cancelled` completes first (this gateway is stopping), the successor is told so.
+    pub async fn hand_over(
+        self,
+        sockets: Vec<HandedSocket>,
+        cancelled: impl std::future::Future<Output = ()>,
+    ) -> Result<Accepting, HandoffError> {
+        let Self { stream, pid } = self;
+        tokio::select! {
+            ready = offer(&stream, sockets) => ready.map(|()| Accepting { stream, pid }),
+            () = cancelled => {
                 let refusal = Message::Refused {
-                    reason: reason.clone(),
+                    reason: "the running gateway is stopping".into(),
                 };
-                let _ = send(&stream, &refusal, &[]).await;
-                return Err(HandoffError::Protocol(reason));
+                let _ = tokio::time::timeout(STEP_TIMEOUT, send(&stream, &refusal, &[])).await;
+                Err(HandoffError::Cancelled)
             }
-            (other, _) => return Err(unexpected("hello", &other)),
         }
-        if sockets.len() > MAX_SOCKETS {
+    }
+}
+
+/// The old process's steps: `hello` in, `offer` out, `ready` in.
+async fn offer(stream: &UnixStream, sockets: Vec<HandedSocket>) -> Result<(), HandoffError> {
+    match receive_within(stream, "hello", STEP_TIMEOUT).await? {
+        (Message::Hello { version }, _) if version == PROTOCOL_VERSION => {}
+        (Message::Hello { version }, _) => {
             let reason = format!(
-                "{} sockets; at most {MAX_SOCKETS} can be handed over",
-                sockets.len()
+                "protocol version {version} is not this gateway's {PROTOCOL_VERSION}: \
+                 upgrade through a stop and start"
             );
             let refusal = Message::Refused {
                 reason: reason.clone(),
             };
-            let _ = send(&stream, &refusal, &[]).await;
+            let _ = send(stream, &refusal, &[]).await;
             return Err(HandoffError::Protocol(reason));
         }
-        let offer = Message::Offer {
-            sockets: sockets.iter().map(|s| s.info.clone()).collect(),
+        (other, _) => return Err(unexpected("hello", &other)),
+    }
+    if sockets.len() > MAX_SOCKETS {
+        let reason = format!(
+            "{} sockets; at most {MAX_SOCKETS} can be handed over",
+            sockets.len()
+        );
+        let refusal = Message::Refused {
+            reason: reason.clone(),
         };
-        let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.socket.as_fd()).collect();
-        send(&stream, &offer, &fds).await?;
-        drop(fds);
-        // the successor holds its own descriptors now; these copies are not needed
-        drop(sockets);
-        match receive_within(&stream, "ready", READY_TIMEOUT).await {
-            Ok((Message::Ready, _)) => Ok(Accepting {
-                stream,
-                pid: self.pid,
-            }),
-            Ok((Message::Refused { reason }, _)) => Err(HandoffError::Refused(reason)),
-            Ok((other, _)) => Err(unexpected("ready", &other)),
-            Err(error) => {
-                if matches!(error, HandoffError::Timeout(..)) {
-                    // a late `ready` must not find the connection open, as if it were accepted
-                    let refusal = Message::Refused {
-                        reason: "too late: this gateway keeps serving".into(),
-                    };
-                    let _ = send(&stream, &refusal, &[]).await;
-                }
-                Err(error)
+        let _ = send(stream, &refusal, &[]).await;
+        return Err(HandoffError::Protocol(reason));
+    }
+    let offer = Message::Offer {
+        sockets: sockets.iter().map(|s| s.info.clone()).collect(),
+    };
+    let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|s| s.socket.as_fd()).collect();
+    send(stream, &offer, &fds).await?;
+    drop(fds);
+    // the successor holds its own descriptors now; these copies are not needed
+    drop(sockets);
+    match receive_within(stream, "ready", READY_TIMEOUT).await {
+        Ok((Message::Ready, _)) => Ok(()),
+        Ok((Message::Refused { reason }, _)) => Err(HandoffError::Refused(reason)),
+        Ok((other, _)) => Err(unexpected("ready", &other)),
+        Err(error) => {
+            if matches!(error, HandoffError::Timeout(..)) {
+                // a late `ready` must not find the connection open, as if it were accepted
+                let refusal = Message::Refused {
+                    reason: "too late: this gateway keeps serving".into(),
+                };
+                let _ = send(stream, &refusal, &[]).await;
             }
+            Err(error)
         }
     }
 }
@@ -396,10 +414,18 @@ impl Upgrade {
     pub async fn finish(mut self) -> Result<(), HandoffError> {
         // sockets the new config did not take close now, before the old process lets go of them
         self.sockets.sockets.clear();
-        tokio::time::timeout(STEP_TIMEOUT, send(&self.stream, &Message::Ready, &[]))
-            .await
-            .map_err(|_| HandoffError::Timeout("ready sent", STEP_TIMEOUT))??;
-        match receive_within(&self.stream, "draining", STEP_TIMEOUT).await {
+        let sent =
+            tokio::time::timeout(STEP_TIMEOUT, send(&self.stream, &Message::Ready, &[])).await;
+        let answer = match sent {
+            Ok(Ok(())) => receive_within(&self.stream, "draining", STEP_TIMEOUT).await,
+            // the old process closed the connection; it may have said why first
+            Ok(Err(_)) | Err(_) => {
+                receive_within(&self.stream, "draining", Duration::from_millis(100))
+                    .await
+                    .map_err(|_| HandoffError::Closed("draining"))
+            }
+        };
+        match answer {
             Ok((Message::Draining, _)) => Ok(()),
             Ok((Message::Refused { reason }, _)) => Err(HandoffError::Refused(reason)),
             Ok((other, _)) => Err(unexpected("draining", &other)),
@@ -702,7 +728,7 @@ mod tests {
             stream: old_end,
             pid: 1,
         };
-        let old = tokio::spawn(successor.hand_over(offered));
+        let old = tokio::spawn(successor.hand_over(offered, std::future::pending()));
         send(
             &new_end,
             &Message::Hello {
@@ -744,11 +770,8 @@ mod tests {
             stream: old_end,
             pid: 1,
         };
-        let old = tokio::spawn(successor.hand_over(vec![listener(
-            Role::Listener,
-            "main",
-            "127.0.0.1:0",
-        )]));
+        let main = listener(Role::Listener, "main", "127.0.0.1:0");
+        let old = tokio::spawn(successor.hand_over(vec![main], std::future::pending()));
         send(&new_end, &Message::Hello { version: 99 }, &[])
             .await
             .unwrap();
@@ -765,11 +788,8 @@ mod tests {
             stream: old_end,
             pid: 1,
         };
-        let old = tokio::spawn(successor.hand_over(vec![listener(
-            Role::Listener,
-            "main",
-            "127.0.0.1:0",
-        )]));
+        let main = listener(Role::Listener, "main", "127.0.0.1:0");
+        let old = tokio::spawn(successor.hand_over(vec![main], std::future::pending()));
         send(
             &new_end,
             &Message::Hello {
@@ -785,6 +805,64 @@ mod tests {
             old.await.unwrap(),
             Err(HandoffError::Closed("ready"))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_stopping_gateway_cancels_the_hand_over_and_says_so() {
+        let (old_end, new_end) = UnixStream::pair().unwrap();
+        let successor = Successor {
+            stream: old_end,
+            pid: 1,
+        };
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        let main = listener(Role::Listener, "main", "127.0.0.1:0");
+        let old = tokio::spawn(successor.hand_over(vec![main], async move {
+            let _ = cancelled.await;
+        }));
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        send(&new_end, &hello, &[]).await.unwrap();
+        let _ = receive(&new_end, "offer").await.unwrap();
+        cancel.send(()).unwrap();
+        assert!(matches!(old.await.unwrap(), Err(HandoffError::Cancelled)));
+        let (message, _) = receive(&new_end, "draining").await.unwrap();
+        assert!(
+            matches!(&message, Message::Refused { reason } if reason.contains("stopping")),
+            "{message:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_successor_gives_up_unless_the_old_process_is_gone() {
+        let upgrade = |stream, old_pid| Upgrade {
+            stream,
+            old_pid,
+            sockets: InheritedSockets::default(),
+        };
+        // refused: give up
+        let (old_end, new_end) = UnixStream::pair().unwrap();
+        let refusal = Message::Refused {
+            reason: "too late".into(),
+        };
+        send(&old_end, &refusal, &[]).await.unwrap();
+        let finished = upgrade(new_end, std::process::id() as i32).finish().await;
+        assert!(matches!(finished, Err(HandoffError::Refused(r)) if r == "too late"));
+        // closed without a word by a process that still runs: give up
+        let (old_end, new_end) = UnixStream::pair().unwrap();
+        drop(old_end);
+        let finished = upgrade(new_end, std::process::id() as i32).finish().await;
+        assert!(
+            matches!(finished, Err(HandoffError::Closed(_))),
+            "{finished:?}"
+        );
+        // closed by a process that no longer exists: this one is the gateway now
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let (old_end, new_end) = UnixStream::pair().unwrap();
+        drop(old_end);
+        let finished = upgrade(new_end, gone.id() as i32).finish().await;
+        assert!(finished.is_ok(), "{finished:?}");
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     gateway::Gateway,
@@ -221,7 +221,8 @@ pub async fn run_until_stopped(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // one hand-over at a time; its outcome comes back on this channel
     let (handed_tx, mut handed_rx) = mpsc::channel::<Result<Accepting, HandoffError>>(1);
-    let mut handing_over = false;
+    // set while a hand-over is in progress: stopping on a signal cancels it
+    let mut handing_over: Option<oneshot::Sender<()>> = None;
     let stop = loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -238,12 +239,12 @@ pub async fn run_until_stopped(
                 }
             }
             _ = user2.recv() => match upgrades.as_ref().and_then(|u| u.successor.as_ref()) {
-                Some(_) if handing_over => tracing::warn!("SIGUSR2 ignored: an upgrade is in progress"),
+                Some(_) if handing_over.is_some() => tracing::warn!("SIGUSR2 ignored: an upgrade is in progress"),
                 Some(successor) => successor.spawn(),
                 None => tracing::warn!("SIGUSR2 ignored: no `server.upgrade_socket` to hand the listening sockets over on"),
             },
             incoming = next_successor(upgrades.as_ref()) => match incoming {
-                Ok(successor) if handing_over => {
+                Ok(successor) if handing_over.is_some() => {
                     tokio::spawn(successor.refuse("another upgrade is in progress"));
                 }
                 Ok(successor) => {
@@ -251,10 +252,18 @@ pub async fn run_until_stopped(
                     match offered {
                         Some(Ok(sockets)) => {
                             tracing::info!(successor = successor.pid(), sockets = sockets.len(), "upgrade requested: handing the listening sockets over");
-                            handing_over = true;
+                            let (cancel, cancelled) = oneshot::channel();
+                            handing_over = Some(cancel);
                             let handed = handed_tx.clone();
                             tokio::spawn(async move {
-                                let _ = handed.send(successor.hand_over(sockets).await).await;
+                                // only an explicit cancel counts, not the sender going away
+                                let cancelled = async move {
+                                    if cancelled.await.is_err() {
+                                        std::future::pending::<()>().await;
+                                    }
+                                };
+                                let outcome = successor.hand_over(sockets, cancelled).await;
+                                let _ = handed.send(outcome).await;
                             });
                         }
                         Some(Err(error)) => {
@@ -267,7 +276,7 @@ pub async fn run_until_stopped(
                 Err(error) => tracing::warn!(%error, "upgrade connection refused"),
             },
             Some(outcome) = handed_rx.recv() => {
-                handing_over = false;
+                handing_over = None;
                 match outcome {
                     Ok(accepting) => break Stop::HandedOver(accepting),
                     // a process that only checked whether a gateway listens here
@@ -281,11 +290,17 @@ pub async fn run_until_stopped(
     };
     let deadline = gateway.snapshot().shutdown_timeout;
     match stop {
-        Stop::Signal(reason) => tracing::info!(
-            signal = reason,
-            deadline_ms = deadline.as_millis() as u64,
-            "draining connections"
-        ),
+        Stop::Signal(reason) => {
+            if let Some(cancel) = handing_over.take() {
+                // a stop wins over an upgrade: the successor is told, and gives up
+                let _ = cancel.send(());
+            }
+            tracing::info!(
+                signal = reason,
+                deadline_ms = deadline.as_millis() as u64,
+                "draining connections"
+            )
+        }
         Stop::HandedOver(accepting) => {
             // the successor accepts on the same sockets: stop taking connections from them,
             // then let it know, so that it can take over the upgrade socket too

@@ -616,8 +616,8 @@ async fn a_failed_upgrade_leaves_the_old_gateway_serving() {
     assert_eq!(exit.code(), Some(1), "{}", successor.output());
     assert!(
         successor.output().contains(&format!(
-            "error: upgrade abandoned, the running gateway keeps serving: cannot bind listener \
-             `extra` on 127.0.0.1:{taken_port}"
+            "error: upgrade abandoned, the running gateway was left as it was: cannot bind \
+             listener `extra` on 127.0.0.1:{taken_port}"
         )),
         "{}",
         successor.output()

@@ -245,7 +245,7 @@ fn serve(loaded: LoadedConfig, launch: Launch) -> anyhow::Result<()> {
         };
         // a successor that gives up says what that means for the running gateway
         let abandon = |error: anyhow::Error| match launch.upgrade_from {
-            Some(_) => error.context("upgrade abandoned, the running gateway keeps serving"),
+            Some(_) => error.context("upgrade abandoned, the running gateway was left as it was"),
             None => error,
         };
         let mut no_sockets = InheritedSockets::default();

@@ -856,7 +856,8 @@ pub struct ServerConfig {
     /// Worker threads, each with its own single-threaded runtime. Default: one per CPU core.
     /// Changing it needs a restart.
     pub workers: Option<usize>,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT before connections are closed.
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT (or a hand-over to a
+    /// new process) before connections are closed.
     pub shutdown_timeout: HumanDuration,
     /// Log output format and level.
     pub log: LogConfig,
@@ -869,6 +870,12 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<String>,
     /// Watch the config file and reload it when it changes (SIGHUP always reloads).
     pub watch_config: bool,
+    /// A Unix socket path on which the running gateway hands its listening sockets to a new
+    /// process started with `portcullis run --upgrade` (zero-downtime restart, see
+    /// `docs/restart.md`). Relative to the config file's directory. Unset: no hand-over.
+    /// Changing it needs a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -880,6 +887,7 @@ impl Default for ServerConfig {
             access_log: None,
             trusted_proxies: Vec::new(),
             watch_config: true,
+            upgrade_socket: None,
         }
     }
 }

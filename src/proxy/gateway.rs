@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
+    handoff::{HandedSocket, InheritedSockets, Role, SocketInfo},
     server::{accept_loop, AcceptContext, ConnectionTracker},
     snapshot::{compile, Snapshot},
 };
@@ -142,6 +143,17 @@ impl Gateway {
     /// Compiles the config, binds every listener and starts the workers. Call inside a tokio
     /// runtime: health checks run on it. `workers` overrides the config's `server.workers`.
     pub fn start(loaded: &LoadedConfig, workers: Option<usize>) -> Result<Self, StartError> {
+        Self::start_with_sockets(loaded, workers, &mut InheritedSockets::default())
+    }
+
+    /// [`Gateway::start`] on the sockets a previous gateway handed over where they fit (see
+    /// [`InheritedSockets::take_listener`]); listeners without one are bound as usual. What the
+    /// config does not take stays in `inherited`.
+    pub fn start_with_sockets(
+        loaded: &LoadedConfig,
+        workers: Option<usize>,
+        inherited: &mut InheritedSockets,
+    ) -> Result<Self, StartError> {
         let worker_count = workers
             .or(loaded.config.server.workers)
             .unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from))
@@ -158,7 +170,14 @@ impl Gateway {
         }
         let mut listeners = HashMap::new();
         for spec in &snapshot.listeners {
-            let bound = bind(spec.bind).map_err(|source| StartError::Bind {
+            let bound = match inherited.take_listener(&spec.name, spec.bind) {
+                Some(handed) => {
+                    tracing::debug!(listener = &*spec.name, from = %handed.info.name, "using the socket handed over");
+                    adopt(spec.bind, handed.socket)
+                }
+                None => bind(spec.bind),
+            }
+            .map_err(|source| StartError::Bind {
                 name: spec.name.to_string(),
                 addr: spec.bind,
                 source,
@@ -240,6 +259,25 @@ impl Gateway {
 
     pub fn worker_count(&self) -> usize {
         self.worker_count
+    }
+
+    /// Copies of every listening socket, described for a successor process
+    /// ([`super::handoff`]).
+    pub fn handoff_sockets(&self) -> io::Result<Vec<HandedSocket>> {
+        self.listeners
+            .iter()
+            .map(|(name, listener)| {
+                Ok(HandedSocket {
+                    info: SocketInfo {
+                        role: Role::Listener,
+                        name: name.to_string(),
+                        configured: listener.configured,
+                        local: listener.local,
+                    },
+                    socket: listener.socket.try_clone()?,
+                })
+            })
+            .collect()
     }
 
     /// The address a listener is bound to (useful with port 0).
@@ -357,15 +395,21 @@ impl Gateway {
         Ok(summary)
     }
 
-    /// Stops accepting, lets in-flight requests finish up to the configured deadline, then closes
-    /// what is left. Returns the number of connections that had to be cut.
-    pub async fn shutdown(mut self) -> usize {
+    /// Stops accepting and closes this process's copies of the listening sockets (a successor's
+    /// copies stay open); open connections carry on. Readiness turns false.
+    pub fn stop_accepting(&mut self) {
         self.state.ready.store(false, Ordering::Release);
-        let deadline = self.state.snapshot.load().shutdown_timeout;
         for listener in self.listeners.values() {
             let _ = listener.stop.send(true);
         }
         self.listeners.clear();
+    }
+
+    /// Stops accepting, lets in-flight requests finish up to the configured deadline, then closes
+    /// what is left. Returns the number of connections that had to be cut.
+    pub async fn shutdown(mut self) -> usize {
+        self.stop_accepting();
+        let deadline = self.state.snapshot.load().shutdown_timeout;
         let _ = self.draining.send(true);
         let mut waiting = Vec::new();
         for worker in &self.workers {
@@ -450,7 +494,7 @@ fn spawn_worker(
 }
 
 /// Binds a listening socket: non-blocking, `SO_REUSEADDR`, backlog 1024.
-fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -460,10 +504,19 @@ fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    let socket: std::net::TcpListener = socket.into();
+    Ok(socket.into())
+}
+
+fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
+    adopt(addr, bind_tcp(addr)?)
+}
+
+/// A listener on a socket that is already bound and listening (bound here, or handed over).
+fn adopt(configured: SocketAddr, socket: std::net::TcpListener) -> io::Result<BoundListener> {
+    socket.set_nonblocking(true)?;
     let local = socket.local_addr()?;
     Ok(BoundListener {
-        configured: addr,
+        configured,
         local,
         socket,
         stop: watch::channel(false).0,

@@ -7,11 +7,13 @@ mod forwarding;
 mod gateway;
 mod grpc_web;
 mod handler;
+pub mod handoff;
 pub mod reload;
 mod server;
 pub mod snapshot;
+pub mod systemd;
 
 pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;
-pub use gateway::{Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
+pub use gateway::{bind_tcp, Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
 pub use snapshot::{compile, Snapshot};

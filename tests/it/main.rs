@@ -13,6 +13,7 @@ mod hardening;
 mod lifecycle;
 mod observability;
 mod ratelimit;
+mod restart;
 mod routing;
 mod shared_state;
 mod tls;

@@ -1247,6 +1247,16 @@ pub struct RouteConfig {
     /// Put (the first bytes of) request and response bodies in the access log, redacted.
     #[serde(default)]
     pub capture_payload: Option<CapturePayloadConfig>,
+    /// Let WebSocket upgrades (HTTP/1.1 `Upgrade: websocket`) through to the upstream, which must
+    /// speak HTTP/1.1. Off (the default): the upgrade headers of a request are removed like any
+    /// other hop-by-hop header, so the upstream sees a plain request and no tunnel can open.
+    /// Every policy of the route runs on the upgrade request.
+    #[serde(default)]
+    pub websocket: bool,
+    /// A WebSocket tunnel with no byte in either direction for this long is closed (needs
+    /// `websocket: true`). Default: 5m.
+    #[serde(default)]
+    pub websocket_idle_timeout: Option<HumanDuration>,
 }
 
 /// Request matching. All given conditions must hold.

@@ -7,13 +7,14 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Request, Response, Version};
 use hyper::body::Incoming;
 
 use super::{
     conn::ConnFlags,
     forwarding,
     snapshot::{HostRewrite, Route, Snapshot},
+    upgrade::{self, ClientUpgrade},
 };
 use crate::{
     pipeline::{
@@ -145,7 +146,7 @@ pub async fn handle(
             .access_log
             .pick_response_headers(response.headers());
     }
-    response.map(|body| body.with_completion(Completion::new(ctx, in_flight)))
+    upgrade::complete(response, Completion::new(ctx, in_flight))
 }
 
 async fn proxy(
@@ -245,6 +246,9 @@ async fn proxy(
         }
     }
 
+    // a WebSocket upgrade the route allows (read before the hop-by-hop headers go)
+    let client_upgrade = ClientUpgrade::accept(&route, &mut parts);
+
     // 5. hop-by-hop headers go before any policy runs: a client's `Connection` header must not be
     //    able to remove what a policy sets (identity headers), nor hide what a policy reads
     forwarding::strip_hop_by_hop(&mut parts.headers, true);
@@ -313,6 +317,9 @@ async fn proxy(
         },
     );
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(upgrade) = &client_upgrade {
+        upgrade.offer(&mut parts.headers);
+    }
     if let Some(trace) = &ctx.trace {
         // the upstream's parent is the gateway's span; `tracestate` belongs to the trace it came
         // with, so it passes only when that trace was continued
@@ -380,11 +387,13 @@ async fn proxy(
             parts.headers.get(header::CONTENT_TYPE),
         )));
     }
+    // a 101 opens a tunnel only for an upgrade this route accepted (read before the hop-by-hop
+    // headers go)
+    let tunnel = upgrade::answer(client_upgrade, &mut parts)?;
     forwarding::strip_hop_by_hop(&mut parts.headers, false);
     parts.version = Version::HTTP_11;
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        // upgrades are not proxied (yet): never pass a 101 through without the tunnel behind it
-        return Err(GatewayError::UpstreamProtocol);
+    if let Some(tunnel) = tunnel {
+        return Ok(tunnel.response(parts));
     }
     Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
 }

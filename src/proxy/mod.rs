@@ -8,6 +8,7 @@ mod handler;
 pub mod reload;
 mod server;
 pub mod snapshot;
+mod upgrade;
 
 pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;

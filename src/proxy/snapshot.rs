@@ -119,6 +119,9 @@ pub struct Route {
     pub observer: Arc<crate::telemetry::RouteObserver>,
     /// Bodies captured for the access log (`capture_payload`).
     pub capture: Option<Arc<crate::telemetry::payload::CapturePolicy>>,
+    /// WebSocket upgrades allowed, and how tunnels are kept (`websocket`). `None`: upgrade
+    /// headers are stripped and no tunnel opens.
+    pub websocket: Option<super::upgrade::WebSocketSettings>,
 }
 
 /// The `Host` header sent upstream.
@@ -640,6 +643,7 @@ fn compile_route(
             "must be more than 0 (0 would refuse every request)",
         );
     }
+    let websocket = super::upgrade::WebSocketSettings::compile(route, upstream.scheme, &path, sink);
     let authorization = if route.public {
         if route.authorization.is_some() {
             sink.error(
@@ -705,6 +709,7 @@ fn compile_route(
             .capture_payload
             .as_ref()
             .map(|config| Arc::new(crate::telemetry::payload::CapturePolicy::compile(config))),
+        websocket,
     };
     Some((
         RouteMatch {

@@ -14,3 +14,4 @@ mod routing;
 mod shared_state;
 mod tls;
 mod upstreams;
+mod websocket;

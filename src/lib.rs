@@ -10,6 +10,7 @@
 //! - [`route`]: path normalisation, patterns and the precedence-ordered route table;
 //! - [`policy`]: the per-route policy chain (authentication, authorization, rate limits);
 //! - [`upstream`]: pools, load balancing, health, retries;
+//! - [`compression`]: response compression by `Accept-Encoding` (gzip, brotli, zstd), streamed;
 //! - [`store`]: state shared by replicas (Redis);
 //! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
 //! - [`telemetry`]: logging and the access log; [`admin`]: the admin API;
@@ -20,6 +21,7 @@
 #![recursion_limit = "256"]
 
 pub mod admin;
+pub mod compression;
 pub mod config;
 pub mod demo;
 pub mod explain;

@@ -10,7 +10,10 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::Completion;
-use crate::upstream::UpstreamResponseBody;
+use crate::{
+    compression::encode::{EncodedBody, Encoder},
+    upstream::UpstreamResponseBody,
+};
 
 /// Errors crossing body boundaries (hyper's, or ours for the size limit).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -30,6 +33,8 @@ pub struct ResponseBody {
 enum ResponseKind {
     Full(Option<Bytes>),
     Upstream(UpstreamResponseBody),
+    /// The upstream's body, compressed as it streams (`compression`).
+    Encoded(Box<EncodedBody<UpstreamResponseBody>>),
 }
 
 impl ResponseBody {
@@ -54,6 +59,18 @@ impl ResponseBody {
         }
     }
 
+    /// Compresses an upstream body with `encoder` as it streams (a gateway-made body is left as
+    /// it is: those are small). The caller has set the response's `Content-Encoding`.
+    pub fn encoded(self, encoder: Encoder) -> Self {
+        let kind = match self.kind {
+            ResponseKind::Upstream(body) => {
+                ResponseKind::Encoded(Box::new(EncodedBody::new(body, encoder)))
+            }
+            other => other,
+        };
+        Self { kind, ..self }
+    }
+
     /// Attaches the request's record, which counts bytes sent and is finished when the body ends
     /// (or is dropped because the client went away).
     pub fn with_completion(mut self, completion: Box<Completion>) -> Self {
@@ -71,17 +88,34 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        let completion = &mut this.completion;
+        // the payload capture sees the upstream's bytes, before any compression
+        let mut capture = |data: &Bytes| {
+            if let Some(capture) = completion
+                .as_mut()
+                .and_then(|c| c.ctx.response_capture.as_mut())
+            {
+                capture.append(data);
+            }
+        };
         let polled = match &mut this.kind {
             ResponseKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ResponseKind::Upstream(body) => {
+                let polled = Pin::new(body).poll_frame(cx).map_err(Into::into);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        capture(data);
+                    }
+                }
+                polled
+            }
+            ResponseKind::Encoded(body) => body.poll_encoded(cx, capture),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // bytes out: what is sent, compressed or not
                 if let (Some(completion), Some(data)) = (&mut this.completion, frame.data_ref()) {
                     completion.ctx.bytes_out += data.len() as u64;
-                    if let Some(capture) = &mut completion.ctx.response_capture {
-                        capture.append(data);
-                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
@@ -101,6 +135,7 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Full(bytes) => bytes.is_none(),
             ResponseKind::Upstream(body) => body.is_end_stream(),
+            ResponseKind::Encoded(body) => body.is_end_stream(),
         }
     }
 
@@ -109,6 +144,8 @@ impl Body for ResponseBody {
             ResponseKind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ResponseKind::Full(None) => SizeHint::with_exact(0),
             ResponseKind::Upstream(body) => body.size_hint(),
+            // the compressed size is known only at the end
+            ResponseKind::Encoded(_) => SizeHint::default(),
         }
     }
 }

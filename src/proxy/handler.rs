@@ -343,6 +343,11 @@ async fn proxy(
         HostRewrite::Target => {}
     }
     parts.version = Version::HTTP_11;
+    let compression = crate::compression::negotiate(
+        route.compression.as_ref(),
+        listener.compression.as_ref(),
+        &parts,
+    );
     let hash_key = hash_key(&route, &parts.headers, ctx);
     let mut body = UpstreamBody::client(body, max_body);
     if let Some(capture) = ctx.capture.as_ref().filter(|c| c.request) {
@@ -395,7 +400,11 @@ async fn proxy(
     if let Some(tunnel) = tunnel {
         return Ok(tunnel.response(parts));
     }
-    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+    let mut body = ResponseBody::upstream(body);
+    if let Some(compression) = &compression {
+        body = compression.apply(&mut parts, body);
+    }
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Applies `strip_prefix` then `add_prefix` to the normalised path.

@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
 use crate::{
+    compression::CompressionPolicy,
     config::{
         model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, StoreKind, UpstreamConfig},
         ConfigErrors, ErrorSink, LoadedConfig,
@@ -98,6 +99,8 @@ pub struct ListenerSpec {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Response compression for routes without their own (`compression`).
+    pub compression: Option<CompressionPolicy>,
 }
 
 /// A compiled route.
@@ -122,6 +125,8 @@ pub struct Route {
     /// WebSocket upgrades allowed, and how tunnels are kept (`websocket`). `None`: upgrade
     /// headers are stripped and no tunnel opens.
     pub websocket: Option<super::upgrade::WebSocketSettings>,
+    /// Response compression (`compression`); `None`: the listener's.
+    pub compression: Option<CompressionPolicy>,
 }
 
 /// The `Host` header sent upstream.
@@ -471,6 +476,10 @@ fn compile_listener(
         header_timeout: limits.header_timeout.0,
         idle_timeout: limits.idle_timeout.0,
         max_connections: limits.max_connections,
+        compression: listener
+            .compression
+            .as_ref()
+            .map(|c| CompressionPolicy::compile(c, &format!("{path}.compression"), sink)),
     })
 }
 
@@ -710,6 +719,10 @@ fn compile_route(
             .as_ref()
             .map(|config| Arc::new(crate::telemetry::payload::CapturePolicy::compile(config))),
         websocket,
+        compression: route
+            .compression
+            .as_ref()
+            .map(|c| CompressionPolicy::compile(c, &format!("{path}.compression"), sink)),
     };
     Some((
         RouteMatch {

@@ -6,6 +6,7 @@ mod support;
 mod authn;
 mod authz;
 mod cli;
+mod compression;
 mod hardening;
 mod lifecycle;
 mod observability;

@@ -236,6 +236,8 @@ pub fn complete(
 ) -> Response<ResponseBody> {
     match response.extensions_mut().remove::<Tunnel>() {
         Some(tunnel) => {
+            let mut completion = completion;
+            completion.ctx.upgraded_at = Some(std::time::Instant::now());
             tokio::spawn(tunnel.run(completion));
             response
         }

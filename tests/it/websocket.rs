@@ -118,7 +118,7 @@ async fn gateway(
     }
     if let Some(path) = access_log {
         yaml.push_str(&format!(
-            "observability:\n  access_log:\n    output: {}\n",
+            "observability:\n  access_log:\n    output: {}\n  metrics:\n    require_token: false\n",
             path.display()
         ));
     }
@@ -327,8 +327,9 @@ async fn an_idle_tunnel_is_closed_after_its_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let routes = "  - name: ws\n    match: { path: /ws/** }\n    public: true\n    websocket: true\n    websocket_idle_timeout: 400ms\n    upstream: app\n";
-    let gateway = gateway(&upstream.url(), routes, "", Some(&log)).await;
+    let mut gateway = gateway(&upstream.url(), routes, "", Some(&log)).await;
     let (mut ws, _) = connect(&gateway, "/ws/x", &[]).await.unwrap();
+    let opened = Instant::now();
     assert_eq!(
         next_message(&mut ws).await,
         Message::text("hello from upstream")
@@ -357,6 +358,38 @@ async fn an_idle_tunnel_is_closed_after_its_timeout() {
         log_lines(&log)
     );
     assert_eq!(log_lines(&log)[0]["status"], 101);
+    let lived = opened.elapsed();
+    assert!(
+        log_lines(&log)[0]["duration_ms"].as_f64().unwrap() >= 1000.0,
+        "the log's duration spans the tunnel"
+    );
+
+    // latency metrics take the time to the 101, not the tunnel's life
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    tokio::spawn(portcullis::admin::serve(
+        listener,
+        gateway.gateway().state(),
+    ));
+    let metrics = crate::support::send(
+        http::Request::get(format!("http://{admin}/metrics"))
+            .body(http_body_util::Full::default())
+            .unwrap(),
+    )
+    .await
+    .body;
+    let (count, sum) = ["count", "sum"]
+        .map(|field| {
+            let prefix = format!("portcullis_request_duration_seconds_{field}{{route=\"ws\"");
+            metrics
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{prefix} in\n{metrics}"))
+        })
+        .into();
+    assert_eq!(count, 1.0);
+    assert!(sum < 0.5, "{sum}s for a tunnel that lived {lived:?}");
 }
 
 #[tokio::test]

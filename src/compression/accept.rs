@@ -81,7 +81,8 @@ fn algorithm(coding: &str) -> Option<Algorithm> {
 /// the earlier in `offered`. A coding the client does not name takes the weight of `*`, or is not
 /// acceptable. `None`: no header, or nothing offered is acceptable (the response stays identity).
 ///
-/// The first element naming a coding decides its weight; values that are not text are ignored.
+/// The first element naming a coding decides its weight. Bytes that are not UTF-8 spoil only the
+/// elements they are in (found by fuzzing: a value was ignored whole for one non-ASCII element).
 pub fn negotiate<'h>(
     values: impl IntoIterator<Item = &'h HeaderValue>,
     offered: &[Algorithm],
@@ -90,8 +91,9 @@ pub fn negotiate<'h>(
     let mut weights = [None::<u16>; 3];
     let mut any = None::<u16>;
     for value in values {
-        let Ok(text) = value.to_str() else { continue };
-        for preference in parse(text) {
+        // obs-text is allowed in header values; it cannot be part of a coding name anyway
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for preference in parse(&text) {
             if preference.coding == "*" {
                 any.get_or_insert(preference.weight);
             } else if let Some(algorithm) = algorithm(preference.coding) {
@@ -227,5 +229,10 @@ mod tests {
         assert_eq!(negotiate([], &ALL), None);
         let opaque = HeaderValue::from_bytes(b"gzip\xff").unwrap();
         assert_eq!(negotiate([&opaque], &ALL), None);
+        // fuzzing finding F11: one element with non-ASCII text does not spoil the others
+        let mixed = HeaderValue::from_str("gzip;q=0.5, br\u{14a}=1").unwrap();
+        assert_eq!(negotiate([&mixed], &ALL), Some(Algorithm::Gzip));
+        let raw = HeaderValue::from_bytes(b"br;q=0.2, \xffzstd, gzip;q=0.1").unwrap();
+        assert_eq!(negotiate([&raw], &ALL), Some(Algorithm::Br));
     }
 }

@@ -166,10 +166,10 @@ impl GatewayError {
     /// status: a JSON 401 would reach them as "internal error").
     pub fn grpc_status(self) -> u8 {
         match self {
-            Self::Unauthorized(_) => 16,   // UNAUTHENTICATED
-            Self::Forbidden => 7,          // PERMISSION_DENIED
-            Self::NoRoute => 12,           // UNIMPLEMENTED
-            Self::UpstreamTimeout => 4,    // DEADLINE_EXCEEDED
+            Self::Unauthorized(_) => 16, // UNAUTHENTICATED
+            Self::Forbidden => 7,        // PERMISSION_DENIED
+            Self::NoRoute => 12,         // UNIMPLEMENTED
+            Self::UpstreamTimeout => 4,  // DEADLINE_EXCEEDED
             Self::TooManyRequests { .. } | Self::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
             Self::NoHealthyTarget
             | Self::ShuttingDown
@@ -194,7 +194,10 @@ impl GatewayError {
         let headers = response.headers_mut();
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(header::CONTENT_TYPE, content_type);
-        headers.insert(GRPC_STATUS, HeaderValue::from(u16::from(self.grpc_status())));
+        headers.insert(
+            GRPC_STATUS,
+            HeaderValue::from(u16::from(self.grpc_status())),
+        );
         // the public message is plain ASCII without `%`: valid as a percent-encoded value
         if let Ok(message) = HeaderValue::from_str(self.public_message()) {
             headers.insert(GRPC_MESSAGE, message);

@@ -188,7 +188,12 @@ impl Lookup {
         };
         let now = SystemTime::now();
         let (mut parts, body) = response.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // no upgrade was asked for: never pass a 101 on without the tunnel behind it
+            return Err(GatewayError::UpstreamProtocol);
+        }
         super::forwarding::strip_hop_by_hop(&mut parts.headers, false);
+        parts.version = http::Version::HTTP_11;
         if let (Some(stale), StatusCode::NOT_MODIFIED) = (stale, parts.status) {
             let mut merged = stale.headers.clone();
             for name in parts.headers.keys() {

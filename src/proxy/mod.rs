@@ -12,6 +12,7 @@ pub mod reload;
 mod server;
 pub mod snapshot;
 pub mod systemd;
+mod upgrade;
 
 pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;

@@ -278,7 +278,8 @@ async fn serve_io<I>(
             // hyper keeps up to 100 headers on the stack; other limits cost a heap allocation
             builder.max_headers(spec.max_headers);
         }
-        let connection = builder.serve_connection(io, service);
+        // upgrades: a WebSocket tunnel takes the connection over after its 101 (see `upgrade`)
+        let connection = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(connection);
         drive(connection.as_mut(), &mut draining, Some(activity), |c| {
             c.graceful_shutdown()

@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
 use crate::{
+    compression::CompressionPolicy,
     config::{
         model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, StoreKind, UpstreamConfig},
         ConfigErrors, ErrorSink, LoadedConfig,
@@ -100,6 +101,8 @@ pub struct ListenerSpec {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Response compression for routes without their own (`compression`).
+    pub compression: Option<CompressionPolicy>,
 }
 
 /// A compiled route.
@@ -127,6 +130,11 @@ pub struct Route {
     pub compose: Option<Arc<crate::compose::Composition>>,
     /// Translate gRPC-Web requests to gRPC (`grpc_web`).
     pub grpc_web: bool,
+    /// WebSocket upgrades allowed, and how tunnels are kept (`websocket`). `None`: upgrade
+    /// headers are stripped and no tunnel opens.
+    pub websocket: Option<super::upgrade::WebSocketSettings>,
+    /// Response compression (`compression`); `None`: the listener's.
+    pub compression: Option<CompressionPolicy>,
 }
 
 /// The `Host` header sent upstream.
@@ -485,6 +493,10 @@ fn compile_listener(
         header_timeout: limits.header_timeout.0,
         idle_timeout: limits.idle_timeout.0,
         max_connections: limits.max_connections,
+        compression: listener
+            .compression
+            .as_ref()
+            .map(|c| CompressionPolicy::compile(c, &format!("{path}.compression"), sink)),
     })
 }
 
@@ -698,6 +710,7 @@ fn compile_route(
             "must be more than 0 (0 would refuse every request)",
         );
     }
+    let websocket = super::upgrade::WebSocketSettings::compile(route, upstream.scheme, &path, sink);
     let authorization = if route.public {
         if route.authorization.is_some() {
             sink.error(
@@ -782,6 +795,11 @@ fn compile_route(
         }),
         compose: None,
         grpc_web: route.grpc_web,
+        websocket,
+        compression: route
+            .compression
+            .as_ref()
+            .map(|c| CompressionPolicy::compile(c, &format!("{path}.compression"), sink)),
     };
     if route.grpc_web && compiled.upstream.scheme == crate::upstream::TargetScheme::Http1 {
         sink.error(

@@ -355,8 +355,14 @@ async fn grpc_web_clients_over_http1_reach_the_grpc_service() {
         None,
     )
     .await;
-    assert_eq!(status, 200, "gRPC-Web clients read the status from grpc-status");
-    assert_eq!(headers_of_refusal(&gateway, &hello).await["grpc-status"], "16");
+    assert_eq!(
+        status, 200,
+        "gRPC-Web clients read the status from grpc-status"
+    );
+    assert_eq!(
+        headers_of_refusal(&gateway, &hello).await["grpc-status"],
+        "16"
+    );
     // a text body that is not base64 is the client's error
     let (_, headers, _) = grpc_web_call(
         &gateway,

@@ -380,7 +380,8 @@ async fn proxy(
     if let Some(composition) = &route.compose {
         // answered by the composition's calls; a client body has nowhere to go
         drop(body);
-        return respond_composed(composition, &parts.headers, ctx).await;
+        let response = respond_composed(composition, &parts.headers, ctx).await?;
+        return Ok(compressed(response, compression.as_ref()));
     }
     let upstream_request = Request::from_parts(parts, body);
 
@@ -389,12 +390,7 @@ async fn proxy(
     if let Some(cache) = &route.cache {
         if client_upgrade.is_none() && caching::is_cacheable(&upstream_request) {
             let response = caching::serve(cache, &route, upstream_request, hash_key, ctx).await?;
-            let (mut parts, body) = response.into_parts();
-            let body = match &compression {
-                Some(compression) => compression.apply(&mut parts, body),
-                None => body,
-            };
-            return Ok(Response::from_parts(parts, body));
+            return Ok(compressed(response, compression.as_ref()));
         }
         cache.count(CacheStatus::Bypass);
         ctx.cache = Some(CacheStatus::Bypass);
@@ -430,6 +426,19 @@ async fn proxy(
         body = compression.apply(&mut parts, body);
     }
     Ok(Response::from_parts(parts, body))
+}
+
+/// A response the gateway made (from the cache, or composed), compressed when negotiated.
+fn compressed(
+    response: Response<ResponseBody>,
+    compression: Option<&crate::compression::Negotiated<'_>>,
+) -> Response<ResponseBody> {
+    let Some(compression) = compression else {
+        return response;
+    };
+    let (mut parts, body) = response.into_parts();
+    let body = compression.apply(&mut parts, body);
+    Response::from_parts(parts, body)
 }
 
 /// Runs a route's composition and answers with its JSON.

@@ -18,13 +18,6 @@ use crate::support::{redis::RedisServer, *};
 
 const ADMIN_TOKEN: &str = "caching-admin-token";
 
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// An upstream that numbers its responses (`response N`) and adds `headers` to each.
 async fn numbered(
     headers: &'static [(&'static str, &'static str)],

@@ -9,13 +9,6 @@ use http_body_util::Full;
 
 use crate::support::*;
 
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// Upstreams `users` and `orders` (and `app`, the route's), a route `/dash/{id}` for API key
 /// `key-alice` with the given `compose` section (indented for a route).
 fn config(users: &TestUpstream, orders: &TestUpstream, compose: &str) -> String {

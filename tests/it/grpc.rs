@@ -113,13 +113,6 @@ async fn grpc_upstream() -> SocketAddr {
     addr
 }
 
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 async fn gateway(upstream: SocketAddr) -> TestGateway {
     TestGateway::start(&format!(
         "server:\n  watch_config: false\nadmin:\n  enabled: false\n\

@@ -24,7 +24,7 @@ use tokio_tungstenite::{
 };
 
 use crate::support::{
-    config_with, eventually, raw_headers, status_of, Reply, TestGateway, TestUpstream,
+    config_with, digest, eventually, raw_headers, status_of, Reply, TestGateway, TestUpstream,
 };
 
 /// A WebSocket echo server: greets each client, then echoes every text and binary message.
@@ -91,13 +91,6 @@ impl EchoServer {
 }
 
 const API_KEY: &str = "ws-key-alice";
-
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// A gateway to `target` with the given routes, an API-key set `keys`, an optional rate-limit
 /// section and an optional access log file.

@@ -5,6 +5,13 @@ use std::time::{Duration, SystemTime};
 
 use http::{header, HeaderMap, StatusCode};
 
+/// The largest delta-seconds value (RFC 9111 §1.2.2).
+const MAX_DELTA: u64 = 1 << 31;
+
+fn all_digits(value: &str) -> bool {
+    !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// A response's `Cache-Control` directives (RFC 9111 §5.2.2), the ones a shared cache acts on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ResponseDirectives {
@@ -41,7 +48,17 @@ impl ResponseDirectives {
                     }
                     None => (directive.trim(), None),
                 };
-                let seconds = || argument.and_then(|a| a.parse::<u64>().ok());
+                // delta-seconds beyond 2^31 count as 2^31 (RFC 9111 §1.2.2): an upstream cannot
+                // make a lifetime that overflows arithmetic
+                let seconds = || {
+                    argument
+                        .and_then(|a| {
+                            a.parse::<u64>()
+                                .ok()
+                                .or_else(|| all_digits(a).then_some(MAX_DELTA))
+                        })
+                        .map(|s| s.min(MAX_DELTA))
+                };
                 match name.to_ascii_lowercase().as_str() {
                     "max-age" => directives.max_age = Some(seconds().unwrap_or(0)),
                     "s-maxage" => directives.s_maxage = Some(seconds().unwrap_or(0)),
@@ -84,8 +101,8 @@ pub enum NotStorable {
     VaryAny,
     /// A cookie set for one client must not reach another.
     SetCookie,
-    /// A response to a request with credentials, on a route shared across identities, without
-    /// `public` or `s-maxage` (RFC 9111 §3.5).
+    /// A response to a request with credentials, to be served to others, without `public` or a
+    /// non-zero `s-maxage` (stricter than RFC 9111 §3.5, which also accepts `must-revalidate`).
     Authorization,
     /// No freshness from the upstream and no `ttl` on the route.
     NoFreshness,
@@ -142,8 +159,10 @@ impl Freshness {
         if headers.contains_key(header::SET_COOKIE) {
             return Err(NotStorable::SetCookie);
         }
+        // RFC 9111 §3.5 also accepts `must-revalidate` here; a zero-trust gateway wants the
+        // upstream to say outright that the response may be shared
         if shared_with_credentials
-            && !(directives.public || directives.s_maxage.is_some() || directives.must_revalidate)
+            && !(directives.public || directives.s_maxage.is_some_and(|s| s > 0))
         {
             return Err(NotStorable::Authorization);
         }
@@ -263,6 +282,39 @@ mod tests {
     }
 
     #[test]
+    fn huge_lifetimes_are_capped_and_cannot_overflow() {
+        let parsed = ResponseDirectives::parse(&headers(&[(
+            "cache-control",
+            "max-age=99999999999999999999999, stale-while-revalidate=18446744073709551615",
+        )]));
+        assert_eq!(parsed.max_age, Some(1 << 31));
+        assert_eq!(parsed.stale_while_revalidate, Some(1 << 31));
+        let got = lifetime(
+            &policy(None, false),
+            &[(
+                "cache-control",
+                "max-age=18446744073709551615, stale-while-revalidate=18446744073709551615",
+            )],
+            false,
+        )
+        .unwrap();
+        let entry = crate::cache::Entry {
+            status: StatusCode::OK,
+            headers: headers(&[("etag", "\"x\"")]),
+            body: bytes::Bytes::new(),
+            stored_at: SystemTime::UNIX_EPOCH,
+            lifetime: got,
+            route: "r".into(),
+            identity: None,
+            origin: "http:".into(),
+            vary: Vec::new(),
+        };
+        // neither may panic (the release profile aborts on panic)
+        let _ = entry.retention();
+        let _ = entry.standing(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)));
+    }
+
+    #[test]
     fn s_maxage_wins_over_max_age_and_age_is_subtracted() {
         let got = lifetime(
             &policy(None, false),
@@ -313,7 +365,17 @@ mod tests {
             Err(NotStorable::SetCookie)
         );
         assert_eq!(lifetime(&p, &[], true), Err(NotStorable::Authorization));
+        assert_eq!(
+            lifetime(
+                &p,
+                &[("cache-control", "must-revalidate, s-maxage=0")],
+                true
+            ),
+            Err(NotStorable::Authorization),
+            "framework defaults do not make a response shareable"
+        );
         assert!(lifetime(&p, &[("cache-control", "public")], true).is_ok());
+        assert!(lifetime(&p, &[("cache-control", "s-maxage=5")], true).is_ok());
         assert_eq!(
             lifetime(&policy(None, false), &[], false),
             Err(NotStorable::NoFreshness)

@@ -20,7 +20,11 @@ pub struct Entry {
     pub route: Box<str>,
     /// Who the response was for; `None` for public requests and routes that share their cache.
     pub identity: Option<Box<str>>,
-    /// The headers `Vary` names, with the values the request that produced it had.
+    /// The scheme and port the client used (`https:8443`): the upstream sees them in its
+    /// forwarding headers and may build redirects and links from them.
+    pub origin: Box<str>,
+    /// The headers `Vary` names, with the values the request that produced it had (all field
+    /// lines of a name joined, so a repeated header cannot hide behind its first line).
     pub vary: Vec<(HeaderName, Option<HeaderValue>)>,
 }
 
@@ -29,7 +33,52 @@ pub struct Entry {
 pub struct VariantKey<'a> {
     pub route: &'a str,
     pub identity: Option<&'a str>,
+    pub origin: &'a str,
+    /// The request's headers, for the entry's `Vary`.
     pub headers: &'a HeaderMap,
+}
+
+impl VariantKey<'_> {
+    /// The store key of `url` for this route, identity and origin (`Vary` variants share it).
+    pub fn store_key(&self, url: &str) -> String {
+        store_key(url, self.route, self.identity, self.origin)
+    }
+}
+
+/// `Vary` variants kept under one store key at most (the oldest go first): a header the client
+/// controls cannot grow one key without bound.
+pub const MAX_VARIANTS_PER_KEY: usize = 8;
+
+/// Separates the parts of a store key; cannot appear in a host, a normalised path or a route name.
+pub const KEY_SEPARATOR: char = '\x1f';
+
+/// `URL␟ROUTE␟IDENTITY␟ORIGIN`: a purge by URL (or URL prefix) is a prefix scan.
+pub fn store_key(url: &str, route: &str, identity: Option<&str>, origin: &str) -> String {
+    let identity = identity.unwrap_or("");
+    let mut key =
+        String::with_capacity(url.len() + route.len() + identity.len() + origin.len() + 3);
+    for (i, part) in [url, route, identity, origin].into_iter().enumerate() {
+        if i > 0 {
+            key.push(KEY_SEPARATOR);
+        }
+        key.push_str(part);
+    }
+    key
+}
+
+/// The value of `name` in `headers` as `Vary` compares it: every field line, joined with `, `.
+pub fn vary_value(headers: &HeaderMap, name: &HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(first.clone());
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in std::iter::once(second).chain(values) {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// How an entry stands at the moment it is looked up.
@@ -48,15 +97,24 @@ impl Entry {
     pub fn matches(&self, key: &VariantKey<'_>) -> bool {
         *self.route == *key.route
             && self.identity.as_deref() == key.identity
+            && *self.origin == *key.origin
             && self
                 .vary
                 .iter()
-                .all(|(name, value)| key.headers.get(name) == value.as_ref())
+                .all(|(name, value)| vary_value(key.headers, name) == *value)
     }
 
     /// Whether `other` would be found by the same requests (it replaces this one).
     pub fn same_variant(&self, other: &Entry) -> bool {
-        self.route == other.route && self.identity == other.identity && self.vary == other.vary
+        self.route == other.route
+            && self.identity == other.identity
+            && self.origin == other.origin
+            && self.vary == other.vary
+    }
+
+    /// The store key its variants share.
+    pub fn store_key(&self, url: &str) -> String {
+        store_key(url, &self.route, self.identity.as_deref(), &self.origin)
     }
 
     /// Approximate bytes held: the body, the headers and a fixed overhead.
@@ -74,6 +132,7 @@ impl Entry {
         now.duration_since(self.stored_at).unwrap_or_default()
     }
 
+    /// Fresh, stale but servable, or to be revalidated, `now`.
     pub fn standing(&self, now: SystemTime) -> Standing {
         let age = self.age(now);
         if self.lifetime.always_revalidate {
@@ -99,7 +158,10 @@ impl Entry {
         } else {
             Duration::ZERO
         };
-        self.lifetime.fresh_for + self.lifetime.stale_for + extra
+        self.lifetime
+            .fresh_for
+            .saturating_add(self.lifetime.stale_for)
+            .saturating_add(extra)
     }
 
     /// Headers for a conditional request that revalidates this entry (RFC 9111 §4.3.1).
@@ -115,14 +177,12 @@ impl Entry {
         etag.into_iter().chain(modified)
     }
 
-    pub fn has_validators(&self) -> bool {
-        self.validators().next().is_some()
-    }
-
-    /// The entry refreshed by a 304: its headers updated from the 304's (RFC 9111 §4.3.4),
-    /// stored again now with a new lifetime.
-    pub fn refreshed(&self, not_modified: &HeaderMap, lifetime: Lifetime, now: SystemTime) -> Self {
+    /// The entry's headers updated from a 304's (RFC 9111 §4.3.4): the 304's replace the
+    /// stored ones, except the body's framing (`Content-Length`, `Content-Encoding`); the stored
+    /// `Age` goes, since the 304 is the new measure of it.
+    pub fn refreshed_headers(&self, not_modified: &HeaderMap) -> HeaderMap {
         let mut headers = self.headers.clone();
+        headers.remove(header::AGE);
         for name in not_modified.keys() {
             if *name == header::CONTENT_LENGTH || *name == header::CONTENT_ENCODING {
                 continue;
@@ -132,8 +192,14 @@ impl Entry {
                 headers.append(name.clone(), value.clone());
             }
         }
+        headers
+    }
+
+    /// The entry refreshed by a 304 (see [`Self::refreshed_headers`]), stored again `now` with a
+    /// new lifetime.
+    pub fn refreshed(&self, not_modified: &HeaderMap, lifetime: Lifetime, now: SystemTime) -> Self {
         Self {
-            headers,
+            headers: self.refreshed_headers(not_modified),
             stored_at: now,
             lifetime,
             ..self.clone()
@@ -200,6 +266,7 @@ mod tests {
             },
             route: "r".into(),
             identity: None,
+            origin: "http:".into(),
             vary: vec![(
                 header::ACCEPT_LANGUAGE,
                 Some(HeaderValue::from_static("de")),
@@ -225,20 +292,29 @@ mod tests {
     #[test]
     fn vary_values_must_match() {
         let e = entry(&[], 10, 0, false);
-        let matches = |language: Option<&'static str>| {
+        let matches = |languages: &[&'static str], origin: &str| {
             let mut headers = HeaderMap::new();
-            if let Some(language) = language {
-                headers.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_static(language));
+            for language in languages {
+                headers.append(header::ACCEPT_LANGUAGE, HeaderValue::from_static(language));
             }
             e.matches(&VariantKey {
                 route: "r",
                 identity: None,
+                origin,
                 headers: &headers,
             })
         };
-        assert!(!matches(None), "absent is not `de`");
-        assert!(!matches(Some("en")));
-        assert!(matches(Some("de")));
+        assert!(!matches(&[], "http:"), "absent is not `de`");
+        assert!(!matches(&["en"], "http:"));
+        assert!(matches(&["de"], "http:"));
+        assert!(
+            !matches(&["de", "evil"], "http:"),
+            "a second line is part of the value"
+        );
+        assert!(
+            !matches(&["de"], "https:"),
+            "another scheme is another origin"
+        );
     }
 
     #[test]
@@ -285,6 +361,10 @@ mod tests {
         let lifetime = e.lifetime;
         let fresh = e.refreshed(&not_modified, lifetime, at(50));
         assert_eq!(fresh.headers["x-a"], "2");
+        assert!(
+            !fresh.headers.contains_key(header::AGE),
+            "the old Age is not the new one"
+        );
         assert_eq!(fresh.headers[header::CONTENT_LENGTH], "4");
         assert_eq!(fresh.standing(at(51)), Standing::Fresh);
         assert_eq!(&fresh.body[..], b"body");

@@ -47,6 +47,7 @@ pub enum CacheStatus {
 }
 
 impl CacheStatus {
+    /// Every status, in declaration order (the order of [`RouteCache::outcomes`]).
     pub const ALL: [Self; 5] = [
         Self::Hit,
         Self::Miss,
@@ -55,6 +56,7 @@ impl CacheStatus {
         Self::Bypass,
     ];
 
+    /// The `x-cache` value and metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
@@ -65,6 +67,7 @@ impl CacheStatus {
         }
     }
 
+    /// [`Self::as_str`] as a header value.
     pub fn header(self) -> HeaderValue {
         HeaderValue::from_static(self.as_str())
     }
@@ -78,6 +81,7 @@ pub enum Store {
 }
 
 impl Store {
+    /// The variant of `url` that `key` selects.
     pub async fn get(&self, url: &str, key: &VariantKey<'_>) -> Option<Arc<Entry>> {
         match self {
             Self::Memory(store) => store.get(url, key),
@@ -85,6 +89,7 @@ impl Store {
         }
     }
 
+    /// Stores `entry` under `url`, replacing the variant it would be found by.
     pub async fn put(&self, url: &str, entry: Arc<Entry>) {
         match self {
             Self::Memory(store) => {
@@ -103,6 +108,7 @@ impl Store {
         }
     }
 
+    /// Removes the variant `entry` is (one that may no longer be served).
     pub async fn remove_variant(&self, url: &str, entry: &Entry) {
         match self {
             Self::Memory(store) => store.remove_variant(url, entry),
@@ -117,9 +123,14 @@ pub struct RouteCache {
     pub freshness: Freshness,
     /// Entries serve every identity (otherwise each identity has its own).
     pub shared: bool,
+    /// The largest body stored (`cache.max_entry_size`).
     pub max_entry_bytes: u64,
+    /// Where entries live (`cache.store`).
     pub store: Store,
+    /// The process's fetches in flight, shared by every cached route.
     pub coalescer: Arc<Coalescer>,
+    /// What makes an anonymous request one "with credentials" (RFC 9111 §3.5).
+    pub credentials: Arc<Credentials>,
     /// Lookups by [`CacheStatus`], in [`CacheStatus::ALL`] order.
     pub outcomes: [Counter; 5],
 }
@@ -127,11 +138,7 @@ pub struct RouteCache {
 impl RouteCache {
     /// Counts a lookup's outcome (the metric; the access log reads `RequestCtx::cache`).
     pub fn count(&self, status: CacheStatus) {
-        let index = CacheStatus::ALL
-            .iter()
-            .position(|s| *s == status)
-            .unwrap_or(0);
-        self.outcomes[index].inc();
+        self.outcomes[status as usize].inc();
     }
 
     /// The identity an entry is kept for: `None` on shared routes and for anonymous requests.
@@ -143,9 +150,57 @@ impl RouteCache {
             return None;
         }
         identity.map(|i| {
-            // method and provider too: an API key named `alice` is not the JWT subject `alice`
-            format!("{}:{}:{}", i.method, i.provider, i.subject).into_boxed_str()
+            // method, provider and issuer too: an API key named `alice` is not the JWT subject
+            // `alice`, and subjects are unique per issuer only
+            format!(
+                "{}:{}:{}:{}",
+                i.method,
+                i.provider,
+                i.issuer.as_deref().unwrap_or(""),
+                i.subject
+            )
+            .into_boxed_str()
         })
+    }
+}
+
+/// Headers and query parameters that carry credentials (from the `authentication` section, plus
+/// `Authorization`, `Proxy-Authorization`, `Cookie` and `DPoP`). An anonymous request carrying
+/// one may get a response the upstream personalised from it, so such a response is stored for
+/// others only when the upstream marks it `public` or gives it an `s-maxage`.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    headers: Vec<http::HeaderName>,
+    query: Vec<String>,
+}
+
+impl Credentials {
+    /// From header names and query parameter names (invalid header names are skipped: the config
+    /// validation reports them).
+    pub fn new(headers: &[String], query: Vec<String>) -> Self {
+        Self {
+            headers: headers
+                .iter()
+                .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
+            query,
+        }
+    }
+
+    /// The credential header names.
+    pub fn header_names(&self) -> &[http::HeaderName] {
+        &self.headers
+    }
+
+    /// Whether a request with these headers and query string carries any of them.
+    pub fn carried_by(&self, headers: &http::HeaderMap, query: Option<&str>) -> bool {
+        self.headers.iter().any(|h| headers.contains_key(h))
+            || query.is_some_and(|query| {
+                query.split(['&', ';']).any(|pair| {
+                    let name = pair.split('=').next().unwrap_or_default();
+                    self.query.iter().any(|q| q.eq_ignore_ascii_case(name))
+                })
+            })
     }
 }
 
@@ -188,14 +243,6 @@ impl Coalescer {
             _done: done,
         })
     }
-
-    /// Whether a fetch of `key` is running (a stale hit then starts no second refresh).
-    pub fn is_fetching(&self, key: &str) -> bool {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(key)
-    }
 }
 
 impl Drop for FetchGuard {
@@ -224,20 +271,28 @@ pub fn lowercase_host(url: &str) -> String {
     normalised
 }
 
-/// The coalescing key of a variant lookup.
-pub fn fetch_key(url: &str, route: &str, identity: Option<&str>) -> Box<str> {
-    let mut key = String::with_capacity(url.len() + route.len() + 32);
-    key.push_str(route);
-    key.push('\n');
-    key.push_str(identity.unwrap_or(""));
-    key.push('\n');
-    key.push_str(url);
-    key.into_boxed_str()
+/// The coalescing key of a lookup: its store key (the `Vary` variants of one key share a fetch:
+/// a waiter for another variant looks again, misses, and fetches its own).
+pub fn fetch_key(url: &str, route: &str, identity: Option<&str>, origin: &str) -> Box<str> {
+    entry::store_key(url, route, identity, origin).into_boxed_str()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_found_in_headers_and_the_query() {
+        let credentials = Credentials::new(
+            &["authorization".into(), "cookie".into(), "x-api-key".into()],
+            vec!["api_key".into()],
+        );
+        let mut headers = http::HeaderMap::new();
+        assert!(!credentials.carried_by(&headers, Some("page=2&sort=name")));
+        assert!(credentials.carried_by(&headers, Some("page=2&API_KEY=x")));
+        headers.insert("x-api-key", http::HeaderValue::from_static("k"));
+        assert!(credentials.carried_by(&headers, None));
+    }
 
     #[tokio::test]
     async fn one_leader_per_key_and_followers_wake_when_it_is_done() {
@@ -257,7 +312,6 @@ mod tests {
             .await
             .expect("follower woke")
             .unwrap();
-        assert!(!coalescer.is_fetching("k"));
         assert!(matches!(coalescer.join("k".into()), Turn::Lead(_)));
     }
 }

@@ -1,7 +1,7 @@
 //! Cache entries in Redis, so that replicas share them (`cache.store: redis`).
 //!
-//! One Redis key per URL, route and identity (`{prefix}cache:URL\x1fROUTE\x1fIDENTITY`) holds
-//! every `Vary` variant of it, so a lookup is one `GET`; the key expires when its longest-kept
+//! One Redis key per URL, route, identity and origin (`{prefix}cache:URL␟ROUTE␟IDENTITY␟ORIGIN`)
+//! holds every `Vary` variant of it (at most eight), so a lookup is one `GET`; the key expires when its longest-kept
 //! variant would. A failing Redis is a miss, never an error for the client: the cache is an
 //! optimisation. Purges `SCAN` for keys, so they need a standalone server (not a Cluster).
 
@@ -13,12 +13,12 @@ use std::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::{control::Lifetime, Entry, VariantKey};
+use super::{
+    control::Lifetime,
+    entry::{KEY_SEPARATOR as SEPARATOR, MAX_VARIANTS_PER_KEY as MAX_VARIANTS},
+    Entry, VariantKey,
+};
 use crate::store::{RedisStore as Redis, StoreError};
-
-/// Variants of one key at most (new ones replace the oldest).
-const MAX_VARIANTS: usize = 8;
-const SEPARATOR: char = '\x1f';
 
 /// The shared cache store.
 #[derive(Debug)]
@@ -36,15 +36,13 @@ pub enum PurgeError {
 }
 
 impl RedisStore {
+    /// The cache's keys in `redis`, under its key prefix.
     pub fn new(redis: Arc<Redis>) -> Self {
         Self { redis }
     }
 
-    fn key(&self, url: &str, route: &str, identity: Option<&str>) -> String {
-        self.redis.key(&format!(
-            "cache:{url}{SEPARATOR}{route}{SEPARATOR}{}",
-            identity.unwrap_or("")
-        ))
+    fn key(&self, store_key: &str) -> String {
+        self.redis.key(&format!("cache:{store_key}"))
     }
 
     async fn variants(&self, key: &str) -> Option<Vec<Entry>> {
@@ -60,33 +58,29 @@ impl RedisStore {
         }
     }
 
+    /// The variant of `url` for `key`; `None` when absent or when Redis fails.
     pub async fn get(&self, url: &str, key: &VariantKey<'_>) -> Option<Arc<Entry>> {
-        let variants = self
-            .variants(&self.key(url, key.route, key.identity))
-            .await?;
+        let variants = self.variants(&self.key(&key.store_key(url))).await?;
         variants.into_iter().find(|e| e.matches(key)).map(Arc::new)
     }
 
+    /// Stores `entry` beside the other variants of its key (read, changed, written back: two
+    /// replicas storing variants of one key at once may lose one of them, which is a miss later).
     pub async fn put(&self, url: &str, entry: &Entry) {
-        let key = self.key(url, &entry.route, entry.identity.as_deref());
+        let key = self.key(&entry.store_key(url));
         let now = SystemTime::now();
         let mut variants = self.variants(&key).await.unwrap_or_default();
         variants.retain(|v| !v.same_variant(entry) && v.age(now) < v.retention());
-        if variants.len() >= MAX_VARIANTS {
+        while variants.len() >= MAX_VARIANTS {
             variants.remove(0);
         }
         variants.push(entry.clone());
-        let keep = variants
-            .iter()
-            .map(|v| v.retention().saturating_sub(v.age(now)))
-            .max()
-            .unwrap_or_default()
-            .max(Duration::from_millis(1));
-        self.write(&key, &variants, keep).await;
+        self.write(&key, &variants, now).await;
     }
 
+    /// Removes one variant (one that could not be revalidated).
     pub async fn remove_variant(&self, url: &str, entry: &Entry) {
-        let key = self.key(url, &entry.route, entry.identity.as_deref());
+        let key = self.key(&entry.store_key(url));
         let Some(mut variants) = self.variants(&key).await else {
             return;
         };
@@ -96,11 +90,18 @@ impl RedisStore {
             command.arg(&key);
             let _ = self.redis.query::<i64>(&command).await;
         } else {
-            self.write(&key, &variants, Duration::from_secs(60)).await;
+            self.write(&key, &variants, SystemTime::now()).await;
         }
     }
 
-    async fn write(&self, key: &str, variants: &[Entry], keep: Duration) {
+    /// Writes `variants` to `key`, expiring when the longest-kept of them would be dropped.
+    async fn write(&self, key: &str, variants: &[Entry], now: SystemTime) {
+        let keep = variants
+            .iter()
+            .map(|v| v.retention().saturating_sub(v.age(now)))
+            .max()
+            .unwrap_or_default()
+            .max(Duration::from_millis(1));
         let mut command = redis::cmd("SET");
         command
             .arg(key)
@@ -168,7 +169,7 @@ fn glob_escape(value: &str) -> String {
 
 // The wire form: a version byte, then per variant its fields, length-prefixed. Written and read
 // only by this module; anything that does not decode is a miss.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 fn encode(variants: &[Entry]) -> BytesMut {
     let mut out = BytesMut::with_capacity(
@@ -199,6 +200,7 @@ fn encode(variants: &[Entry]) -> BytesMut {
             }
             None => out.put_u8(0),
         }
+        put_bytes(&mut out, entry.origin.as_bytes());
         out.put_u16(entry.vary.len() as u16);
         for (name, value) in &entry.vary {
             put_bytes(&mut out, name.as_str().as_bytes());
@@ -261,6 +263,7 @@ fn decode(mut input: Bytes) -> Option<Vec<Entry>> {
         } else {
             None
         };
+        let origin = text(&mut input)?;
         if input.remaining() < 2 {
             return None;
         }
@@ -297,6 +300,7 @@ fn decode(mut input: Bytes) -> Option<Vec<Entry>> {
             },
             route,
             identity,
+            origin,
             vary,
         });
     }
@@ -326,6 +330,7 @@ mod tests {
             },
             route: "r".into(),
             identity: Some("jwt:p:alice".into()),
+            origin: "https:8443".into(),
             vary: vec![
                 (
                     http::header::ACCEPT_LANGUAGE,
@@ -344,6 +349,7 @@ mod tests {
         assert_eq!(got.stored_at, entry.stored_at);
         assert_eq!(got.lifetime, entry.lifetime);
         assert_eq!(got.identity, entry.identity);
+        assert_eq!(got.origin, entry.origin);
         assert_eq!(got.vary, entry.vary);
         for cut in 0..bytes.len() {
             assert!(

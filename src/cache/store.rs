@@ -1,5 +1,6 @@
-//! The in-memory response store: bounded by bytes, least recently used resources evicted first,
-//! ordered by URL so that a purge by prefix is a range scan.
+//! The in-memory response store: bounded by bytes, least recently used keys evicted first,
+//! ordered by key (`URL␟ROUTE␟IDENTITY␟ORIGIN`) so that a purge by URL or URL prefix is a range
+//! scan.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +13,7 @@ use std::{
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
-use super::entry::{Entry, VariantKey};
+use super::entry::{Entry, VariantKey, KEY_SEPARATOR, MAX_VARIANTS_PER_KEY as MAX_VARIANTS};
 
 const SHARDS: usize = 16;
 
@@ -20,6 +21,7 @@ const SHARDS: usize = 16;
 #[derive(Debug, Clone, Default)]
 pub struct StoreMetrics {
     pub bytes: Gauge,
+    /// Stored responses (variants).
     pub entries: Gauge,
     pub evictions: Counter,
 }
@@ -37,21 +39,46 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Shard {
-    resources: BTreeMap<Arc<str>, Resource>,
-    /// Last use → URL: the first entry is the least recently used.
+    keys: BTreeMap<Arc<str>, Variants>,
+    /// Last use → key: the first entry is the least recently used.
     recency: BTreeMap<u64, Arc<str>>,
     bytes: u64,
 }
 
-/// Every stored variant of one URL (identities, routes, `Vary` values).
+/// The `Vary` variants stored under one key.
 #[derive(Debug, Default)]
-struct Resource {
-    variants: Vec<Arc<Entry>>,
+struct Variants {
+    entries: Vec<Arc<Entry>>,
     last_used: u64,
     bytes: u64,
 }
 
+impl Shard {
+    /// Removes a whole key; returns how many entries went.
+    fn remove_key(&mut self, key: &str, metrics: &StoreMetrics) -> usize {
+        let Some(variants) = self.keys.remove(key) else {
+            return 0;
+        };
+        self.recency.remove(&variants.last_used);
+        self.bytes -= variants.bytes;
+        metrics.bytes.dec_by(variants.bytes as i64);
+        metrics.entries.dec_by(variants.entries.len() as i64);
+        variants.entries.len()
+    }
+}
+
+impl Variants {
+    fn take(&mut self, index: usize, shard_bytes: &mut u64, metrics: &StoreMetrics) {
+        let old = self.entries.remove(index);
+        self.bytes -= old.size();
+        *shard_bytes -= old.size();
+        metrics.bytes.dec_by(old.size() as i64);
+        metrics.entries.dec();
+    }
+}
+
 impl MemoryStore {
+    /// A store of `max_bytes` at most, reporting to `metrics`.
     pub fn new(max_bytes: u64, metrics: StoreMetrics) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
@@ -68,32 +95,24 @@ impl MemoryStore {
             .store(max_bytes / SHARDS as u64, Ordering::Relaxed);
     }
 
-    /// The largest entry a shard can hold.
-    pub fn max_entry_bytes(&self) -> u64 {
-        self.shard_budget.load(Ordering::Relaxed)
-    }
-
-    fn shard(&self, url: &str) -> &Mutex<Shard> {
-        &self.shards[self.hasher.hash_one(url) as usize % SHARDS]
-    }
-
-    fn lock(&self, url: &str) -> std::sync::MutexGuard<'_, Shard> {
-        self.shard(url)
+    fn lock(&self, key: &str) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[self.hasher.hash_one(key) as usize % SHARDS]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The variant of `url` stored for `key`, marking the URL as used.
+    /// The variant of `url` stored for `key`, marking its key as used.
     pub fn get(&self, url: &str, key: &VariantKey<'_>) -> Option<Arc<Entry>> {
+        let store_key = key.store_key(url);
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut shard = self.lock(url);
+        let mut shard = self.lock(&store_key);
         let shard = &mut *shard;
-        let resource = shard.resources.get_mut(url)?;
-        let entry = resource.variants.iter().find(|e| e.matches(key))?.clone();
-        if let Some(name) = shard.recency.remove(&resource.last_used) {
+        let variants = shard.keys.get_mut(store_key.as_str())?;
+        let entry = variants.entries.iter().find(|e| e.matches(key))?.clone();
+        if let Some(name) = shard.recency.remove(&variants.last_used) {
             shard.recency.insert(tick, name);
         }
-        resource.last_used = tick;
+        variants.last_used = tick;
         Some(entry)
     }
 
@@ -105,115 +124,95 @@ impl MemoryStore {
         if size > budget {
             return false;
         }
+        let store_key = entry.store_key(url);
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut shard = self.lock(url);
+        let mut shard = self.lock(&store_key);
         let shard = &mut *shard;
-        let (name, resource) = match shard.resources.get_key_value(url) {
-            Some((name, _)) => {
-                let name = name.clone();
-                let resource = shard.resources.get_mut(url).expect("just found");
-                (name, resource)
-            }
-            None => {
-                let name: Arc<str> = url.into();
-                self.metrics.entries.inc();
-                let resource = shard.resources.entry(name.clone()).or_default();
-                (name, resource)
-            }
+        let name: Arc<str> = match shard.keys.get_key_value(store_key.as_str()) {
+            Some((name, _)) => name.clone(),
+            None => store_key.into(),
         };
-        if let Some(index) = resource
-            .variants
-            .iter()
-            .position(|e| e.same_variant(&entry))
-        {
-            let old = resource.variants.swap_remove(index);
-            resource.bytes -= old.size();
-            shard.bytes -= old.size();
-            self.metrics.bytes.dec_by(old.size() as i64);
+        let variants = shard.keys.entry(name.clone()).or_default();
+        if let Some(index) = variants.entries.iter().position(|e| e.same_variant(&entry)) {
+            variants.take(index, &mut shard.bytes, &self.metrics);
         }
-        resource.variants.push(entry);
-        resource.bytes += size;
+        while variants.entries.len() >= MAX_VARIANTS {
+            variants.take(0, &mut shard.bytes, &self.metrics);
+        }
+        variants.entries.push(entry);
+        variants.bytes += size;
         shard.bytes += size;
         self.metrics.bytes.inc_by(size as i64);
-        shard.recency.remove(&resource.last_used);
-        resource.last_used = tick;
+        self.metrics.entries.inc();
+        shard.recency.remove(&variants.last_used);
+        variants.last_used = tick;
         shard.recency.insert(tick, name.clone());
-        // evict the least recently used URLs (never the one just stored) until within budget
+        // evict the least recently used keys until within budget; if the key just written is
+        // all that is left, its older variants go
         while shard.bytes > budget {
             let Some((&oldest, victim)) = shard.recency.iter().next() else {
                 break;
             };
-            if **victim == *url {
-                break;
+            if *victim == name {
+                let Some(variants) = shard.keys.get_mut(&name) else {
+                    break;
+                };
+                if variants.entries.len() <= 1 {
+                    break;
+                }
+                variants.take(0, &mut shard.bytes, &self.metrics);
+                self.metrics.evictions.inc();
+                continue;
             }
             let victim = victim.clone();
             shard.recency.remove(&oldest);
-            if let Some(evicted) = shard.resources.remove(&victim) {
-                shard.bytes -= evicted.bytes;
-                self.metrics.bytes.dec_by(evicted.bytes as i64);
-                self.metrics.entries.dec();
-                self.metrics.evictions.inc();
-            }
+            let evicted = shard.remove_key(&victim, &self.metrics);
+            self.metrics.evictions.inc_by(evicted as u64);
         }
         true
     }
 
     /// Removes one stored variant (e.g. one that could not be revalidated).
     pub fn remove_variant(&self, url: &str, entry: &Entry) {
-        let mut shard = self.lock(url);
+        let store_key = entry.store_key(url);
+        let mut shard = self.lock(&store_key);
         let shard = &mut *shard;
-        let Some(resource) = shard.resources.get_mut(url) else {
+        let Some(variants) = shard.keys.get_mut(store_key.as_str()) else {
             return;
         };
-        if let Some(index) = resource.variants.iter().position(|e| e.same_variant(entry)) {
-            let old = resource.variants.swap_remove(index);
-            resource.bytes -= old.size();
-            shard.bytes -= old.size();
-            self.metrics.bytes.dec_by(old.size() as i64);
+        if let Some(index) = variants.entries.iter().position(|e| e.same_variant(entry)) {
+            variants.take(index, &mut shard.bytes, &self.metrics);
         }
-        if resource.variants.is_empty() {
-            let last_used = resource.last_used;
-            shard.resources.remove(url);
-            shard.recency.remove(&last_used);
-            self.metrics.entries.dec();
+        if variants.entries.is_empty() {
+            shard.remove_key(&store_key, &self.metrics);
         }
     }
 
-    /// Removes every variant of URLs equal to `url`, or starting with it when `prefix`. Returns
-    /// the number of URLs removed.
+    /// Removes every entry of `url` (all routes, identities, origins, variants), or of every URL
+    /// starting with it when `prefix`. Returns the number of URLs removed.
     pub fn purge(&self, url: &str, prefix: bool) -> usize {
-        let mut removed = 0;
+        let mut exact = url.to_owned();
+        exact.push(KEY_SEPARATOR);
+        let start = if prefix { url } else { exact.as_str() };
+        let mut urls = std::collections::BTreeSet::new();
         for shard in self.shards.iter() {
             let mut shard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let shard = &mut *shard;
-            let victims: Vec<Arc<str>> = if prefix {
-                shard
-                    .resources
-                    .range::<str, _>((std::ops::Bound::Included(url), std::ops::Bound::Unbounded))
-                    .take_while(|(name, _)| name.starts_with(url))
-                    .map(|(name, _)| name.clone())
-                    .collect()
-            } else {
-                shard
-                    .resources
-                    .get_key_value(url)
-                    .map(|(name, _)| name.clone())
-                    .into_iter()
-                    .collect()
-            };
+            let victims: Vec<Arc<str>> = shard
+                .keys
+                .range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+                .take_while(|(key, _)| key.starts_with(start))
+                .map(|(key, _)| key.clone())
+                .collect();
             for victim in victims {
-                if let Some(resource) = shard.resources.remove(&victim) {
-                    shard.recency.remove(&resource.last_used);
-                    shard.bytes -= resource.bytes;
-                    self.metrics.bytes.dec_by(resource.bytes as i64);
-                    self.metrics.entries.dec();
-                    removed += 1;
+                if let Some((url, _)) = victim.split_once(KEY_SEPARATOR) {
+                    urls.insert(url.to_owned());
                 }
+                shard.remove_key(&victim, &self.metrics);
             }
         }
-        removed
+        urls.len()
     }
 
     /// Bytes held (all shards).
@@ -253,6 +252,7 @@ mod tests {
             },
             route: route.into(),
             identity: identity.map(Into::into),
+            origin: "http:".into(),
             vary: Vec::new(),
         })
     }
@@ -263,6 +263,7 @@ mod tests {
         VariantKey {
             route,
             identity,
+            origin: "http:",
             headers: &NO_HEADERS,
         }
     }
@@ -300,6 +301,55 @@ mod tests {
     }
 
     #[test]
+    fn many_identities_of_one_url_are_evicted_one_by_one() {
+        let metrics = StoreMetrics::default();
+        let store = MemoryStore::new(64 * 1024, metrics.clone());
+        for i in 0..1000 {
+            assert!(store.put("h/me", entry("r", Some(&format!("user{i}")), 1000)));
+        }
+        assert!(store.bytes() <= 64 * 1024, "bytes {}", store.bytes());
+        assert!(store.get("h/me", &key("r", Some("user999"))).is_some());
+        assert!(store.get("h/me", &key("r", Some("user0"))).is_none());
+        assert_eq!(
+            metrics.entries.get() as u64 * entry("r", None, 1000).size(),
+            store.bytes()
+        );
+    }
+
+    #[test]
+    fn variants_of_one_key_are_capped() {
+        let store = MemoryStore::new(1 << 22, StoreMetrics::default());
+        let mut headers = HeaderMap::new();
+        for i in 0..20 {
+            let mut e = (*entry("r", None, 10)).clone();
+            e.vary = vec![(
+                http::header::USER_AGENT,
+                Some(format!("ua{i}").parse().unwrap()),
+            )];
+            store.put("h/a", Arc::new(e));
+        }
+        headers.insert(http::header::USER_AGENT, "ua19".parse().unwrap());
+        let found = |headers: &HeaderMap| {
+            store
+                .get(
+                    "h/a",
+                    &VariantKey {
+                        headers,
+                        ..key("r", None)
+                    },
+                )
+                .is_some()
+        };
+        assert!(found(&headers));
+        headers.insert(http::header::USER_AGENT, "ua0".parse().unwrap());
+        assert!(!found(&headers), "the oldest variants went");
+        assert_eq!(
+            store.bytes(),
+            MAX_VARIANTS as u64 * entry("r", None, 10).size()
+        );
+    }
+
+    #[test]
     fn least_recently_used_urls_go_first_and_bytes_stay_bounded() {
         let metrics = StoreMetrics::default();
         // 16 shards of 4 KiB each
@@ -326,7 +376,7 @@ mod tests {
             store.put(url, entry("r", Some("alice"), 1));
             store.put(url, entry("r", Some("bob"), 1));
         }
-        assert_eq!(store.purge("h/users", false), 1);
+        assert_eq!(store.purge("h/users", false), 1, "one URL, two identities");
         assert!(store.get("h/users", &key("r", Some("bob"))).is_none());
         assert_eq!(store.purge("h/users/", true), 2);
         assert!(store.get("h/users/1", &key("r", Some("alice"))).is_none());

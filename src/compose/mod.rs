@@ -8,7 +8,14 @@
 
 pub mod template;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request};
@@ -39,6 +46,9 @@ pub struct Composition {
     max_response: u64,
     /// The route's path pattern, for its parameters.
     pattern: PathPattern,
+    /// The client's credential headers: the gateway vouches for the caller with its identity
+    /// headers, so the calls (often to other upstreams) never see the client's secrets.
+    withheld: Vec<http::HeaderName>,
 }
 
 #[derive(Debug)]
@@ -91,6 +101,7 @@ impl Composition {
         route_path: &str,
         route_upstream: &Arc<Upstream>,
         upstreams: &HashMap<&str, Arc<Upstream>>,
+        credential_headers: &[http::HeaderName],
     ) -> Result<Self, (String, String)> {
         let pattern = PathPattern::parse(route_path).map_err(|e| ("".to_owned(), e))?;
         if config.calls.is_empty() || config.calls.len() > MAX_CALLS {
@@ -166,6 +177,7 @@ impl Composition {
             on_failure: config.on_failure,
             max_response: config.max_response_size.0,
             pattern,
+            withheld: credential_headers.to_vec(),
         })
     }
 
@@ -178,10 +190,11 @@ impl Composition {
         headers: &HeaderMap,
     ) -> Result<Composed, GatewayError> {
         let params = self.pattern.captures(path).unwrap_or_default();
-        let headers = call_headers(headers);
+        let headers = call_headers(headers, &self.withheld);
         let mut results: Vec<Option<Value>> = vec![None; self.calls.len()];
         let mut failures: Vec<Option<CallFailure>> = vec![None; self.calls.len()];
-        let mut budget = self.max_response;
+        // one budget for every call, also those running at the same time
+        let budget = Arc::new(AtomicU64::new(self.max_response));
         for wave in &self.waves {
             let mut running = JoinSet::new();
             for &i in wave {
@@ -200,9 +213,10 @@ impl Composition {
                 *request.uri_mut() = path.parse().map_err(|_| GatewayError::CompositionFailed)?;
                 let upstream = call.upstream.clone();
                 let timeout = call.timeout;
+                let budget = budget.clone();
                 running.spawn(async move {
                     let fetched =
-                        tokio::time::timeout(timeout, fetch_json(&upstream, request, budget))
+                        tokio::time::timeout(timeout, fetch_json(&upstream, request, &budget))
                             .await
                             .unwrap_or(Err(CallFailure::Timeout));
                     (i, fetched)
@@ -213,12 +227,7 @@ impl Composition {
                     return Err(GatewayError::CompositionFailed);
                 };
                 match fetched {
-                    Ok((value, size)) => {
-                        budget = budget
-                            .checked_sub(size)
-                            .ok_or(GatewayError::CompositionFailed)?;
-                        results[i] = Some(value);
-                    }
+                    Ok(value) => results[i] = Some(value),
                     Err(CallFailure::TooLarge) => return Err(GatewayError::CompositionFailed),
                     Err(failure) => failures[i] = Some(failure),
                 }
@@ -297,10 +306,24 @@ fn waves(calls: &[Call]) -> Option<Vec<Vec<usize>>> {
 }
 
 /// The headers every call carries: the client request's forwarding and identity headers, minus
-/// what describes the client's own body, connection or encoding.
-fn call_headers(client: &HeaderMap) -> HeaderMap {
+/// its credentials (`withheld`) and what describes the client's own body, connection, upgrade or
+/// encoding.
+fn call_headers(client: &HeaderMap, withheld: &[http::HeaderName]) -> HeaderMap {
     let mut headers = client.clone();
+    for name in withheld {
+        headers.remove(name);
+    }
+    let websocket: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("sec-websocket-"))
+        .cloned()
+        .collect();
+    for name in websocket {
+        headers.remove(name);
+    }
     for name in [
+        header::CONNECTION,
+        header::UPGRADE,
         header::HOST,
         header::CONTENT_LENGTH,
         header::CONTENT_TYPE,
@@ -317,12 +340,12 @@ fn call_headers(client: &HeaderMap) -> HeaderMap {
     headers
 }
 
-/// One call: a 2xx response whose body is JSON, at most `limit` bytes.
+/// One call: a 2xx response whose body is JSON, its bytes taken from the shared `budget`.
 async fn fetch_json(
     upstream: &Upstream,
     request: Request<UpstreamBody>,
-    limit: u64,
-) -> Result<(Value, u64), CallFailure> {
+    budget: &AtomicU64,
+) -> Result<Value, CallFailure> {
     let forwarded = upstream
         .forward(request, None, true)
         .await
@@ -334,18 +357,20 @@ async fn fetch_json(
     if !parts.status.is_success() {
         return Err(CallFailure::Status(parts.status.as_u16()));
     }
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let body = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|error| {
-            if error.is::<http_body_util::LengthLimitError>() {
-                CallFailure::TooLarge
-            } else {
-                CallFailure::Unavailable
-            }
-        })?
-        .to_bytes();
-    let value = serde_json::from_slice(&body).map_err(|_| CallFailure::InvalidJson)?;
-    Ok((value, body.len() as u64))
+    let mut body = body;
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| CallFailure::Unavailable)?;
+        if let Ok(data) = frame.into_data() {
+            let size = data.len() as u64;
+            budget
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                    left.checked_sub(size)
+                })
+                .map_err(|_| CallFailure::TooLarge)?;
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let body = bytes.freeze();
+    serde_json::from_slice(&body).map_err(|_| CallFailure::InvalidJson)
 }

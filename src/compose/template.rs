@@ -37,6 +37,9 @@ pub enum FillError {
     Missing(String),
     #[error("`{0}` is not a string, number or boolean")]
     NotScalar(String),
+    /// Empty, `.` or `..`: it would make an empty or a dot segment of the call's path.
+    #[error("`{0}` would make an empty or dot segment")]
+    DotSegment(String),
 }
 
 impl Template {
@@ -122,12 +125,17 @@ impl Template {
                         .find(|(n, _)| *n == &**name)
                         .map(|(_, v)| *v)
                         .ok_or_else(|| FillError::Missing(name.to_string()))?;
-                    encode_into(&mut out, value);
+                    // the matched path keeps escapes such as `%2F`: decoded once here, so they
+                    // are encoded once, not twice
+                    put_value(&mut out, &percent_decode(value), name)?;
                 }
-                Piece::Subject => encode_into(
+                Piece::Subject => put_value(
                     &mut out,
-                    subject.ok_or(FillError::Missing("subject".into()))?,
-                ),
+                    subject
+                        .ok_or(FillError::Missing("subject".into()))?
+                        .as_bytes(),
+                    "subject",
+                )?,
                 Piece::Field { call, path } => {
                     let label = || path.join(".");
                     let mut value = results
@@ -144,12 +152,13 @@ impl Template {
                         }
                         .ok_or_else(|| FillError::Missing(label()))?;
                     }
-                    match value {
-                        serde_json::Value::String(text) => encode_into(&mut out, text),
-                        serde_json::Value::Number(n) => encode_into(&mut out, &n.to_string()),
-                        serde_json::Value::Bool(b) => encode_into(&mut out, &b.to_string()),
+                    let text = match value {
+                        serde_json::Value::String(text) => text.clone(),
+                        serde_json::Value::Number(n) => n.to_string(),
+                        serde_json::Value::Bool(b) => b.to_string(),
                         _ => return Err(FillError::NotScalar(label())),
-                    }
+                    };
+                    put_value(&mut out, text.as_bytes(), &label())?;
                 }
             }
         }
@@ -157,9 +166,38 @@ impl Template {
     }
 }
 
+/// Appends `value` percent-encoded; refuses values that would be an empty or dot segment.
+fn put_value(out: &mut String, value: &[u8], label: &str) -> Result<(), FillError> {
+    if matches!(value, b"" | b"." | b"..") {
+        return Err(FillError::DotSegment(label.to_owned()));
+    }
+    encode_into(out, value);
+    Ok(())
+}
+
+/// Decodes `%XX` escapes (invalid ones are kept as they are).
+fn percent_decode(value: &str) -> Vec<u8> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters.
-fn encode_into(out: &mut String, value: &str) {
-    for byte in value.bytes() {
+fn encode_into(out: &mut String, value: &[u8]) {
+    for &byte in value {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
             out.push(byte as char);
         } else {
@@ -228,6 +266,29 @@ mod tests {
                 .unwrap(),
             "/n/3"
         );
+    }
+
+    #[test]
+    fn dot_segments_and_double_encoding_are_prevented() {
+        let template = parse("/users/{id}/orders/{user.name}").unwrap();
+        let fill = |id: &str, name: &str| {
+            template.fill(
+                &[("id", id)],
+                None,
+                &[Some(serde_json::json!({ "name": name })), None],
+            )
+        };
+        assert_eq!(
+            fill("a%2Fb", "x").unwrap(),
+            "/users/a%2Fb/orders/x",
+            "decoded once, encoded once"
+        );
+        assert_eq!(fill("..", "x"), Err(FillError::DotSegment("id".into())));
+        assert_eq!(fill("%2E%2E", "x"), Err(FillError::DotSegment("id".into())));
+        assert_eq!(fill("1", "."), Err(FillError::DotSegment("name".into())));
+        assert_eq!(fill("1", ""), Err(FillError::DotSegment("name".into())));
+        assert_eq!(fill("1", "..."), Ok("/users/1/orders/...".into()));
+        assert_eq!(fill("%zz%4", "x").unwrap(), "/users/%25zz%254/orders/x");
     }
 
     #[test]

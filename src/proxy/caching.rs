@@ -11,7 +11,10 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
-use super::{handler::forward, snapshot::Route};
+use super::{
+    handler::forward,
+    snapshot::{HostRewrite, Route},
+};
 use crate::{
     cache::{self, CacheStatus, Entry, RouteCache, Standing, Turn, VariantKey, X_CACHE},
     pipeline::{GatewayError, RequestCtx, ResponseBody, UpstreamBody},
@@ -60,23 +63,45 @@ struct Lookup {
     route: Arc<Route>,
     url: String,
     identity: Option<Box<str>>,
+    /// Scheme and port the client used (see [`Entry::origin`]).
+    origin: Box<str>,
     /// The request carried credentials and the entry would serve other identities.
     shared_with_credentials: bool,
     hash_key: Option<Vec<u8>>,
 }
 
-/// Serves a cacheable request (see [`is_cacheable`]) on a route with a cache.
+/// The `origin` part of a cache key: the scheme, and the port of the `Host` the client sent
+/// (the upstream sees both in its forwarding headers).
+pub fn origin_of(tls: bool, host: Option<&HeaderValue>) -> Box<str> {
+    let scheme = if tls { "https" } else { "http" };
+    let port = host
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| {
+            let after_v6 = h.rsplit_once(']').map_or(h, |(_, rest)| rest);
+            after_v6.rsplit_once(':').map(|(_, port)| port)
+        })
+        .unwrap_or("");
+    format!("{scheme}:{port}").into_boxed_str()
+}
+
+/// Serves a cacheable request (see [`is_cacheable`]) on a route with a cache. `origin`: see
+/// [`origin_of`].
 pub async fn serve(
     cache: &Arc<RouteCache>,
     route: &Arc<Route>,
     request: Request<UpstreamBody>,
     hash_key: Option<Vec<u8>>,
+    origin: Box<str>,
     ctx: &mut RequestCtx,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (response, status) = look_up(cache, route, request, hash_key, ctx).await?;
+    let looked_up = look_up(cache, route, request, hash_key, origin, ctx).await;
+    // a failed fetch was a miss too
+    let status = looked_up
+        .as_ref()
+        .map_or(CacheStatus::Miss, |(_, status)| *status);
     cache.count(status);
     ctx.cache = Some(status);
-    Ok(response)
+    looked_up.map(|(response, _)| response)
 }
 
 async fn look_up(
@@ -84,62 +109,78 @@ async fn look_up(
     route: &Arc<Route>,
     mut request: Request<UpstreamBody>,
     hash_key: Option<Vec<u8>>,
+    origin: Box<str>,
     ctx: &mut RequestCtx,
 ) -> Result<(Response<ResponseBody>, CacheStatus), GatewayError> {
     let conditionals = take_conditionals(request.headers_mut());
     let identity = cache.identity_of(ctx.identity.as_deref());
+    let carries_credentials = ctx.identity.is_some()
+        || cache
+            .credentials
+            .carried_by(request.headers(), request.uri().query());
     let lookup = Lookup {
         cache: cache.clone(),
         route: route.clone(),
         url: cache_url(ctx, &request),
-        shared_with_credentials: identity.is_none()
-            && (ctx.identity.is_some() || request.headers().contains_key(header::AUTHORIZATION)),
+        shared_with_credentials: identity.is_none() && carries_credentials,
         identity,
+        origin,
         hash_key,
     };
-    let fetch_key = cache::fetch_key(&lookup.url, &route.name, lookup.identity.as_deref());
+    let fetch_key = cache::fetch_key(
+        &lookup.url,
+        &route.name,
+        lookup.identity.as_deref(),
+        &lookup.origin,
+    );
     let mut entry = lookup.find(request.headers()).await;
-    if entry.is_none() {
-        match cache.coalescer.join(fetch_key.clone()) {
-            Turn::Follow(receiver) => {
-                // another request is fetching this variant: wait for it, then look again
-                cache::follow(receiver, route.upstream.total_timeout).await;
-                entry = lookup.find(request.headers()).await;
+    if let Some(found) = &entry {
+        let now = SystemTime::now();
+        match found.standing(now) {
+            Standing::Fresh => {
+                return Ok((
+                    answer(found, &conditionals, CacheStatus::Hit, now),
+                    CacheStatus::Hit,
+                ))
             }
-            Turn::Lead(guard) => {
-                let response = lookup.fetch(request, None, Some(ctx)).await;
-                drop(guard);
-                return response.map(|r| finish(r, &conditionals));
+            Standing::StaleServable => {
+                if let Turn::Lead(guard) = cache.coalescer.join(fetch_key) {
+                    let stale = found.clone();
+                    tokio::spawn(async move {
+                        let _ = lookup.fetch(request, Some(&stale), None).await;
+                        drop(guard);
+                    });
+                }
+                return Ok((
+                    answer(found, &conditionals, CacheStatus::Stale, now),
+                    CacheStatus::Stale,
+                ));
             }
+            Standing::MustRevalidate => {}
         }
     }
-    let Some(entry) = entry else {
-        // the fetch we waited for stored nothing (not storable, or failed): our own
-        let response = lookup.fetch(request, None, Some(ctx)).await;
-        return response.map(|r| finish(r, &conditionals));
-    };
-    let now = SystemTime::now();
-    match entry.standing(now) {
-        Standing::Fresh => Ok((
-            answer(&entry, &conditionals, CacheStatus::Hit, now),
-            CacheStatus::Hit,
-        )),
-        Standing::StaleServable => {
-            if let Turn::Lead(guard) = cache.coalescer.join(fetch_key) {
-                let stale = entry.clone();
-                tokio::spawn(async move {
-                    let _ = lookup.fetch(request, Some(&stale), None).await;
-                    drop(guard);
-                });
-            }
-            Ok((
-                answer(&entry, &conditionals, CacheStatus::Stale, now),
-                CacheStatus::Stale,
-            ))
+    // a miss, or an entry to revalidate: one request fetches, concurrent ones wait for it
+    match cache.coalescer.join(fetch_key) {
+        Turn::Lead(guard) => {
+            let fetched = lookup.fetch(request, entry.as_ref(), Some(ctx)).await;
+            drop(guard);
+            fetched.map(|f| finish(f, &conditionals))
         }
-        Standing::MustRevalidate => {
-            let response = lookup.fetch(request, Some(&entry), Some(ctx)).await;
-            response.map(|r| finish(r, &conditionals))
+        Turn::Follow(receiver) => {
+            cache::follow(receiver, route.upstream.total_timeout).await;
+            if let Some(found) = lookup.find(request.headers()).await {
+                let now = SystemTime::now();
+                if found.standing(now) == Standing::Fresh {
+                    return Ok((
+                        answer(&found, &conditionals, CacheStatus::Hit, now),
+                        CacheStatus::Hit,
+                    ));
+                }
+                entry = Some(found);
+            }
+            // the fetch we waited for left nothing fresh (not storable, or failed): our own
+            let fetched = lookup.fetch(request, entry.as_ref(), Some(ctx)).await;
+            fetched.map(|f| finish(f, &conditionals))
         }
     }
 }
@@ -156,6 +197,7 @@ impl Lookup {
         let key = VariantKey {
             route: &self.route.name,
             identity: self.identity.as_deref(),
+            origin: &self.origin,
             headers,
         };
         self.cache.store.get(&self.url, &key).await
@@ -178,12 +220,20 @@ impl Lookup {
         let response = match ctx {
             Some(ctx) => forward(&self.route, request, self.hash_key.as_deref(), ctx).await?,
             None => {
-                self.route
+                // a background refresh: the same upstream call as the client's would have been
+                let host_from_target = matches!(self.route.host, HostRewrite::Target);
+                match self
+                    .route
                     .upstream
-                    .forward(request, self.hash_key.as_deref(), false)
+                    .forward(request, self.hash_key.as_deref(), host_from_target)
                     .await
-                    .map_err(|failure| failure.error)?
-                    .response
+                {
+                    Ok(forwarded) => forwarded.response,
+                    Err(failure) => {
+                        tracing::debug!(url = %self.url, error = %failure.error, "background cache refresh failed");
+                        return Err(failure.error);
+                    }
+                }
             }
         };
         let now = SystemTime::now();
@@ -195,30 +245,26 @@ impl Lookup {
         super::forwarding::strip_hop_by_hop(&mut parts.headers, false);
         parts.version = http::Version::HTTP_11;
         if let (Some(stale), StatusCode::NOT_MODIFIED) = (stale, parts.status) {
-            let mut merged = stale.headers.clone();
-            for name in parts.headers.keys() {
-                merged.remove(name);
-            }
-            for (name, value) in &parts.headers {
-                merged.append(name.clone(), value.clone());
-            }
-            if let Ok(lifetime) = self.cache.freshness.lifetime(
+            let headers = stale.refreshed_headers(&parts.headers);
+            let lifetime = self.cache.freshness.lifetime(
                 stale.status,
-                &merged,
+                &headers,
                 self.shared_with_credentials,
                 now,
-            ) {
-                let refreshed = Arc::new(stale.refreshed(&parts.headers, lifetime, now));
-                self.cache.store.put(&self.url, refreshed.clone()).await;
-                return Ok(Fetched::Entry(refreshed, CacheStatus::Revalidated));
-            }
-            // the 304 made it unstorable (e.g. now `no-store`): serve this once, forget it
-            self.cache.store.remove_variant(&self.url, stale).await;
-            let once = Entry {
-                headers: merged,
+            );
+            let refreshed = Arc::new(Entry {
+                headers,
+                stored_at: now,
+                lifetime: lifetime.unwrap_or(stale.lifetime),
                 ..Entry::clone(stale)
-            };
-            return Ok(Fetched::Entry(Arc::new(once), CacheStatus::Revalidated));
+            });
+            if lifetime.is_ok() {
+                self.cache.store.put(&self.url, refreshed.clone()).await;
+            } else {
+                // the 304 made it unstorable (e.g. now `no-store`): serve this once, forget it
+                self.cache.store.remove_variant(&self.url, stale).await;
+            }
+            return Ok(Fetched::Entry(refreshed, CacheStatus::Revalidated));
         }
         let lifetime = match self.cache.freshness.lifetime(
             parts.status,
@@ -229,7 +275,9 @@ impl Lookup {
             Ok(lifetime) => lifetime,
             Err(reason) => {
                 tracing::trace!(?reason, url = %self.url, "response not stored");
-                if let Some(stale) = stale {
+                // a definite answer replaces the stale entry; an upstream failure (5xx) does not
+                // take it away
+                if let Some(stale) = stale.filter(|_| !parts.status.is_server_error()) {
                     self.cache.store.remove_variant(&self.url, stale).await;
                 }
                 return Ok(Fetched::Passed(Box::new(Response::from_parts(
@@ -252,7 +300,13 @@ impl Lookup {
                 ))))
             }
         };
-        let vary = vary_of(&parts.headers, &vary_request);
+        let Some(vary) = vary_of(&parts.headers, &vary_request) else {
+            // a `Vary` naming something that is not a header: no request can be known to match
+            return Ok(Fetched::Passed(Box::new(Response::from_parts(
+                parts,
+                ResponseBody::full(body),
+            ))));
+        };
         let entry = Arc::new(Entry {
             status: parts.status,
             headers: std::mem::take(&mut parts.headers),
@@ -261,6 +315,7 @@ impl Lookup {
             lifetime,
             route: (*self.route.name).into(),
             identity: self.identity.clone(),
+            origin: self.origin.clone(),
             vary,
         });
         self.cache.store.put(&self.url, entry.clone()).await;
@@ -268,23 +323,27 @@ impl Lookup {
     }
 }
 
-/// The request header values the response's `Vary` names.
+/// The request header values the response's `Vary` names; `None` when a name is not a valid
+/// header name.
 fn vary_of(
     response: &HeaderMap,
     request: &HeaderMap,
-) -> Vec<(http::HeaderName, Option<HeaderValue>)> {
+) -> Option<Vec<(http::HeaderName, Option<HeaderValue>)>> {
     let mut vary = Vec::new();
     for value in response.get_all(header::VARY) {
-        for name in value.to_str().unwrap_or_default().split(',') {
-            if let Ok(name) = http::HeaderName::from_bytes(name.trim().as_bytes()) {
-                if !vary.iter().any(|(n, _)| *n == name) {
-                    let value = request.get(&name).cloned();
-                    vary.push((name, value));
-                }
+        for name in value.to_str().ok()?.split(',') {
+            let name = name.trim();
+            if name.is_empty() {
+                continue;
+            }
+            let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+            if !vary.iter().any(|(n, _)| *n == name) {
+                let value = cache::entry::vary_value(request, &name);
+                vary.push((name, value));
             }
         }
     }
-    vary
+    Some(vary)
 }
 
 enum ReadBody {
@@ -297,7 +356,8 @@ enum ReadBody {
     },
 }
 
-/// Reads a body to store it, up to `limit` bytes and within `deadline`.
+/// Reads a body to store it, up to `limit` bytes. A body still arriving after `deadline` is
+/// not stored but streams on to the client (what was read, then the rest).
 async fn read_body(
     mut body: UpstreamResponseBody,
     limit: u64,
@@ -310,39 +370,42 @@ async fn read_body(
             trailers: None,
         });
     }
+    let deadline = tokio::time::Instant::now() + deadline;
     // sized from Content-Length when known, so the stored bytes are what the store counts
     let expected = usize::try_from(http_body::Body::size_hint(&body).lower()).unwrap_or(0);
-    let read = async {
-        let mut buffer = BytesMut::with_capacity(expected);
-        loop {
-            let Some(frame) = body.frame().await else {
-                return Ok(ReadBody::Complete(buffer.freeze()));
-            };
-            let frame = frame.map_err(|_| GatewayError::UpstreamProtocol)?;
-            match frame.into_data() {
-                Ok(data) => {
-                    buffer.extend_from_slice(&data);
-                    if buffer.len() as u64 > limit {
-                        return Ok(ReadBody::Partial {
-                            head: buffer.freeze(),
-                            rest: Some(Box::new(body)),
-                            trailers: None,
-                        });
-                    }
-                }
-                Err(frame) => {
+    let mut buffer = BytesMut::with_capacity(expected);
+    loop {
+        let Ok(frame) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            return Ok(ReadBody::Partial {
+                head: buffer.freeze(),
+                rest: Some(Box::new(body)),
+                trailers: None,
+            });
+        };
+        let Some(frame) = frame else {
+            return Ok(ReadBody::Complete(buffer.freeze()));
+        };
+        let frame = frame.map_err(|_| GatewayError::UpstreamProtocol)?;
+        match frame.into_data() {
+            Ok(data) => {
+                buffer.extend_from_slice(&data);
+                if buffer.len() as u64 > limit {
                     return Ok(ReadBody::Partial {
                         head: buffer.freeze(),
-                        rest: None,
-                        trailers: frame.into_trailers().ok(),
-                    })
+                        rest: Some(Box::new(body)),
+                        trailers: None,
+                    });
                 }
             }
+            Err(frame) => {
+                return Ok(ReadBody::Partial {
+                    head: buffer.freeze(),
+                    rest: None,
+                    trailers: frame.into_trailers().ok(),
+                })
+            }
         }
-    };
-    tokio::time::timeout(deadline, read)
-        .await
-        .map_err(|_| GatewayError::UpstreamTimeout)?
+    }
 }
 
 /// The client's response for what a fetch produced: a miss, unless a stored entry was confirmed
@@ -385,7 +448,7 @@ fn answer(
         .get(header::AGE)
         .and_then(|a| a.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    let age = initial_age + entry.age(now).as_secs();
+    let age = initial_age.saturating_add(entry.age(now).as_secs());
     let mut response =
         if entry.status == StatusCode::OK && entry.satisfies_conditional(conditionals) {
             let mut response = Response::new(ResponseBody::empty());

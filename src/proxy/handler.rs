@@ -114,10 +114,14 @@ pub async fn handle(
         .get(header::CONTENT_TYPE)
         .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
         .cloned();
+    // the status the record keeps: a gRPC client is told an error in `grpc-status` with HTTP 200,
+    // but the log, the metrics and the adaptive limits must see it as the error it was
+    let mut recorded_status = None;
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
         Err(error) => {
             ctx.error = Some(error.code());
+            recorded_status = Some(error.status());
             if error.status().is_server_error() {
                 tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or_default(), %error, "request failed");
             }
@@ -147,7 +151,7 @@ pub async fn handle(
             }
         }
     }
-    ctx.status = response.status().as_u16();
+    ctx.status = recorded_status.unwrap_or(response.status()).as_u16();
     if let Some(adaptive) = &snapshot.adaptive {
         adaptive.observe(&ctx);
     }
@@ -308,6 +312,11 @@ async fn proxy(
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| parts.headers.get(header::HOST).cloned());
+    // the scheme and port the client used, for cache keys (the upstream sees both)
+    let origin = route
+        .cache
+        .as_ref()
+        .map(|_| caching::origin_of(conn.tls, original_host.as_ref()));
     let rewritten = rewrite_path(&route, &ctx.path);
     if rewritten != parts.uri.path() {
         let path_and_query = match parts.uri.query() {
@@ -388,8 +397,13 @@ async fn proxy(
     // 8. forward, through the cache when the route has one and the request may use it (never
     //    an upgrade: a tunnel is not a response to store)
     if let Some(cache) = &route.cache {
-        if client_upgrade.is_none() && caching::is_cacheable(&upstream_request) {
-            let response = caching::serve(cache, &route, upstream_request, hash_key, ctx).await?;
+        if let (None, Some(origin), true) = (
+            &client_upgrade,
+            origin,
+            caching::is_cacheable(&upstream_request),
+        ) {
+            let response =
+                caching::serve(cache, &route, upstream_request, hash_key, origin, ctx).await?;
             return Ok(compressed(response, compression.as_ref()));
         }
         cache.count(CacheStatus::Bypass);

@@ -202,8 +202,13 @@ pub fn compile(
         registry,
         &mut sink,
     );
+    let cache_credentials = Arc::new(crate::cache::Credentials::new(
+        &crate::config::credential_headers(&config.authentication),
+        crate::config::credential_query_params(&config.authentication),
+    ));
     let context = RouteContext {
         cache_store: &cache_store,
+        cache_credentials: &cache_credentials,
         cache_max_entry: config.cache.max_entry_size.0,
         observer: &observer,
         upstreams: &upstreams,
@@ -600,6 +605,7 @@ struct RouteContext<'a> {
     observer: &'a crate::telemetry::Observer,
     /// Where routes with a `cache` section keep their responses.
     cache_store: &'a crate::cache::Store,
+    cache_credentials: &'a Arc<crate::cache::Credentials>,
     cache_max_entry: u64,
 }
 
@@ -611,12 +617,13 @@ fn compile_cache_store(
     registry: &UpstreamRegistry,
     sink: &mut ErrorSink<'_>,
 ) -> crate::cache::Store {
-    if config.max_entry_size.0 > config.max_size.0 / 16 {
+    // an entry also holds its headers: a body near a shard's whole budget would be refused
+    if config.max_entry_size.0 > config.max_size.0 / 32 {
         sink.error(
             "cache.max_entry_size",
             format!(
-                "must be at most 1/16 of `max_size` ({} bytes): the store is split in 16 shards",
-                config.max_size.0 / 16
+                "must be at most 1/32 of `max_size` ({} bytes): the store is split in 16 shards",
+                config.max_size.0 / 32
             ),
         );
     }
@@ -654,6 +661,7 @@ fn compile_route(
         upstream_limits,
         observer,
         cache_store,
+        cache_credentials,
         cache_max_entry,
     } = context;
     let path = format!("routes[{i}]");
@@ -790,6 +798,7 @@ fn compile_route(
                 max_entry_bytes: *cache_max_entry,
                 store: (*cache_store).clone(),
                 coalescer: registry.cache_fetches.clone(),
+                credentials: (*cache_credentials).clone(),
                 outcomes: registry.telemetry.metrics.cache_outcomes(&route.name),
             })
         }),
@@ -819,6 +828,13 @@ fn compile_route(
     }
     let compose = match &route.compose {
         None => None,
+        Some(_) if route.websocket => {
+            sink.error(
+                format!("{path}.compose"),
+                "a composed route cannot also accept `websocket` upgrades",
+            );
+            return None;
+        }
         Some(_) if route.cache.is_some() => {
             sink.error(
                 format!("{path}.compose"),
@@ -831,6 +847,7 @@ fn compile_route(
             &matcher.path,
             &compiled_upstream,
             upstreams,
+            cache_credentials.header_names(),
         ) {
             Ok(composition) => Some(Arc::new(composition)),
             Err((field, message)) => {

@@ -349,7 +349,7 @@ async fn responses_larger_than_an_entry_stream_through_unstored() {
     let gateway = gateway(
         &upstream,
         "{}",
-        "cache:\n  max_size: 4MiB\n  max_entry_size: 256KiB\n",
+        "cache:\n  max_size: 8MiB\n  max_entry_size: 256KiB\n",
     )
     .await;
     let first = get(&gateway, "/big", &[]).await;
@@ -456,8 +456,9 @@ async fn replicas_share_entries_through_redis() {
     let extra = format!("redis:\n  url: {}\ncache:\n  store: redis\n", redis.url());
     let mut first = gateway(&upstream, "{}", &extra).await;
     let second = gateway(&upstream, "{}", &extra).await;
-    let alice = [("x-api-key", "key-alice")];
-    let bob = [("x-api-key", "key-bob")];
+    // replicas behind one load balancer see the same `Host`
+    let alice = [("x-api-key", "key-alice"), ("host", "api.test")];
+    let bob = [("x-api-key", "key-bob"), ("host", "api.test")];
     let a = get(&first, "/private/me", &alice).await;
     assert_eq!((a.body.as_str(), x_cache(&a)), ("response 1", "miss"));
     let a = get(&second, "/private/me", &alice).await;
@@ -474,7 +475,7 @@ async fn replicas_share_entries_through_redis() {
     let purged = admin_request(
         admin,
         "DELETE",
-        "/cache?prefix=127.0.0.1/private/",
+        "/cache?prefix=api.test/private/",
         Some(ADMIN_TOKEN),
     )
     .await;
@@ -548,4 +549,86 @@ async fn one_stored_response_is_compressed_for_each_client_that_asks() {
         .unwrap();
     assert_eq!(plain, text);
     assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn the_port_and_scheme_the_client_used_are_part_of_the_key() {
+    let (upstream, count) = numbered(&[("cache-control", "max-age=60")]).await;
+    let gateway = gateway(&upstream, "{}", "").await;
+    assert_eq!(x_cache(&get(&gateway, "/redirect", &[]).await), "miss");
+    assert_eq!(x_cache(&get(&gateway, "/redirect", &[]).await), "hit");
+    // the upstream sees the port in its forwarding headers and may build links from it: a
+    // response made for `:1337` must not be served to everyone else
+    let other_port = get(&gateway, "/redirect", &[("host", "127.0.0.1:1337")]).await;
+    assert_eq!(
+        (other_port.body.as_str(), x_cache(&other_port)),
+        ("response 2", "miss")
+    );
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn anonymous_requests_with_cookies_or_keys_do_not_fill_the_shared_anonymous_entry() {
+    let (upstream, _) = numbered(&[("cache-control", "max-age=60")]).await;
+    let gateway = gateway(&upstream, "{}", "").await;
+    // a public route: the upstream may personalise by cookie without saying `private`
+    let personal = get(&gateway, "/home", &[("cookie", "session=alice")]).await;
+    assert_eq!(
+        (personal.body.as_str(), x_cache(&personal)),
+        ("response 1", "miss")
+    );
+    let anonymous = get(&gateway, "/home", &[]).await;
+    assert_eq!(
+        (anonymous.body.as_str(), x_cache(&anonymous)),
+        ("response 2", "miss"),
+        "alice's page must not reach anyone else"
+    );
+    // an API-key header the config names is a credential too, even on a public route
+    let keyed = get(&gateway, "/other", &[("x-api-key", "key-bob")]).await;
+    assert_eq!(x_cache(&keyed), "miss");
+    assert_eq!(x_cache(&get(&gateway, "/other", &[]).await), "miss");
+
+    // unless the upstream says the response is for everyone
+    let (upstream, count) = numbered(&[("cache-control", "public, max-age=60")]).await;
+    let gateway = self::gateway(&upstream, "{}", "").await;
+    get(&gateway, "/home", &[("cookie", "session=alice")]).await;
+    assert_eq!(x_cache(&get(&gateway, "/home", &[]).await), "hit");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_an_expired_entry_revalidate_once() {
+    let upstream = TestUpstream::start(|r| {
+        let reply = if r.headers.contains_key("if-none-match") {
+            Reply::status(304)
+        } else {
+            Reply::ok("validated body")
+        };
+        reply
+            .header("etag", "\"v1\"")
+            .header("cache-control", "max-age=1")
+            .delayed(Duration::from_millis(300))
+    })
+    .await;
+    let gateway = Arc::new(gateway(&upstream, "{}", "").await);
+    assert_eq!(x_cache(&get(&gateway, "/doc", &[]).await), "miss");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let gateway = gateway.clone();
+            tokio::spawn(async move { get(&gateway, "/doc", &[]).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for request in requests {
+        let response = request.await.unwrap();
+        assert_eq!(response.body, "validated body");
+        outcomes.push(x_cache(&response).to_owned());
+    }
+    assert_eq!(
+        upstream.hits(),
+        2,
+        "one fetch, one revalidation: {outcomes:?}"
+    );
+    assert_eq!(outcomes.iter().filter(|o| *o == "revalidated").count(), 1);
 }

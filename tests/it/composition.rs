@@ -79,9 +79,15 @@ async fn calls_run_in_parallel_and_are_merged_into_named_sections() {
         elapsed < Duration::from_millis(750),
         "two 400 ms calls in parallel took {elapsed:?}"
     );
-    // the calls carry the gateway's identity headers and accept JSON
-    assert_eq!(orders.last().headers["accept"], "application/json");
-    assert!(orders.last().headers.contains_key("x-request-id"));
+    // the calls carry the gateway's identity headers and accept JSON, never the client's key
+    let call = orders.last();
+    assert_eq!(call.headers["accept"], "application/json");
+    assert!(call.headers.contains_key("x-request-id"));
+    assert_eq!(call.headers["x-auth-subject"], "alice");
+    assert!(
+        !call.headers.contains_key("x-api-key"),
+        "credentials withheld"
+    );
 }
 
 #[tokio::test]

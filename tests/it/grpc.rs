@@ -115,7 +115,7 @@ async fn grpc_upstream() -> SocketAddr {
 
 async fn gateway(upstream: SocketAddr) -> TestGateway {
     TestGateway::start(&format!(
-        "server:\n  watch_config: false\nadmin:\n  enabled: false\n\
+        "server:\n  watch_config: false\nadmin:\n  enabled: false\n  token: grpc-admin-token\n\
          listeners:\n  - name: main\n    bind: 127.0.0.1:0\n    http2: true\n\
          upstreams:\n  - name: greeter\n    targets: [{{ url: \"h2c://{upstream}\" }}]\n\
          authentication:\n  api_keys:\n    - name: keys\n      keys:\n\
@@ -402,4 +402,42 @@ async fn grpc_web_needs_an_http2_upstream() {
         error.contains("routes[0].grpc_web: gRPC needs HTTP/2"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn grpc_shaped_refusals_are_recorded_as_the_errors_they_are() {
+    let mut gateway = gateway(grpc_upstream().await).await;
+    let hello = Hello {
+        name: "web".into(),
+        count: 1,
+    };
+    let headers = headers_of_refusal(&gateway, &hello).await;
+    assert_eq!(headers["grpc-status"], "16");
+    // the client saw HTTP 200; the metrics (and so the adaptive limits and alerts) saw a 401
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    tokio::spawn(portcullis::admin::serve(
+        listener,
+        gateway.gateway().state(),
+    ));
+    let metrics = send(
+        Request::get(format!("http://{admin}/metrics"))
+            .header("authorization", "Bearer grpc-admin-token")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .body;
+    let series = |class: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("portcullis_requests_total{")
+                    && l.contains("route=\"greeter\"")
+                    && l.contains(&format!("status_class=\"{class}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
+    assert_eq!(series("4xx").as_deref(), Some("1"), "{metrics}");
+    assert_eq!(series("2xx"), None, "{metrics}");
 }

@@ -5,12 +5,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use super::{ClientBody, Completion};
+use crate::upstream::UpstreamResponseBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-
-use super::Completion;
-use crate::upstream::UpstreamResponseBody;
 
 /// Errors crossing body boundaries (hyper's, or ours for the size limit).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -179,7 +177,7 @@ pub enum UpstreamBody {
     /// A small body the gateway itself sends (e.g. a token introspection request).
     Full(Option<Bytes>),
     Client {
-        body: Incoming,
+        body: ClientBody,
         remaining: u64,
         progress: std::sync::Arc<BodyProgress>,
         /// The first bytes, kept for the access log (`capture_payload`).
@@ -211,7 +209,7 @@ impl BodyProgress {
 }
 
 impl UpstreamBody {
-    pub fn client(body: Incoming, limit: u64) -> Self {
+    pub fn client(body: ClientBody, limit: u64) -> Self {
         if body.is_end_stream() {
             return Self::Empty;
         }
@@ -276,7 +274,7 @@ impl Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(error))) => {
                     BodyProgress::mark(&progress.client_failed);
-                    Poll::Ready(Some(Err(error.into())))
+                    Poll::Ready(Some(Err(error)))
                 }
                 Poll::Ready(None) => {
                     BodyProgress::mark(&progress.finished);

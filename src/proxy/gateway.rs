@@ -21,8 +21,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
+    http3,
     server::{accept_loop, AcceptContext, ConnectionTracker},
-    snapshot::{compile, Snapshot},
+    snapshot::{compile, ListenerSpec, Snapshot},
 };
 use crate::{
     config::{ConfigErrors, LoadedConfig},
@@ -100,12 +101,39 @@ struct BoundListener {
     socket: std::net::TcpListener,
     stop: watch::Sender<bool>,
     connections: Arc<AtomicUsize>,
+    /// HTTP/3: the UDP socket bound beside the TCP one (same address and port), until its QUIC
+    /// endpoint is started on a worker.
+    udp: Option<std::net::UdpSocket>,
+    /// HTTP/3: the running QUIC endpoint.
+    quic: Option<quinn::Endpoint>,
+}
+
+impl BoundListener {
+    /// Starts the QUIC endpoint of a listener bound with HTTP/3, its UDP driver on `runtime`.
+    fn start_quic(&mut self, name: &str, spec: &ListenerSpec, runtime: &tokio::runtime::Handle) {
+        let (Some(udp), Some(http3)) = (self.udp.take(), &spec.http3) else {
+            return;
+        };
+        match http3::start_endpoint(udp, http3.server.clone(), runtime) {
+            Ok(endpoint) => self.quic = Some(endpoint),
+            Err(error) => {
+                tracing::error!(listener = name, %error, "cannot start the HTTP/3 endpoint")
+            }
+        }
+    }
 }
 
 enum WorkerCommand {
     Listen {
         name: Arc<str>,
         socket: std::net::TcpListener,
+        connections: Arc<AtomicUsize>,
+        stop: watch::Receiver<bool>,
+    },
+    /// Accept HTTP/3 connections from a listener's QUIC endpoint.
+    ListenQuic {
+        name: Arc<str>,
+        endpoint: quinn::Endpoint,
         connections: Arc<AtomicUsize>,
         stop: watch::Receiver<bool>,
     },
@@ -118,6 +146,8 @@ enum WorkerCommand {
 struct Worker {
     commands: mpsc::UnboundedSender<WorkerCommand>,
     thread: Option<thread::JoinHandle<()>>,
+    /// The worker's runtime (the first worker's drives the QUIC endpoints' sockets).
+    runtime: tokio::runtime::Handle,
 }
 
 /// A running gateway. Dropping it without [`Gateway::shutdown`] stops the workers abruptly.
@@ -152,19 +182,22 @@ impl Gateway {
             worker_count,
             Arc::new(telemetry),
         ));
-        let snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
+        let mut snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
         let mut listeners = HashMap::new();
         for spec in &snapshot.listeners {
-            let bound = bind(spec.bind).map_err(|source| StartError::Bind {
+            let bound = bind(spec).map_err(|source| StartError::Bind {
                 name: spec.name.to_string(),
                 addr: spec.bind,
                 source,
             })?;
             listeners.insert(spec.name.clone(), bound);
         }
+        advertise_http3(&mut snapshot, |name| {
+            listeners.get(name).map(|l| l.local.port())
+        });
         let health = HealthChecks::start(&snapshot.upstreams);
         let key_refreshers = KeyRefreshers::start(&snapshot.jwt_providers);
         let revocation_sync = RevocationSync::start(
@@ -183,6 +216,14 @@ impl Gateway {
             .map(|index| spawn_worker(index, snapshot.clone(), draining_rx.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::Worker)?;
+        {
+            let current = snapshot.load();
+            for spec in &current.listeners {
+                if let Some(listener) = listeners.get_mut(&spec.name) {
+                    listener.start_quic(&spec.name, spec, &workers[0].runtime);
+                }
+            }
+        }
         let gateway = Self {
             state: GatewayState {
                 snapshot,
@@ -205,7 +246,7 @@ impl Gateway {
         };
         for (name, listener) in &gateway.listeners {
             gateway.announce(name, listener);
-            tracing::info!(listener = &**name, addr = %listener.local, "listening");
+            tracing::info!(listener = &**name, addr = %listener.local, http3 = listener.quic.is_some(), "listening");
         }
         gateway.state.ready.store(true, Ordering::Release);
         Ok(gateway)
@@ -227,6 +268,14 @@ impl Gateway {
                     tracing::error!(listener = &**name, %error, "cannot share listener with a worker")
                 }
             }
+            if let Some(endpoint) = &listener.quic {
+                let _ = worker.commands.send(WorkerCommand::ListenQuic {
+                    name: name.clone(),
+                    endpoint: endpoint.clone(),
+                    connections: listener.connections.clone(),
+                    stop: listener.stop.subscribe(),
+                });
+            }
         }
     }
 
@@ -245,6 +294,16 @@ impl Gateway {
     /// The address a listener is bound to (useful with port 0).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
         self.listeners.get(listener).map(|l| l.local)
+    }
+
+    /// The UDP address a listener's HTTP/3 endpoint is bound to (the same as its TCP address).
+    pub fn http3_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners
+            .get(listener)?
+            .quic
+            .as_ref()?
+            .local_addr()
+            .ok()
     }
 
     /// Replaces the config. On any error the running config stays in place untouched.
@@ -269,7 +328,8 @@ impl Gateway {
 
     fn swap_in(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
         let generation = self.generation + 1;
-        let snapshot = compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
+        let mut snapshot =
+            compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
@@ -279,21 +339,30 @@ impl Gateway {
         // bind what is new before touching anything, so a failed bind changes nothing
         let mut fresh = Vec::new();
         for spec in &snapshot.listeners {
-            let unchanged = self
-                .listeners
-                .get(&spec.name)
-                .is_some_and(|l| l.configured == spec.bind);
+            // switching HTTP/3 on or off rebinds the listener (the TCP socket is kept, below)
+            let unchanged = self.listeners.get(&spec.name).is_some_and(|l| {
+                l.configured == spec.bind && l.quic.is_some() == spec.http3.is_some()
+            });
             if !unchanged {
-                let bound = bind(spec.bind).or_else(|error| {
+                let bound = bind(spec).or_else(|error| {
                     // a listener moving to a port this gateway already holds under another name
+                    // (or the same listener with HTTP/3 switched): its sockets are shared
                     match self.listeners.values().find(|l| l.configured == spec.bind) {
                         Some(existing) if spec.bind.port() != 0 => {
-                            existing.socket.try_clone().map(|socket| BoundListener {
+                            let socket = existing.socket.try_clone()?;
+                            let (udp, quic) = match (&spec.http3, &existing.quic) {
+                                (None, _) => (None, None),
+                                (Some(_), Some(endpoint)) => (None, Some(endpoint.clone())),
+                                (Some(_), None) => (Some(http3::bind(existing.local)?), None),
+                            };
+                            Ok(BoundListener {
                                 configured: spec.bind,
                                 local: existing.local,
                                 socket,
                                 stop: watch::channel(false).0,
                                 connections: Arc::new(AtomicUsize::new(0)),
+                                udp,
+                                quic,
                             })
                         }
                         _ => Err(error),
@@ -324,7 +393,16 @@ impl Gateway {
         let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
         let score_sync = SharedScoresTask::start(snapshot.adaptive.clone());
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
-        self.state.snapshot.store(Arc::new(snapshot));
+        advertise_http3(&mut snapshot, |name| {
+            fresh
+                .iter()
+                .find(|(fresh, _)| &**fresh == name)
+                .map(|(_, l)| l)
+                .or_else(|| self.listeners.get(name))
+                .map(|l| l.local.port())
+        });
+        let snapshot = Arc::new(snapshot);
+        self.state.snapshot.store(snapshot.clone());
         self.generation = generation;
         self.health = health;
         self.key_refreshers = key_refreshers;
@@ -342,17 +420,34 @@ impl Gateway {
         for name in stale {
             if let Some(old) = self.listeners.remove(&name) {
                 let _ = old.stop.send(true);
+                if let Some(endpoint) = &old.quic {
+                    // no new QUIC connections (a listener taking the endpoint over sets its own
+                    // config below); open ones finish
+                    endpoint.set_server_config(None);
+                }
                 if !keep.contains(&name) {
                     summary.listeners_removed.push(name.to_string());
                 }
                 tracing::info!(listener = &*name, addr = %old.local, "listener stopped");
             }
         }
-        for (name, bound) in fresh {
+        for (name, mut bound) in fresh {
+            if let Some(spec) = snapshot.listener(&name) {
+                bound.start_quic(&name, spec, &self.workers[0].runtime);
+            }
             self.announce(&name, &bound);
-            tracing::info!(listener = &*name, addr = %bound.local, "listening");
+            tracing::info!(listener = &*name, addr = %bound.local, http3 = bound.quic.is_some(), "listening");
             summary.listeners_added.push(name.to_string());
             self.listeners.insert(name, bound);
+        }
+        // renewed certificates and changed limits reach new QUIC connections
+        for (name, listener) in &self.listeners {
+            if let (Some(endpoint), Some(http3)) = (
+                &listener.quic,
+                snapshot.listener(name).and_then(|s| s.http3.as_ref()),
+            ) {
+                endpoint.set_server_config(Some(http3.server.clone()));
+            }
         }
         Ok(summary)
     }
@@ -364,6 +459,10 @@ impl Gateway {
         let deadline = self.state.snapshot.load().shutdown_timeout;
         for listener in self.listeners.values() {
             let _ = listener.stop.send(true);
+            if let Some(endpoint) = &listener.quic {
+                // refuse new QUIC handshakes; open connections drain with the others
+                endpoint.set_server_config(None);
+            }
         }
         self.listeners.clear();
         let _ = self.draining.send(true);
@@ -382,10 +481,14 @@ impl Gateway {
         for finished in waiting {
             cut += finished.await.unwrap_or(0);
         }
-        for worker in &mut self.workers {
-            if let Some(thread) = worker.thread.take() {
-                let _ = thread.join();
-            }
+        // every worker has drained (or given up) before any stops: the first worker's runtime
+        // drives the QUIC sockets the other workers' connections still use while they drain
+        let threads: Vec<_> = std::mem::take(&mut self.workers)
+            .into_iter()
+            .filter_map(|mut worker| worker.thread.take())
+            .collect();
+        for thread in threads {
+            let _ = thread.join();
         }
         // the last requests' access-log lines reach the output before the process exits
         self.registry
@@ -403,17 +506,15 @@ fn spawn_worker(
     draining: watch::Receiver<bool>,
 ) -> io::Result<Worker> {
     let (commands, mut inbox) = mpsc::unbounded_channel();
+    // built here so its handle is known before the thread runs (QUIC endpoints are started on it)
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
     let thread = thread::Builder::new()
         .name(format!("portcullis-worker-{index}"))
         .spawn(move || {
             set_worker_slot(index);
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "cannot build worker runtime");
-                    return;
-                }
-            };
             let cx = AcceptContext {
                 snapshot,
                 tracker: Arc::new(ConnectionTracker::default()),
@@ -433,10 +534,19 @@ fn spawn_worker(
                             }
                             Err(error) => tracing::error!(listener = &*name, %error, "worker cannot accept on listener"),
                         },
+                        WorkerCommand::ListenQuic {
+                            name,
+                            endpoint,
+                            connections,
+                            stop,
+                        } => {
+                            tokio::spawn(http3::accept_loop(endpoint, name, connections, cx.clone(), stop));
+                        }
                         WorkerCommand::Drain { deadline, done } => {
                             let drained = tokio::time::timeout(deadline, cx.tracker.drained()).await.is_ok();
                             let _ = done.send(if drained { 0 } else { cx.tracker.open() });
-                            break;
+                            // runs on until the gateway lets go of the worker, once every worker
+                            // is done draining
                         }
                     }
                 }
@@ -446,11 +556,52 @@ fn spawn_worker(
     Ok(Worker {
         commands,
         thread: Some(thread),
+        runtime: handle,
     })
 }
 
+/// Binds a listener's sockets: TCP, and UDP on the same address and port for HTTP/3.
+fn bind(spec: &ListenerSpec) -> io::Result<BoundListener> {
+    // with port 0 the UDP port follows the one TCP was given; should another socket hold that UDP
+    // port, another pair is tried
+    let attempts = if spec.http3.is_some() && spec.bind.port() == 0 {
+        8
+    } else {
+        1
+    };
+    let mut attempt = 1;
+    loop {
+        let mut bound = bind_tcp(spec.bind)?;
+        if spec.http3.is_none() {
+            return Ok(bound);
+        }
+        match http3::bind(bound.local) {
+            Ok(udp) => {
+                bound.udp = Some(udp);
+                return Ok(bound);
+            }
+            Err(_) if attempt < attempts => attempt += 1,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Sets the `Alt-Svc` advertisement of every HTTP/3 listener to the port it is bound to.
+fn advertise_http3(snapshot: &mut Snapshot, port_of: impl Fn(&str) -> Option<u16>) {
+    for spec in &mut snapshot.listeners {
+        if spec.http3.is_none() {
+            continue;
+        }
+        if let Some(port) = port_of(&spec.name) {
+            if let Some(http3) = &mut Arc::make_mut(spec).http3 {
+                http3.advertise(port);
+            }
+        }
+    }
+}
+
 /// Binds a listening socket: non-blocking, `SO_REUSEADDR`, backlog 1024.
-fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
+fn bind_tcp(addr: SocketAddr) -> io::Result<BoundListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -468,5 +619,7 @@ fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
         socket,
         stop: watch::channel(false).0,
         connections: Arc::new(AtomicUsize::new(0)),
+        udp: None,
+        quic: None,
     })
 }

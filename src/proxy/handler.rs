@@ -8,7 +8,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 
 use super::{
     caching,
@@ -19,8 +18,8 @@ use super::{
 use crate::{
     cache::{CacheStatus, X_CACHE},
     pipeline::{
-        Arrival, Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody,
-        UpstreamBody, X_REQUEST_ID,
+        Arrival, ClientBody, Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx,
+        ResponseBody, UpstreamBody, X_REQUEST_ID,
     },
     policy::{self, Flow},
     route::{normalize_path, request_host},
@@ -55,7 +54,7 @@ pub struct ConnInfo {
 
 /// Handles one request on `snapshot` (loaded once by the caller and kept for the whole request).
 pub async fn handle(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     conn: &ConnInfo,
     snapshot: Arc<Snapshot>,
 ) -> Response<ResponseBody> {
@@ -151,7 +150,7 @@ pub async fn handle(
 }
 
 async fn proxy(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     conn: &ConnInfo,
     snapshot: &Snapshot,
     trusted_peer: bool,

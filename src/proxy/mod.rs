@@ -6,6 +6,7 @@ mod conn;
 mod forwarding;
 mod gateway;
 mod handler;
+mod http3;
 pub mod reload;
 mod server;
 pub mod snapshot;

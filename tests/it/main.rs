@@ -9,6 +9,7 @@ mod caching;
 mod cli;
 mod composition;
 mod hardening;
+mod http3;
 mod lifecycle;
 mod observability;
 mod ratelimit;

@@ -1,0 +1,396 @@
+//! HTTP/3 (QUIC) beside a TLS listener: a real HTTP/3 client (quinn + h3) against the gateway,
+//! requests that reach a real upstream through the shared request path (routes, policies, access
+//! log), the TCP listener's `Alt-Svc` advertisement, draining on shutdown, reload, and the config
+//! error for HTTP/3 without TLS.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::ServerName;
+
+use crate::support::*;
+
+const API_KEY: &str = "h3-partner-key";
+const SERVER_NAME: &str = "api.example.test";
+
+/// A private CA and one leaf for [`SERVER_NAME`], written as `api.pem`/`api.key` into `dir`.
+struct Pki {
+    ca: rcgen::Certificate,
+}
+
+impl Pki {
+    fn new(dir: &Path) -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![SERVER_NAME.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(dir.join("api.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("api.key"), key.serialize_pem()).unwrap();
+        Self { ca }
+    }
+
+    /// A client config trusting the CA, TLS 1.3, with these ALPN protocols.
+    fn client_config(&self, alpn: &[u8]) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config
+    }
+}
+
+/// The gateway's config: listener `main` on `port` (0: any) with TLS and `http3` (as given), a
+/// public route `/open` and an API-key route `/secure`, the access log in `log`.
+fn yaml(upstream: &TestUpstream, port: u16, http3: &str, log: &Path) -> String {
+    let routes = "  - name: open\n    match: { path: /open/** }\n    public: true\n    upstream: app\n\
+                  \x20 - name: secure\n    match: { path: /secure/** }\n    auth: [keys]\n    authorization: { any_authenticated: true }\n    upstream: app\n";
+    format!(
+        "{}authentication:\n  api_keys:\n    - name: keys\n      keys:\n        - {{ id: alice, sha256: {} }}\nobservability:\n  access_log:\n    output: {}\n",
+        config_with(&[upstream.url()], "", routes),
+        portcullis::policy::authn::sha256(API_KEY.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        log.display(),
+    )
+    .replacen(
+        "    bind: 127.0.0.1:0\n",
+        &format!(
+            "    bind: 127.0.0.1:{port}\n    tls:\n      certificates:\n        - {{ cert: api.pem, key: api.key }}\n{http3}"
+        ),
+        1,
+    )
+}
+
+struct Setup {
+    pki: Pki,
+    upstream: TestUpstream,
+    gateway: TestGateway,
+    log: std::path::PathBuf,
+}
+
+async fn setup(http3: &str) -> Setup {
+    setup_with(TestUpstream::echo().await, 0, http3).await
+}
+
+async fn setup_with(upstream: TestUpstream, port: u16, http3: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let log = dir.path().join("access.log");
+    let loaded = load_yaml(&yaml(&upstream, port, http3, &log), dir.path());
+    let gateway = portcullis::proxy::Gateway::start(&loaded, Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    Setup {
+        pki,
+        upstream,
+        gateway: TestGateway {
+            gateway: Some(gateway),
+            addr,
+            dir,
+        },
+        log,
+    }
+}
+
+impl Setup {
+    fn http3_addr(&mut self) -> SocketAddr {
+        self.gateway
+            .gateway()
+            .http3_addr("main")
+            .expect("listener `main` serves HTTP/3")
+    }
+
+    async fn client(&mut self) -> H3Client {
+        let addr = self.http3_addr();
+        H3Client::connect(addr, self.pki.client_config(b"h3")).await
+    }
+}
+
+/// An HTTP/3 client connection.
+struct H3Client {
+    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    endpoint: quinn::Endpoint,
+}
+
+struct H3Response {
+    status: u16,
+    head: Response<()>,
+    body: String,
+}
+
+impl H3Client {
+    async fn connect(addr: SocketAddr, config: rustls::ClientConfig) -> Self {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(config).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let connection = endpoint
+            .connect(addr, SERVER_NAME)
+            .unwrap()
+            .await
+            .expect("QUIC handshake");
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection))
+            .await
+            .expect("HTTP/3 connection");
+        tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+        Self { send, endpoint }
+    }
+
+    async fn request(
+        &mut self,
+        request: Request<()>,
+        body: Option<&[u8]>,
+    ) -> Result<H3Response, h3::error::StreamError> {
+        let mut stream = self.send.send_request(request).await?;
+        if let Some(body) = body {
+            // in two frames, so the gateway has to stream it
+            let (first, rest) = body.split_at(body.len() / 2);
+            stream.send_data(Bytes::copy_from_slice(first)).await?;
+            stream.send_data(Bytes::copy_from_slice(rest)).await?;
+        }
+        stream.finish().await?;
+        let head = stream.recv_response().await?;
+        let mut body = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await? {
+            body.extend_from_slice(&chunk.copy_to_bytes(chunk.remaining()));
+        }
+        Ok(H3Response {
+            status: head.status().as_u16(),
+            head,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> H3Response {
+        let mut request = Request::get(format!("https://{SERVER_NAME}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.request(request.body(()).unwrap(), None)
+            .await
+            .expect("HTTP/3 GET")
+    }
+}
+
+impl Drop for H3Client {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"");
+    }
+}
+
+/// The access-log records of `path`, once `count` of them were written.
+async fn logged(log: &Path, path: &str, count: usize) -> Vec<serde_json::Value> {
+    let mut records = Vec::new();
+    eventually(Duration::from_secs(3), || {
+        records = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|record| record["path"] == path)
+            .collect();
+        records.len() >= count
+    })
+    .await;
+    records
+}
+
+#[tokio::test]
+async fn get_and_post_reach_the_upstream_over_http3() {
+    let mut setup = setup("    http3: true\n").await;
+    let mut client = setup.client().await;
+
+    let response = client.get("/open/items?page=2", &[]).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, "upstream saw /open/items?page=2");
+    assert!(response.head.headers().contains_key("x-request-id"));
+    // the QUIC listener does not advertise itself
+    assert!(!response.head.headers().contains_key("alt-svc"));
+    let seen = setup.upstream.last();
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.headers["host"], SERVER_NAME);
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert!(
+        !seen.headers.contains_key("transfer-encoding") && seen.body.is_empty(),
+        "a GET without a body goes upstream without one: {:?}",
+        seen.headers
+    );
+
+    let payload = b"{\"order\": 42, \"note\": \"sent over QUIC\"}";
+    for declared in [true, false] {
+        let mut request = Request::post(format!("https://{SERVER_NAME}/open/orders"))
+            .header("content-type", "application/json");
+        if declared {
+            request = request.header("content-length", payload.len());
+        }
+        let response = client
+            .request(request.body(()).unwrap(), Some(payload))
+            .await
+            .expect("HTTP/3 POST");
+        assert_eq!(response.status, 200, "{}", response.body);
+        let seen = setup.upstream.last();
+        assert_eq!(seen.method, "POST");
+        assert_eq!(&seen.body[..], payload, "declared length: {declared}");
+        assert_eq!(seen.headers["content-type"], "application/json");
+    }
+
+    // one access-log record per request, protocol HTTP/3, over TLS 1.3
+    let records = logged(&setup.log, "/open/orders", 2).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    for record in &records {
+        assert_eq!(record["protocol"], "HTTP/3", "{record}");
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["method"], "POST", "{record}");
+        assert_eq!(record["tls_version"], "TLSv1.3", "{record}");
+    }
+    assert_eq!(logged(&setup.log, "/open/items", 1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn policies_apply_over_http3() {
+    let mut setup = setup("    http3: true\n").await;
+    let mut client = setup.client().await;
+    let refused = client.get("/secure/report", &[]).await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert_eq!(setup.upstream.hits(), 0, "refused before the upstream");
+    let allowed = client
+        .get("/secure/report", &[("x-api-key", API_KEY)])
+        .await;
+    assert_eq!(allowed.status, 200, "{}", allowed.body);
+    assert_eq!(setup.upstream.hits(), 1);
+    assert_eq!(setup.upstream.last().headers.get("x-api-key"), None);
+    let unrouted = client.get("/nowhere", &[]).await;
+    assert_eq!(unrouted.status, 404);
+}
+
+/// `GET /open/a` over TLS on TCP (HTTP/1.1); returns the response's headers.
+async fn tcp_get(setup: &Setup) -> http::HeaderMap {
+    let tcp = tokio::net::TcpStream::connect(setup.gateway.addr)
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(setup.pki.client_config(b"http/1.1")))
+        .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get("/open/a")
+                .header("host", SERVER_NAME)
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let _ = response.into_body().collect().await;
+    headers
+}
+
+#[tokio::test]
+async fn the_tls_listener_advertises_http3_with_alt_svc() {
+    let mut default = setup("    http3: true\n").await;
+    let port = default.http3_addr().port();
+    assert_eq!(port, default.gateway.addr.port(), "UDP on the TCP port");
+    let headers = tcp_get(&default).await;
+    assert_eq!(
+        headers["alt-svc"],
+        format!("h3=\":{port}\"; ma=86400").as_str()
+    );
+
+    let mut tuned = setup("    http3: { advertise_max_age: 1h, max_streams: 8 }\n").await;
+    let port = tuned.http3_addr().port();
+    assert_eq!(
+        tcp_get(&tuned).await["alt-svc"],
+        format!("h3=\":{port}\"; ma=3600").as_str()
+    );
+
+    let mut silent = setup("    http3: { advertise_max_age: 0s }\n").await;
+    assert!(silent.http3_addr().port() > 0);
+    assert!(!tcp_get(&silent).await.contains_key("alt-svc"));
+
+    let mut off = setup("    http3: { enabled: false }\n").await;
+    assert!(off.gateway.gateway().http3_addr("main").is_none());
+    assert!(!tcp_get(&off).await.contains_key("alt-svc"));
+}
+
+#[tokio::test]
+async fn a_request_in_flight_finishes_when_the_gateway_shuts_down() {
+    let upstream =
+        TestUpstream::start(|_| Reply::ok("slow answer").delayed(Duration::from_millis(600))).await;
+    let mut setup = setup_with(upstream, 0, "    http3: true\n").await;
+    let mut client = setup.client().await;
+    let request = tokio::spawn(async move {
+        let response = client.get("/open/slow", &[]).await;
+        (response.status, response.body)
+    });
+    assert!(eventually(Duration::from_secs(3), || setup.upstream.hits() == 1).await);
+    let gateway = setup.gateway.gateway.take().unwrap();
+    let cut = gateway.shutdown().await;
+    assert_eq!(cut, 0, "the QUIC connection drained");
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "slow answer");
+}
+
+#[tokio::test]
+async fn reload_switches_http3_on_and_off() {
+    // a fixed port, so the listener keeps its TCP socket across the reloads
+    let port = free_port();
+    let mut setup = setup_with(TestUpstream::echo().await, port, "").await;
+    assert!(setup.gateway.gateway().http3_addr("main").is_none());
+    let on = yaml(&setup.upstream, port, "    http3: true\n", &setup.log);
+    let off = yaml(&setup.upstream, port, "", &setup.log);
+    setup.gateway.reload(&on).unwrap();
+    assert_eq!(setup.http3_addr().port(), port);
+    let mut client = setup.client().await;
+    assert_eq!(client.get("/open/after-reload", &[]).await.status, 200);
+    assert_eq!(
+        tcp_get(&setup).await["alt-svc"],
+        format!("h3=\":{port}\"; ma=86400").as_str()
+    );
+    setup.gateway.reload(&off).unwrap();
+    assert!(setup.gateway.gateway().http3_addr("main").is_none());
+    assert!(!tcp_get(&setup).await.contains_key("alt-svc"));
+}
+
+#[test]
+fn http3_without_tls_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_with(&["http://127.0.0.1:9".into()], "", CATCH_ALL).replacen(
+        "    bind: 127.0.0.1:0\n",
+        "    bind: 127.0.0.1:0\n    http3: true\n",
+        1,
+    );
+    let path = dir.path().join("portcullis.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let errors = portcullis::config::load_file(&path).expect_err("http3 needs tls");
+    let error = errors
+        .0
+        .iter()
+        .find(|e| e.path == "listeners[0].http3")
+        .unwrap_or_else(|| panic!("reported on the field: {errors}"));
+    let line = yaml
+        .lines()
+        .position(|l| l.contains("http3: true"))
+        .unwrap()
+        + 1;
+    assert_eq!(error.line, line, "{errors}");
+    assert!(error.message.contains("tls"), "{}", error.message);
+    assert!(errors.to_string().contains("portcullis.yaml"), "{errors}");
+}

@@ -5,10 +5,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use super::{ClientBody, Completion};
-use crate::upstream::UpstreamResponseBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+
+use super::{ClientBody, Completion};
+use crate::upstream::UpstreamResponseBody;
 
 /// Errors crossing body boundaries (hyper's, or ours for the size limit).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

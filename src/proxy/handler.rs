@@ -15,11 +15,12 @@ use super::{
     forwarding,
     snapshot::{HostRewrite, Route, Snapshot},
 };
+use crate::pipeline::ClientBody;
 use crate::{
     cache::{CacheStatus, X_CACHE},
     pipeline::{
-        Arrival, ClientBody, Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx,
-        ResponseBody, UpstreamBody, X_REQUEST_ID,
+        Arrival, Completion, ConnActivity, GatewayError, InFlightGuard, RequestCtx, ResponseBody,
+        UpstreamBody, X_REQUEST_ID,
     },
     policy::{self, Flow},
     route::{normalize_path, request_host},

@@ -346,8 +346,9 @@ async fn respond(send: &mut SendStream, response: Response<ResponseBody>) -> Res
 /// A request body arriving on an HTTP/3 stream, for the shared request path.
 ///
 /// HTTP/3 has no "no body" flag on the request head: the end of the stream may come right after
-/// the head or much later. An upstream HTTP/1.1 request needs to know (a body of unknown length
-/// goes chunked, which some servers refuse on a `GET`), so [`RequestBody::open`] looks ahead.
+/// the head or much later. The request path needs to know: only a request without a body may be
+/// retried on another target or served from the cache, and an upstream HTTP/1.1 request with a
+/// body of unknown length goes chunked. So [`RequestBody::open`] looks ahead.
 struct RequestBody {
     stream: RecvStream,
     /// What the look-ahead read, returned first.

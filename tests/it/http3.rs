@@ -17,9 +17,11 @@ use crate::support::*;
 const API_KEY: &str = "h3-partner-key";
 const SERVER_NAME: &str = "api.example.test";
 
-/// A private CA and one leaf for [`SERVER_NAME`], written as `api.pem`/`api.key` into `dir`.
+/// A private CA (written as `ca.pem` into `dir`, for client certificates too) and one leaf for
+/// [`SERVER_NAME`], written as `api.pem`/`api.key`.
 struct Pki {
     ca: rcgen::Certificate,
+    ca_key: KeyPair,
 }
 
 impl Pki {
@@ -35,18 +37,36 @@ impl Pki {
             .unwrap();
         std::fs::write(dir.join("api.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.join("api.key"), key.serialize_pem()).unwrap();
-        Self { ca }
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Self { ca, ca_key }
     }
 
-    /// A client config trusting the CA, TLS 1.3, with these ALPN protocols.
+    /// A client config trusting the CA, TLS 1.3, with this ALPN protocol.
     fn client_config(&self, alpn: &[u8]) -> rustls::ClientConfig {
+        self.client_config_as(alpn, None)
+    }
+
+    /// The same, presenting a client certificate for this URI identity when given one.
+    fn client_config_as(&self, alpn: &[u8], identity: Option<&str>) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
+        let builder = rustls::ClientConfig::builder_with_provider(portcullis::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some(uri) => {
+                let key = KeyPair::generate().unwrap();
+                let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+                params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+                let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+                let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+                builder
+                    .with_client_auth_cert(vec![cert.der().clone()], key)
+                    .unwrap()
+            }
+        };
         config.alpn_protocols = vec![alpn.to_vec()];
         config
     }
@@ -307,6 +327,58 @@ async fn policies_apply_over_http3() {
     assert_eq!(setup.upstream.last().headers.get("x-api-key"), None);
     let unrouted = client.get("/nowhere", &[]).await;
     assert_eq!(unrouted.status, 404);
+}
+
+#[tokio::test]
+async fn client_certificates_authenticate_over_http3() {
+    let upstream = TestUpstream::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let yaml = yaml(&upstream, 0, "    http3: true\n", &dir.path().join("access.log"))
+        .replacen(
+            "        - { cert: api.pem, key: api.key }\n",
+            "        - { cert: api.pem, key: api.key }\n      client_auth: { ca: ca.pem }\n",
+            1,
+        )
+        .replacen(
+            "authentication:\n",
+            "authentication:\n  mtls:\n    - name: services\n      allow: [\"spiffe://prod.test/*\"]\n",
+            1,
+        )
+        .replacen(
+            "routes:\n",
+            "routes:\n  - name: svc\n    match: { path: /svc }\n    auth: [services]\n    authorization: { any_authenticated: true }\n    upstream: app\n",
+            1,
+        );
+    let gateway =
+        portcullis::proxy::Gateway::start(&load_yaml(&yaml, dir.path()), Some(1)).unwrap();
+    let addr = gateway.http3_addr("main").unwrap();
+
+    let mut billing = H3Client::connect(
+        addr,
+        pki.client_config_as(b"h3", Some("spiffe://prod.test/billing")),
+    )
+    .await;
+    let response = billing.get("/svc", &[]).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-auth-subject"], "spiffe://prod.test/billing");
+    assert_eq!(seen["x-auth-method"], "mtls");
+
+    let mut anonymous = H3Client::connect(addr, pki.client_config(b"h3")).await;
+    assert_eq!(
+        anonymous.get("/svc", &[]).await.status,
+        401,
+        "no certificate"
+    );
+    let mut outsider = H3Client::connect(
+        addr,
+        pki.client_config_as(b"h3", Some("spiffe://staging.test/billing")),
+    )
+    .await;
+    assert_eq!(outsider.get("/svc", &[]).await.status, 401, "not allowed");
+    assert_eq!(upstream.hits(), 1);
+    drop(gateway);
 }
 
 /// `GET /open/a` over TLS on TCP (HTTP/1.1); returns the response's headers.

@@ -457,6 +457,11 @@ impl Gateway {
     pub async fn shutdown(mut self) -> usize {
         self.state.ready.store(false, Ordering::Release);
         let deadline = self.state.snapshot.load().shutdown_timeout;
+        let endpoints: Vec<quinn::Endpoint> = self
+            .listeners
+            .values()
+            .filter_map(|l| l.quic.clone())
+            .collect();
         for listener in self.listeners.values() {
             let _ = listener.stop.send(true);
             if let Some(endpoint) = &listener.quic {
@@ -480,6 +485,10 @@ impl Gateway {
         let mut cut = 0;
         for finished in waiting {
             cut += finished.await.unwrap_or(0);
+        }
+        if cut > 0 && !endpoints.is_empty() {
+            // the workers' runtimes still run (below): QUIC connections can still say goodbye
+            http3::close(&endpoints).await;
         }
         // every worker has drained (or given up) before any stops: the first worker's runtime
         // drives the QUIC sockets the other workers' connections still use while they drain

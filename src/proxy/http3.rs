@@ -129,6 +129,21 @@ pub fn start_endpoint(
     )
 }
 
+/// Closes the connections still open on `endpoints` (at the shutdown deadline, once draining gave
+/// up), so their clients learn it at once instead of at their idle timeout; waits a moment for
+/// the close to be sent.
+pub async fn close(endpoints: &[quinn::Endpoint]) {
+    for endpoint in endpoints {
+        endpoint.close(H3_NO_ERROR, b"shutting down");
+    }
+    let sent = async {
+        for endpoint in endpoints {
+            endpoint.wait_idle().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(100), sent).await;
+}
+
 /// Accepts QUIC connections until `stop` flips (listener removed, or shutdown). Every worker runs
 /// one on the shared endpoint; a connection is served by the worker that accepted it.
 pub async fn accept_loop(

@@ -456,6 +456,47 @@ async fn a_request_in_flight_finishes_when_the_gateway_shuts_down() {
 }
 
 #[tokio::test]
+async fn connections_still_open_at_the_shutdown_deadline_are_closed() {
+    let upstream =
+        TestUpstream::start(|_| Reply::ok("too late").delayed(Duration::from_secs(5))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let yaml = yaml(
+        &upstream,
+        0,
+        "    http3: true\n",
+        &dir.path().join("access.log"),
+    )
+    .replacen("shutdown_timeout: 5s", "shutdown_timeout: 200ms", 1);
+    let gateway =
+        portcullis::proxy::Gateway::start(&load_yaml(&yaml, dir.path()), Some(1)).unwrap();
+    let mut client = H3Client::connect(
+        gateway.http3_addr("main").unwrap(),
+        pki.client_config(b"h3"),
+    )
+    .await;
+    let request = tokio::spawn(async move {
+        client
+            .request(
+                Request::get(format!("https://{SERVER_NAME}/open/slow"))
+                    .body(())
+                    .unwrap(),
+                None,
+            )
+            .await
+            .map(|response| response.status)
+    });
+    assert!(eventually(Duration::from_secs(3), || upstream.hits() == 1).await);
+    assert_eq!(gateway.shutdown().await, 1, "cut at the deadline");
+    // told at once, not at the client's idle timeout (30 s)
+    let outcome = tokio::time::timeout(Duration::from_secs(2), request)
+        .await
+        .expect("the client learns that its connection was closed")
+        .unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+}
+
+#[tokio::test]
 async fn reload_switches_http3_on_and_off() {
     // a fixed port, so the listener keeps its TCP socket across the reloads
     let port = free_port();

@@ -4,6 +4,10 @@
 //! every listener (the listening socket is shared, duplicated per worker); a connection lives and
 //! dies on the worker that accepted it, with that worker's own upstream connection pools. The
 //! control plane (admin API, health checks, reload, signals) runs on the caller's runtime.
+//!
+//! **HTTP/3.** A listener with `http3` also binds UDP on its address; the QUIC endpoint's socket is
+//! driven by the first worker's runtime, every worker accepts QUIC connections from it, and a
+//! connection lives on the worker that accepted it (see `http3.rs`).
 
 use std::{
     collections::HashMap,
@@ -109,17 +113,17 @@ struct BoundListener {
 }
 
 impl BoundListener {
-    /// Starts the QUIC endpoint of a listener bound with HTTP/3, its UDP driver on `runtime`.
-    fn start_quic(&mut self, name: &str, spec: &ListenerSpec, runtime: &tokio::runtime::Handle) {
-        let (Some(udp), Some(http3)) = (self.udp.take(), &spec.http3) else {
-            return;
-        };
-        match http3::start_endpoint(udp, http3.server.clone(), runtime) {
-            Ok(endpoint) => self.quic = Some(endpoint),
-            Err(error) => {
-                tracing::error!(listener = name, %error, "cannot start the HTTP/3 endpoint")
-            }
+    /// Starts the QUIC endpoint of a listener bound with HTTP/3, its UDP driver on `runtime`
+    /// (part of binding: a failure fails the start or the reload).
+    fn start_quic(
+        &mut self,
+        spec: &ListenerSpec,
+        runtime: &tokio::runtime::Handle,
+    ) -> io::Result<()> {
+        if let (Some(udp), Some(http3)) = (self.udp.take(), &spec.http3) {
+            self.quic = Some(http3::start_endpoint(udp, http3.server.clone(), runtime)?);
         }
+        Ok(())
     }
 }
 
@@ -216,12 +220,15 @@ impl Gateway {
             .map(|index| spawn_worker(index, snapshot.clone(), draining_rx.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::Worker)?;
-        {
-            let current = snapshot.load();
-            for spec in &current.listeners {
-                if let Some(listener) = listeners.get_mut(&spec.name) {
-                    listener.start_quic(&spec.name, spec, &workers[0].runtime);
-                }
+        for spec in &snapshot.load().listeners {
+            if let Some(listener) = listeners.get_mut(&spec.name) {
+                listener
+                    .start_quic(spec, &workers[0].runtime)
+                    .map_err(|source| StartError::Bind {
+                        name: spec.name.to_string(),
+                        addr: spec.bind,
+                        source,
+                    })?;
             }
         }
         let gateway = Self {
@@ -368,6 +375,10 @@ impl Gateway {
                         _ => Err(error),
                     }
                 });
+                let bound = bound.and_then(|mut bound| {
+                    bound.start_quic(spec, &self.workers[0].runtime)?;
+                    Ok(bound)
+                });
                 match bound {
                     Ok(bound) => fresh.push((spec.name.clone(), bound)),
                     Err(source) => {
@@ -431,10 +442,7 @@ impl Gateway {
                 tracing::info!(listener = &*name, addr = %old.local, "listener stopped");
             }
         }
-        for (name, mut bound) in fresh {
-            if let Some(spec) = snapshot.listener(&name) {
-                bound.start_quic(&name, spec, &self.workers[0].runtime);
-            }
+        for (name, bound) in fresh {
             self.announce(&name, &bound);
             tracing::info!(listener = &*name, addr = %bound.local, http3 = bound.quic.is_some(), "listening");
             summary.listeners_added.push(name.to_string());

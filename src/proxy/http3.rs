@@ -40,6 +40,11 @@ use crate::{
 /// few to spare for extensions and grease); requests use bidirectional streams.
 const MAX_UNI_STREAMS: u32 = 16;
 
+/// Bounds of the wait for a finished connection's last bytes to be acknowledged before it is
+/// closed (three round trips, within these).
+const CLOSE_GRACE_MIN: Duration = Duration::from_millis(50);
+const CLOSE_GRACE_MAX: Duration = Duration::from_secs(1);
+
 /// HTTP/3's "no error" code, for closing a connection that is done.
 const H3_NO_ERROR: quinn::VarInt = quinn::VarInt::from_u32(0x100);
 
@@ -261,6 +266,10 @@ async fn serve_connection(
         }
     }
     while requests.join_next().await.is_some() {}
+    // a response's last bytes may still be unacknowledged, and closing discards them: the client
+    // (told GOAWAY, or done) gets a few round trips to close the connection itself
+    let grace = (connection.rtt() * 3).clamp(CLOSE_GRACE_MIN, CLOSE_GRACE_MAX);
+    let _ = tokio::time::timeout(grace, connection.closed()).await;
     connection.close(H3_NO_ERROR, b"");
     // the close is sent by the connection's driver on this worker: let it run before this task
     // releases the connection's place (after which a draining worker may stop)

@@ -1,7 +1,7 @@
 //! HTTP/3 (QUIC) beside a TLS listener: a real HTTP/3 client (quinn + h3) against the gateway,
-//! requests that reach a real upstream through the shared request path (routes, policies, access
-//! log), the TCP listener's `Alt-Svc` advertisement, draining on shutdown, reload, and the config
-//! error for HTTP/3 without TLS.
+//! requests that reach a real upstream through the shared request path (routes, policies, body
+//! limits, client certificates, access log), the TCP listener's `Alt-Svc` advertisement, draining
+//! on shutdown, reload, and the config error for HTTP/3 without TLS.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -76,6 +76,7 @@ impl Pki {
 /// public route `/open` and an API-key route `/secure`, the access log in `log`.
 fn yaml(upstream: &TestUpstream, port: u16, http3: &str, log: &Path) -> String {
     let routes = "  - name: open\n    match: { path: /open/** }\n    public: true\n    upstream: app\n\
+                  \x20 - name: small\n    match: { path: /small/** }\n    public: true\n    max_body: 1KiB\n    upstream: app\n\
                   \x20 - name: secure\n    match: { path: /secure/** }\n    auth: [keys]\n    authorization: { any_authenticated: true }\n    upstream: app\n";
     format!(
         "{}authentication:\n  api_keys:\n    - name: keys\n      keys:\n        - {{ id: alice, sha256: {} }}\nobservability:\n  access_log:\n    output: {}\n",
@@ -327,6 +328,29 @@ async fn policies_apply_over_http3() {
     assert_eq!(setup.upstream.last().headers.get("x-api-key"), None);
     let unrouted = client.get("/nowhere", &[]).await;
     assert_eq!(unrouted.status, 404);
+
+    // the body limit, declared or found while streaming
+    let large = vec![b'x'; 4096];
+    for declared in [true, false] {
+        let mut request = Request::post(format!("https://{SERVER_NAME}/small/upload"));
+        if declared {
+            request = request.header("content-length", large.len());
+        }
+        let response = client
+            .request(request.body(()).unwrap(), Some(&large))
+            .await
+            .expect("HTTP/3 POST");
+        assert_eq!(
+            response.status, 413,
+            "declared: {declared}: {}",
+            response.body
+        );
+    }
+    assert_eq!(
+        setup.upstream.hits(),
+        1,
+        "nothing more reached the upstream"
+    );
 }
 
 #[tokio::test]

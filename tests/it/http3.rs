@@ -30,15 +30,22 @@ impl Pki {
         let mut params = CertificateParams::new(Vec::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        let pki = Self { ca, ca_key };
+        pki.issue_leaf(dir);
+        pki
+    }
+
+    /// Writes a new `api.pem`/`api.key` for [`SERVER_NAME`]; returns the certificate.
+    fn issue_leaf(&self, dir: &Path) -> Vec<u8> {
         let key = KeyPair::generate().unwrap();
         let leaf = CertificateParams::new(vec![SERVER_NAME.to_owned()])
             .unwrap()
-            .signed_by(&key, &ca, &ca_key)
+            .signed_by(&key, &self.ca, &self.ca_key)
             .unwrap();
         std::fs::write(dir.join("api.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.join("api.key"), key.serialize_pem()).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        Self { ca, ca_key }
+        leaf.der().to_vec()
     }
 
     /// A client config trusting the CA, TLS 1.3, with this ALPN protocol.
@@ -143,6 +150,7 @@ impl Setup {
 /// An HTTP/3 client connection.
 struct H3Client {
     send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    connection: quinn::Connection,
     endpoint: quinn::Endpoint,
 }
 
@@ -162,11 +170,26 @@ impl H3Client {
             .unwrap()
             .await
             .expect("QUIC handshake");
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection))
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection.clone()))
             .await
             .expect("HTTP/3 connection");
         tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
-        Self { send, endpoint }
+        Self {
+            send,
+            connection,
+            endpoint,
+        }
+    }
+
+    /// The certificate the gateway presented.
+    fn server_certificate(&self) -> Vec<u8> {
+        let chain = self
+            .connection
+            .peer_identity()
+            .unwrap()
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .unwrap();
+        chain[0].to_vec()
     }
 
     async fn request(
@@ -525,7 +548,7 @@ async fn connections_still_open_at_the_shutdown_deadline_are_closed() {
 }
 
 #[tokio::test]
-async fn reload_switches_http3_on_and_off() {
+async fn reload_switches_http3_on_and_off_and_renews_its_certificate() {
     // a fixed port, so the listener keeps its TCP socket across the reloads
     let port = free_port();
     let mut setup = setup_with(TestUpstream::echo().await, port, "").await;
@@ -540,6 +563,20 @@ async fn reload_switches_http3_on_and_off() {
         tcp_get(&setup).await["alt-svc"],
         format!("h3=\":{port}\"; ma=86400").as_str()
     );
+
+    // a renewed certificate reaches new QUIC connections; open ones keep working
+    let renewed = setup.pki.issue_leaf(setup.gateway.dir.path());
+    assert!(client.server_certificate() != renewed);
+    setup.gateway.reload(&on).unwrap();
+    assert_eq!(setup.http3_addr().port(), port, "the endpoint stays");
+    let mut after = setup.client().await;
+    assert!(
+        after.server_certificate() == renewed,
+        "new QUIC connections get the renewed certificate"
+    );
+    assert_eq!(after.get("/open/renewed", &[]).await.status, 200);
+    assert_eq!(client.get("/open/still-open", &[]).await.status, 200);
+
     setup.gateway.reload(&off).unwrap();
     assert!(setup.gateway.gateway().http3_addr("main").is_none());
     assert!(!tcp_get(&setup).await.contains_key("alt-svc"));

@@ -336,6 +336,45 @@ async fn get_and_post_reach_the_upstream_over_http3() {
     assert_eq!(logged(&setup.log, "/open/items", 1).await.len(), 1);
 }
 
+/// `GET path` on a connection's request sender; the status.
+async fn status_of_get(
+    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    path: &str,
+) -> u16 {
+    let request = Request::get(format!("https://{SERVER_NAME}{path}"))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(request).await.expect("request sent");
+    stream.finish().await.unwrap();
+    let status = stream.recv_response().await.unwrap().status().as_u16();
+    while stream.recv_data().await.unwrap().is_some() {}
+    status
+}
+
+#[tokio::test]
+async fn max_streams_caps_the_requests_in_flight_on_one_connection() {
+    let delay = Duration::from_millis(300);
+    for (max_streams, serial) in [(1, true), (4, false)] {
+        let upstream = TestUpstream::start(move |_| Reply::ok("slow").delayed(delay)).await;
+        let http3 = format!("    http3: {{ max_streams: {max_streams} }}\n");
+        let mut setup = setup_with(upstream, 0, &http3).await;
+        let client = setup.client().await;
+        let (mut a, mut b) = (client.send.clone(), client.send.clone());
+        let started = std::time::Instant::now();
+        let statuses = tokio::join!(
+            status_of_get(&mut a, "/open/a"),
+            status_of_get(&mut b, "/open/b")
+        );
+        assert_eq!(statuses, (200, 200));
+        let elapsed = started.elapsed();
+        assert_eq!(
+            elapsed >= delay * 2,
+            serial,
+            "max_streams {max_streams}: both requests took {elapsed:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn policies_apply_over_http3() {
     let mut setup = setup("    http3: true\n").await;

@@ -353,7 +353,7 @@ async fn status_of_get(
 
 #[tokio::test]
 async fn max_streams_caps_the_requests_in_flight_on_one_connection() {
-    let delay = Duration::from_millis(300);
+    let delay = Duration::from_millis(500);
     for (max_streams, serial) in [(1, true), (4, false)] {
         let upstream = TestUpstream::start(move |_| Reply::ok("slow").delayed(delay)).await;
         let http3 = format!("    http3: {{ max_streams: {max_streams} }}\n");

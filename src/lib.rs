@@ -12,6 +12,7 @@
 //! - [`upstream`]: pools, load balancing, health, retries;
 //! - [`compose`]: request composition (parallel and dependent upstream calls merged as JSON);
 //! - [`cache`]: the response cache (RFC 9111 freshness, per-identity entries, coalescing);
+//! - [`compression`]: response compression by `Accept-Encoding` (gzip, brotli, zstd), streamed;
 //! - [`store`]: state shared by replicas (Redis);
 //! - [`pipeline`]: the shared request vocabulary (context, bodies, errors → responses);
 //! - [`telemetry`]: logging and the access log; [`admin`]: the admin API;
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod cache;
 pub mod compose;
+pub mod compression;
 pub mod config;
 pub mod demo;
 pub mod explain;

@@ -38,6 +38,17 @@ pub struct LoadedConfig {
     pub warnings: Vec<ConfigWarning>,
 }
 
+impl LoadedConfig {
+    /// `server.upgrade_socket`, resolved against the config file's directory.
+    pub fn upgrade_socket(&self) -> Option<PathBuf> {
+        self.config
+            .server
+            .upgrade_socket
+            .as_ref()
+            .map(|path| self.base_dir.join(path))
+    }
+}
+
 /// The effective config as JSON for display: values that came from the environment, and fields
 /// whose names say they hold secrets, are replaced by `[redacted]`.
 pub fn redacted_json(loaded: &LoadedConfig) -> serde_json::Value {
@@ -403,6 +414,40 @@ routes:
     fn a_minimal_config_loads() {
         let loaded = load(VALID).unwrap();
         assert_eq!(loaded.config.routes[0].matcher.path, "/**");
+    }
+
+    #[test]
+    fn the_upgrade_socket_is_resolved_against_the_config_directory_and_length_checked() {
+        let with_socket = |path: &str| format!("server:\n  upgrade_socket: {path}\n{VALID}");
+        let text = with_socket("run/upgrade.sock");
+        let loaded = load_str(
+            &text,
+            Path::new("/etc/pc/gw.yaml"),
+            "/etc/pc".into(),
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.upgrade_socket(),
+            Some(PathBuf::from("/etc/pc/run/upgrade.sock"))
+        );
+        let absolute = load(&with_socket("/run/portcullis.sock")).unwrap();
+        assert_eq!(
+            absolute.upgrade_socket(),
+            Some(PathBuf::from("/run/portcullis.sock"))
+        );
+        assert_eq!(load(VALID).unwrap().upgrade_socket(), None);
+        let errors = load(&with_socket(&format!("/{}", "s".repeat(107))))
+            .unwrap_err()
+            .0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "server.upgrade_socket");
+        assert!(
+            errors[0].message.contains("at most 107 bytes"),
+            "{errors:?}"
+        );
+        let errors = load(&with_socket("\"\"")).unwrap_err().0;
+        assert_eq!(errors[0].path, "server.upgrade_socket");
     }
 
     #[test]

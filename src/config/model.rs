@@ -856,7 +856,8 @@ pub struct ServerConfig {
     /// Worker threads, each with its own single-threaded runtime. Default: one per CPU core.
     /// Changing it needs a restart.
     pub workers: Option<usize>,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT before connections are closed.
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT (or a hand-over to a
+    /// new process) before connections are closed.
     pub shutdown_timeout: HumanDuration,
     /// Log output format and level.
     pub log: LogConfig,
@@ -869,6 +870,12 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<String>,
     /// Watch the config file and reload it when it changes (SIGHUP always reloads).
     pub watch_config: bool,
+    /// A Unix socket path on which the running gateway hands its listening sockets to a new
+    /// process started with `portcullis run --upgrade` (zero-downtime restart, see
+    /// `docs/restart.md`). Relative to the config file's directory. Unset: no hand-over.
+    /// Changing it needs a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -880,6 +887,7 @@ impl Default for ServerConfig {
             access_log: None,
             trusted_proxies: Vec::new(),
             watch_config: true,
+            upgrade_socket: None,
         }
     }
 }
@@ -957,6 +965,10 @@ pub struct ListenerConfig {
     /// Protective limits against oversize and slow clients.
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// Response compression for the routes served here that have no `compression` of their own.
+    /// Absent: responses are sent as the upstream sent them.
+    #[serde(default)]
+    pub compression: Option<CompressionConfig>,
 }
 
 impl ListenerConfig {
@@ -1376,6 +1388,24 @@ pub struct RouteConfig {
     /// the request (see `docs/composition.md`).
     #[serde(default)]
     pub compose: Option<ComposeConfig>,
+    /// Translate gRPC-Web requests (`application/grpc-web[-text]`, over HTTP/1.1 or HTTP/2) to
+    /// gRPC for the upstream, which must speak HTTP/2 (`h2c://` or `https://` targets).
+    #[serde(default)]
+    pub grpc_web: bool,
+    /// Let WebSocket upgrades (HTTP/1.1 `Upgrade: websocket`) through to the upstream, which must
+    /// speak HTTP/1.1. Off (the default): the upgrade headers of a request are removed like any
+    /// other hop-by-hop header, so the upstream sees a plain request and no tunnel can open.
+    /// Every policy of the route runs on the upgrade request.
+    #[serde(default)]
+    pub websocket: bool,
+    /// A WebSocket tunnel with no byte in either direction for this long is closed (needs
+    /// `websocket: true`). Default: 5m.
+    #[serde(default)]
+    pub websocket_idle_timeout: Option<HumanDuration>,
+    /// Response compression on this route, replacing the listener's `compression` as a whole
+    /// (`enabled: false` turns a listener's compression off here). Absent: the listener's.
+    #[serde(default)]
+    pub compression: Option<CompressionConfig>,
 }
 
 /// Request composition: upstream calls made in parallel (or after the calls whose JSON they
@@ -1445,6 +1475,71 @@ pub struct ComposeCallConfig {
 
 fn default_compose_method() -> String {
     "GET".to_owned()
+}
+
+/// Response compression by the client's `Accept-Encoding`. Off unless configured: compressing
+/// responses that mix secrets with attacker-chosen text over TLS can leak the secrets (BREACH),
+/// so it is a decision per route or listener.
+///
+/// Never compressed: responses that already have a `Content-Encoding`, 1xx/204/206/304, answers
+/// to `HEAD` and `Range` requests, `Cache-Control: no-transform`, gRPC, content types outside
+/// `content_types`, and bodies of known length below `min_size`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Compress (the default when the section is present); `false` turns it off.
+    pub enabled: bool,
+    /// The algorithms offered, in the gateway's order of preference, which decides between
+    /// algorithms the client weighs equally. Default: `[zstd, br, gzip]`.
+    pub algorithms: Vec<CompressionAlgorithm>,
+    /// Responses whose `Content-Length` is below this are sent as they are (compressing them
+    /// saves little and costs a frame of headers). Streamed bodies of unknown length are
+    /// compressed. Default: 1KiB.
+    pub min_size: ByteSize,
+    /// Content types compressed (parameters such as `charset` are ignored): exact
+    /// (`application/json`), a whole type (`text/*`) or a structured-syntax suffix
+    /// (`application/*+json`). Default: text and the common JSON, XML, JavaScript, SVG and
+    /// WebAssembly types; images, audio, video, fonts and archives are already compressed.
+    pub content_types: Vec<String>,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            algorithms: vec![
+                CompressionAlgorithm::Zstd,
+                CompressionAlgorithm::Br,
+                CompressionAlgorithm::Gzip,
+            ],
+            min_size: ByteSize::kib(1),
+            content_types: [
+                "text/*",
+                "application/json",
+                "application/*+json",
+                "application/javascript",
+                "application/xml",
+                "application/*+xml",
+                "application/wasm",
+                "image/svg+xml",
+            ]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        }
+    }
+}
+
+/// A content coding the gateway can produce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionAlgorithm {
+    /// Zstandard (RFC 8878): fast, with a ratio close to brotli's.
+    Zstd,
+    /// Brotli (RFC 7932).
+    Br,
+    /// gzip (RFC 1952): understood by every client.
+    Gzip,
 }
 
 /// Request matching. All given conditions must hold.

@@ -387,6 +387,9 @@ fn check_authentication(config: &Config, sink: &mut ErrorSink<'_>) {
     }
 }
 
+/// `sun_path` holds 108 bytes, the last one the terminating NUL.
+const MAX_UNIX_SOCKET_PATH: usize = 107;
+
 fn check_server(config: &Config, sink: &mut ErrorSink<'_>) {
     if tracing_subscriber::EnvFilter::try_new(&config.server.log.level).is_err() {
         sink.error(
@@ -408,6 +411,22 @@ fn check_server(config: &Config, sink: &mut ErrorSink<'_>) {
             sink.error(
                 format!("server.trusted_proxies[{i}]"),
                 format!("`{cidr}` is not a CIDR (e.g. `10.0.0.0/8`) or IP address"),
+            );
+        }
+    }
+    if let Some(path) = &config.server.upgrade_socket {
+        let length = path.as_os_str().len();
+        if length == 0 {
+            sink.error(
+                "server.upgrade_socket",
+                "must not be empty (leave it out for no hand-over)",
+            );
+        } else if length > MAX_UNIX_SOCKET_PATH {
+            sink.error(
+                "server.upgrade_socket",
+                format!(
+                    "a Unix socket path may have at most {MAX_UNIX_SOCKET_PATH} bytes; this one has {length}"
+                ),
             );
         }
     }

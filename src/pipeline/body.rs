@@ -9,7 +9,10 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::{ClientBody, Completion};
-use crate::upstream::UpstreamResponseBody;
+use crate::{
+    compression::encode::{EncodedBody, Encoder},
+    upstream::UpstreamResponseBody,
+};
 
 /// Errors crossing body boundaries (hyper's, or ours for the size limit).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,6 +39,10 @@ enum ResponseKind {
         rest: Option<UpstreamResponseBody>,
         trailers: Option<http::HeaderMap>,
     },
+    /// An upstream body rewritten on its way (protocol translation).
+    Transformed(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
+    /// The upstream's body, compressed as it streams (`compression`).
+    Encoded(Box<EncodedBody<UpstreamResponseBody>>),
 }
 
 impl ResponseBody {
@@ -69,11 +76,49 @@ impl ResponseBody {
         }
     }
 
+    /// A body produced by a translation of the upstream's (e.g. gRPC to gRPC-Web).
+    pub fn transformed<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            kind: ResponseKind::Transformed(Box::pin(http_body_util::BodyExt::map_err(
+                body,
+                Into::into,
+            ))),
+            completion: None,
+        }
+    }
+
     pub fn upstream(body: UpstreamResponseBody) -> Self {
         Self {
             kind: ResponseKind::Upstream(body),
             completion: None,
         }
+    }
+
+    /// Compresses the body with `encoder` as it streams. The caller has set the response's
+    /// `Content-Encoding`.
+    pub fn encoded(self, encoder: Encoder) -> Self {
+        let kind = match self.kind {
+            ResponseKind::Upstream(body) => {
+                ResponseKind::Encoded(Box::new(EncodedBody::new(body, encoder)))
+            }
+            // a cached, replayed or translated body: compressed all the same, since the caller
+            // has already announced the encoding in the head
+            other => {
+                let inner = Self {
+                    kind: other,
+                    completion: None,
+                };
+                ResponseKind::Transformed(Box::pin(http_body_util::BodyExt::map_err(
+                    EncodedBody::new(inner, encoder),
+                    Into::into,
+                )))
+            }
+        };
+        Self { kind, ..self }
     }
 
     /// Attaches the request's record, which counts bytes sent and is finished when the body ends
@@ -93,9 +138,29 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        let completion = &mut this.completion;
+        // the payload capture sees the upstream's bytes, before any compression
+        let mut capture = |data: &Bytes| {
+            if let Some(capture) = completion
+                .as_mut()
+                .and_then(|c| c.ctx.response_capture.as_mut())
+            {
+                capture.append(data);
+            }
+        };
         let polled = match &mut this.kind {
             ResponseKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseKind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ResponseKind::Upstream(body) => {
+                let polled = Pin::new(body).poll_frame(cx).map_err(Into::into);
+                if let Poll::Ready(Some(Ok(frame))) = &polled {
+                    if let Some(data) = frame.data_ref() {
+                        capture(data);
+                    }
+                }
+                polled
+            }
+            ResponseKind::Encoded(body) => body.poll_encoded(cx, capture),
+            ResponseKind::Transformed(body) => body.as_mut().poll_frame(cx),
             ResponseKind::Replay {
                 head,
                 rest,
@@ -118,11 +183,9 @@ impl Body for ResponseBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // bytes out: what is sent, compressed or not
                 if let (Some(completion), Some(data)) = (&mut this.completion, frame.data_ref()) {
                     completion.ctx.bytes_out += data.len() as u64;
-                    if let Some(capture) = &mut completion.ctx.response_capture {
-                        capture.append(data);
-                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
@@ -142,11 +205,13 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Full(bytes) => bytes.is_none(),
             ResponseKind::Upstream(body) => body.is_end_stream(),
+            ResponseKind::Transformed(body) => body.is_end_stream(),
             ResponseKind::Replay {
                 head,
                 rest,
                 trailers,
             } => head.is_none() && rest.is_none() && trailers.is_none(),
+            ResponseKind::Encoded(body) => body.is_end_stream(),
         }
     }
 
@@ -155,6 +220,7 @@ impl Body for ResponseBody {
             ResponseKind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             ResponseKind::Full(None) => SizeHint::with_exact(0),
             ResponseKind::Upstream(body) => body.size_hint(),
+            ResponseKind::Transformed(body) => body.size_hint(),
             ResponseKind::Replay { head, rest, .. } => {
                 let head = head.as_ref().map_or(0, |h| h.len() as u64);
                 let mut hint = rest.as_ref().map(Body::size_hint).unwrap_or_default();
@@ -167,6 +233,8 @@ impl Body for ResponseBody {
                 }
                 hint
             }
+            // the compressed size is known only at the end
+            ResponseKind::Encoded(_) => SizeHint::default(),
         }
     }
 }

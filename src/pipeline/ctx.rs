@@ -76,6 +76,9 @@ pub struct RequestCtx {
     pub capture: Option<Arc<crate::telemetry::payload::CapturePolicy>>,
     pub request_capture: Option<crate::telemetry::payload::SharedCapture>,
     pub response_capture: Option<Box<crate::telemetry::payload::CapturedBody>>,
+    /// When the `101` of a WebSocket tunnel was handed to the connection. Latency metrics stop
+    /// here (a tunnel's life is not request latency); the access log's duration spans the tunnel.
+    pub upgraded_at: Option<Instant>,
 }
 
 /// One phase of a request, for its trace span.
@@ -143,6 +146,7 @@ impl RequestCtx {
             capture: None,
             request_capture: None,
             response_capture: None,
+            upgraded_at: None,
         }
     }
 

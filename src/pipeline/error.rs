@@ -161,6 +161,54 @@ impl GatewayError {
     }
 }
 
+impl GatewayError {
+    /// The gRPC status code for this error (gRPC clients read `grpc-status`, not the HTTP
+    /// status: a JSON 401 would reach them as "internal error").
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            Self::Unauthorized(_) => 16, // UNAUTHENTICATED
+            Self::Forbidden => 7,        // PERMISSION_DENIED
+            Self::NoRoute => 12,         // UNIMPLEMENTED
+            Self::UpstreamTimeout => 4,  // DEADLINE_EXCEEDED
+            Self::TooManyRequests { .. } | Self::PayloadTooLarge => 8, // RESOURCE_EXHAUSTED
+            Self::NoHealthyTarget
+            | Self::ShuttingDown
+            | Self::LimiterUnavailable
+            | Self::Overloaded
+            | Self::UpstreamConnect => 14, // UNAVAILABLE
+            Self::BadRequest(_) | Self::UpstreamProtocol | Self::CompositionFailed => 13, // INTERNAL
+        }
+    }
+
+    /// This error as a gRPC "trailers-only" response: HTTP 200, `grpc-status` and
+    /// `grpc-message` in the head, no body. `content_type` is the request's (`application/grpc`,
+    /// `application/grpc-web`, ...), echoed so gRPC-Web clients accept it too.
+    pub fn into_grpc_response(
+        self,
+        request_id: &HeaderValue,
+        content_type: HeaderValue,
+    ) -> Response<ResponseBody> {
+        let mut response = self.into_response(request_id);
+        *response.body_mut() = ResponseBody::empty();
+        *response.status_mut() = StatusCode::OK;
+        let headers = response.headers_mut();
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(header::CONTENT_TYPE, content_type);
+        headers.insert(
+            GRPC_STATUS,
+            HeaderValue::from(u16::from(self.grpc_status())),
+        );
+        // the public message is plain ASCII without `%`: valid as a percent-encoded value
+        if let Ok(message) = HeaderValue::from_str(self.public_message()) {
+            headers.insert(GRPC_MESSAGE, message);
+        }
+        response
+    }
+}
+
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
 /// A JSON error response: `{"error": code, "message": text, "request_id": id}`.
 pub fn error_response(
     status: StatusCode,

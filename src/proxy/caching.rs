@@ -188,7 +188,12 @@ impl Lookup {
         };
         let now = SystemTime::now();
         let (mut parts, body) = response.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // no upgrade was asked for: never pass a 101 on without the tunnel behind it
+            return Err(GatewayError::UpstreamProtocol);
+        }
         super::forwarding::strip_hop_by_hop(&mut parts.headers, false);
+        parts.version = http::Version::HTTP_11;
         if let (Some(stale), StatusCode::NOT_MODIFIED) = (stale, parts.status) {
             let mut merged = stale.headers.clone();
             for name in parts.headers.keys() {
@@ -305,8 +310,10 @@ async fn read_body(
             trailers: None,
         });
     }
+    // sized from Content-Length when known, so the stored bytes are what the store counts
+    let expected = usize::try_from(http_body::Body::size_hint(&body).lower()).unwrap_or(0);
     let read = async {
-        let mut buffer = BytesMut::new();
+        let mut buffer = BytesMut::with_capacity(expected);
         loop {
             let Some(frame) = body.frame().await else {
                 return Ok(ReadBody::Complete(buffer.freeze()));

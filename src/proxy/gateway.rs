@@ -25,6 +25,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
+    handoff::{HandedSocket, InheritedSockets, Role, SocketInfo},
     http3,
     server::{accept_loop, AcceptContext, ConnectionTracker},
     snapshot::{compile, ListenerSpec, Snapshot},
@@ -176,6 +177,17 @@ impl Gateway {
     /// Compiles the config, binds every listener and starts the workers. Call inside a tokio
     /// runtime: health checks run on it. `workers` overrides the config's `server.workers`.
     pub fn start(loaded: &LoadedConfig, workers: Option<usize>) -> Result<Self, StartError> {
+        Self::start_with_sockets(loaded, workers, &mut InheritedSockets::default())
+    }
+
+    /// [`Gateway::start`] on the sockets a previous gateway handed over where they fit (see
+    /// [`InheritedSockets::take_listener`]); listeners without one are bound as usual. What the
+    /// config does not take stays in `inherited`.
+    pub fn start_with_sockets(
+        loaded: &LoadedConfig,
+        workers: Option<usize>,
+        inherited: &mut InheritedSockets,
+    ) -> Result<Self, StartError> {
         let worker_count = workers
             .or(loaded.config.server.workers)
             .unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from))
@@ -186,20 +198,29 @@ impl Gateway {
             worker_count,
             Arc::new(telemetry),
         ));
-        let mut snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
+        let snapshot = compile(loaded, &registry, 1).map_err(StartError::Config)?;
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
         let mut listeners = HashMap::new();
         for spec in &snapshot.listeners {
-            let bound = bind(spec).map_err(|source| StartError::Bind {
+            let bound = match inherited.take_listener(&spec.name, spec.bind) {
+                Some(handed) => {
+                    tracing::debug!(listener = &*spec.name, from = %handed.info.name, "using the socket handed over");
+                    adopt(spec.bind, handed.socket)
+                        .and_then(|bound| bind_udp(bound, spec))
+                        .map_err(http3_not_handed_over)
+                }
+                None => bind(spec),
+            }
+            .map_err(|source| StartError::Bind {
                 name: spec.name.to_string(),
                 addr: spec.bind,
                 source,
             })?;
             listeners.insert(spec.name.clone(), bound);
         }
-        advertise_http3(&mut snapshot, |name| {
+        advertise_http3(&snapshot, |name| {
             listeners.get(name).map(|l| l.local.port())
         });
         let health = HealthChecks::start(&snapshot.upstreams);
@@ -298,6 +319,25 @@ impl Gateway {
         self.worker_count
     }
 
+    /// Copies of every listening socket, described for a successor process
+    /// ([`super::handoff`]).
+    pub fn handoff_sockets(&self) -> io::Result<Vec<HandedSocket>> {
+        self.listeners
+            .iter()
+            .map(|(name, listener)| {
+                Ok(HandedSocket {
+                    info: SocketInfo {
+                        role: Role::Listener,
+                        name: name.to_string(),
+                        configured: listener.configured,
+                        local: listener.local,
+                    },
+                    socket: listener.socket.try_clone()?,
+                })
+            })
+            .collect()
+    }
+
     /// The address a listener is bound to (useful with port 0).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
         self.listeners.get(listener).map(|l| l.local)
@@ -335,8 +375,7 @@ impl Gateway {
 
     fn swap_in(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
         let generation = self.generation + 1;
-        let mut snapshot =
-            compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
+        let snapshot = compile(loaded, &self.registry, generation).map_err(ReloadError::Config)?;
         for warning in &snapshot.warnings {
             tracing::warn!("{warning}");
         }
@@ -404,7 +443,7 @@ impl Gateway {
         let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
         let score_sync = SharedScoresTask::start(snapshot.adaptive.clone());
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
-        advertise_http3(&mut snapshot, |name| {
+        advertise_http3(&snapshot, |name| {
             fresh
                 .iter()
                 .find(|(fresh, _)| &**fresh == name)
@@ -460,16 +499,10 @@ impl Gateway {
         Ok(summary)
     }
 
-    /// Stops accepting, lets in-flight requests finish up to the configured deadline, then closes
-    /// what is left. Returns the number of connections that had to be cut.
-    pub async fn shutdown(mut self) -> usize {
+    /// Stops accepting and closes this process's copies of the listening sockets (a successor's
+    /// copies stay open); open connections carry on. Readiness turns false.
+    pub fn stop_accepting(&mut self) {
         self.state.ready.store(false, Ordering::Release);
-        let deadline = self.state.snapshot.load().shutdown_timeout;
-        let endpoints: Vec<quinn::Endpoint> = self
-            .listeners
-            .values()
-            .filter_map(|l| l.quic.clone())
-            .collect();
         for listener in self.listeners.values() {
             let _ = listener.stop.send(true);
             if let Some(endpoint) = &listener.quic {
@@ -478,6 +511,18 @@ impl Gateway {
             }
         }
         self.listeners.clear();
+    }
+
+    /// Stops accepting, lets in-flight requests finish up to the configured deadline, then closes
+    /// what is left. Returns the number of connections that had to be cut.
+    pub async fn shutdown(mut self) -> usize {
+        let endpoints: Vec<quinn::Endpoint> = self
+            .listeners
+            .values()
+            .filter_map(|l| l.quic.clone())
+            .collect();
+        self.stop_accepting();
+        let deadline = self.state.snapshot.load().shutdown_timeout;
         let _ = self.draining.send(true);
         let mut waiting = Vec::new();
         for worker in &self.workers {
@@ -588,37 +633,51 @@ fn bind(spec: &ListenerSpec) -> io::Result<BoundListener> {
     };
     let mut attempt = 1;
     loop {
-        let mut bound = bind_tcp(spec.bind)?;
-        if spec.http3.is_none() {
-            return Ok(bound);
-        }
-        match http3::bind(bound.local) {
-            Ok(udp) => {
-                bound.udp = Some(udp);
-                return Ok(bound);
-            }
+        let bound = adopt(spec.bind, bind_tcp(spec.bind)?)?;
+        match bind_udp(bound, spec) {
+            Ok(bound) => return Ok(bound),
             Err(_) if attempt < attempts => attempt += 1,
             Err(error) => return Err(error),
         }
     }
 }
 
+/// Adds the UDP socket of a listener with HTTP/3, on the address and port of its TCP socket.
+fn bind_udp(mut bound: BoundListener, spec: &ListenerSpec) -> io::Result<BoundListener> {
+    if spec.http3.is_some() {
+        bound.udp = Some(http3::bind(bound.local)?);
+    }
+    Ok(bound)
+}
+
+/// Explains a UDP port held by the running gateway when its TCP socket was handed over: QUIC
+/// sockets are not handed over (two processes reading one UDP socket would each drop the other's
+/// packets), so the running gateway keeps the port until it exits.
+fn http3_not_handed_over(error: io::Error) -> io::Error {
+    if error.kind() != io::ErrorKind::AddrInUse {
+        return error;
+    }
+    io::Error::new(
+        error.kind(),
+        format!(
+            "{error}: the running gateway holds this listener's UDP port for HTTP/3, which a \
+             hand-over does not pass on (see docs/http3.md); stop it and start this one instead, \
+             or switch `http3` off for the upgrade and on again by reload"
+        ),
+    )
+}
+
 /// Sets the `Alt-Svc` advertisement of every HTTP/3 listener to the port it is bound to.
-fn advertise_http3(snapshot: &mut Snapshot, port_of: impl Fn(&str) -> Option<u16>) {
-    for spec in &mut snapshot.listeners {
-        if spec.http3.is_none() {
-            continue;
-        }
-        if let Some(port) = port_of(&spec.name) {
-            if let Some(http3) = &mut Arc::make_mut(spec).http3 {
-                http3.advertise(port);
-            }
+fn advertise_http3(snapshot: &Snapshot, port_of: impl Fn(&str) -> Option<u16>) {
+    for spec in &snapshot.listeners {
+        if let (Some(http3), Some(port)) = (&spec.http3, port_of(&spec.name)) {
+            http3.advertise(port);
         }
     }
 }
 
 /// Binds a listening socket: non-blocking, `SO_REUSEADDR`, backlog 1024.
-fn bind_tcp(addr: SocketAddr) -> io::Result<BoundListener> {
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -628,10 +687,15 @@ fn bind_tcp(addr: SocketAddr) -> io::Result<BoundListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    let socket: std::net::TcpListener = socket.into();
+    Ok(socket.into())
+}
+
+/// A listener on a socket that is already bound and listening (bound here, or handed over).
+fn adopt(configured: SocketAddr, socket: std::net::TcpListener) -> io::Result<BoundListener> {
+    socket.set_nonblocking(true)?;
     let local = socket.local_addr()?;
     Ok(BoundListener {
-        configured: addr,
+        configured,
         local,
         socket,
         stop: watch::channel(false).0,

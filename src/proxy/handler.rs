@@ -7,13 +7,14 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Request, Response, Version};
 
 use super::{
     caching,
     conn::ConnFlags,
-    forwarding,
+    forwarding, grpc_web,
     snapshot::{HostRewrite, Route, Snapshot},
+    upgrade::{self, ClientUpgrade},
 };
 use crate::pipeline::ClientBody;
 use crate::{
@@ -107,6 +108,12 @@ pub async fn handle(
             ctx.phases = Some(Vec::with_capacity(6));
         }
     }
+    // a gRPC client reads errors from `grpc-status`, so the gateway's own answer it that way
+    let grpc_content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .cloned();
     let mut response = match proxy(request, conn, &snapshot, trusted_peer, &mut ctx).await {
         Ok(response) => response,
         Err(error) => {
@@ -114,7 +121,10 @@ pub async fn handle(
             if error.status().is_server_error() {
                 tracing::debug!(request_id = ctx.request_id.to_str().unwrap_or_default(), %error, "request failed");
             }
-            let mut response = error.into_response(&ctx.request_id);
+            let mut response = match grpc_content_type {
+                Some(content_type) => error.into_grpc_response(&ctx.request_id, content_type),
+                None => error.into_response(&ctx.request_id),
+            };
             if matches!(error, GatewayError::BadRequest(_)) && ctx.version <= Version::HTTP_11 {
                 // a client that sends malformed requests does not keep its connection
                 response
@@ -147,7 +157,7 @@ pub async fn handle(
             .access_log
             .pick_response_headers(response.headers());
     }
-    response.map(|body| body.with_completion(Completion::new(ctx, in_flight)))
+    upgrade::complete(response, Completion::new(ctx, in_flight))
 }
 
 async fn proxy(
@@ -247,6 +257,9 @@ async fn proxy(
         }
     }
 
+    // a WebSocket upgrade the route allows (read before the hop-by-hop headers go)
+    let client_upgrade = ClientUpgrade::accept(&route, &mut parts);
+
     // 5. hop-by-hop headers go before any policy runs: a client's `Connection` header must not be
     //    able to remove what a policy sets (identity headers), nor hide what a policy reads
     forwarding::strip_hop_by_hop(&mut parts.headers, true);
@@ -315,6 +328,9 @@ async fn proxy(
         },
     );
     parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(upgrade) = &client_upgrade {
+        upgrade.offer(&mut parts.headers);
+    }
     if let Some(trace) = &ctx.trace {
         // the upstream's parent is the gateway's span; `tracestate` belongs to the trace it came
         // with, so it passes only when that trace was continued
@@ -338,8 +354,21 @@ async fn proxy(
         HostRewrite::Target => {}
     }
     parts.version = Version::HTTP_11;
+    let compression = crate::compression::negotiate(
+        route.compression.as_ref(),
+        listener.compression.as_ref(),
+        &parts,
+    );
     let hash_key = hash_key(&route, &parts.headers, ctx);
-    let mut body = UpstreamBody::client(body, max_body);
+    let grpc_web = if route.grpc_web {
+        grpc_web::Mode::of(&parts.headers)
+    } else {
+        None
+    };
+    let mut body = match grpc_web {
+        Some(mode) => grpc_web::request(&mut parts.headers, body, mode, max_body).await?,
+        None => UpstreamBody::client(body, max_body),
+    };
     if let Some(capture) = ctx.capture.as_ref().filter(|c| c.request) {
         let shared = std::sync::Arc::new(std::sync::Mutex::new(CapturedBody::new(
             capture.max_bytes,
@@ -351,20 +380,38 @@ async fn proxy(
     if let Some(composition) = &route.compose {
         // answered by the composition's calls; a client body has nowhere to go
         drop(body);
-        return respond_composed(composition, &parts.headers, ctx).await;
+        let response = respond_composed(composition, &parts.headers, ctx).await?;
+        return Ok(compressed(response, compression.as_ref()));
     }
     let upstream_request = Request::from_parts(parts, body);
 
-    // 8. forward, through the cache when the route has one and the request may use it
+    // 8. forward, through the cache when the route has one and the request may use it (never
+    //    an upgrade: a tunnel is not a response to store)
     if let Some(cache) = &route.cache {
-        if caching::is_cacheable(&upstream_request) {
-            return caching::serve(cache, &route, upstream_request, hash_key, ctx).await;
+        if client_upgrade.is_none() && caching::is_cacheable(&upstream_request) {
+            let response = caching::serve(cache, &route, upstream_request, hash_key, ctx).await?;
+            return Ok(compressed(response, compression.as_ref()));
         }
         cache.count(CacheStatus::Bypass);
         ctx.cache = Some(CacheStatus::Bypass);
     }
     let response = forward(&route, upstream_request, hash_key.as_deref(), ctx).await?;
+
+    // 9. the response: a tunnel for an accepted upgrade, else minus hop-by-hop headers
     let (mut parts, body) = response.into_parts();
+    // a 101 opens a tunnel only for an upgrade this route accepted (read before the hop-by-hop
+    // headers go)
+    let tunnel = upgrade::answer(client_upgrade, &mut parts)?;
+    forwarding::strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = Version::HTTP_11;
+    if let Some(tunnel) = tunnel {
+        return Ok(tunnel.response(parts));
+    }
+    if let Some(mode) = grpc_web {
+        grpc_web::response_headers(&mut parts.headers, mode);
+        let body = grpc_web::GrpcWebBody::new(body, mode);
+        return Ok(Response::from_parts(parts, ResponseBody::transformed(body)));
+    }
     if let Some(capture) = ctx.capture.as_ref().filter(|c| c.response) {
         ctx.response_capture = Some(Box::new(CapturedBody::new(
             capture.max_bytes,
@@ -374,7 +421,24 @@ async fn proxy(
     if route.cache.is_some() {
         parts.headers.insert(X_CACHE, CacheStatus::Bypass.header());
     }
-    Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+    let mut body = ResponseBody::upstream(body);
+    if let Some(compression) = &compression {
+        body = compression.apply(&mut parts, body);
+    }
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A response the gateway made (from the cache, or composed), compressed when negotiated.
+fn compressed(
+    response: Response<ResponseBody>,
+    compression: Option<&crate::compression::Negotiated<'_>>,
+) -> Response<ResponseBody> {
+    let Some(compression) = compression else {
+        return response;
+    };
+    let (mut parts, body) = response.into_parts();
+    let body = compression.apply(&mut parts, body);
+    Response::from_parts(parts, body)
 }
 
 /// Runs a route's composition and answers with its JSON.
@@ -407,7 +471,8 @@ async fn respond_composed(
 }
 
 /// Sends the request to the route's upstream (load balancing, retries, timeouts), records the
-/// outcome in `ctx`, and returns the response minus its hop-by-hop headers.
+/// outcome in `ctx`, and returns the upstream's response as it came (hop-by-hop headers are the
+/// caller's to remove, after it has read what an upgrade needs from them).
 pub(super) async fn forward(
     route: &Route,
     request: Request<UpstreamBody>,
@@ -433,15 +498,7 @@ pub(super) async fn forward(
     ctx.target = Some(forwarded.target);
     ctx.retries = forwarded.retries;
 
-    // 9. the response, minus hop-by-hop headers
-    let (mut parts, body) = forwarded.response.into_parts();
-    forwarding::strip_hop_by_hop(&mut parts.headers, false);
-    parts.version = Version::HTTP_11;
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        // upgrades are not proxied (yet): never pass a 101 through without the tunnel behind it
-        return Err(GatewayError::UpstreamProtocol);
-    }
-    Ok(Response::from_parts(parts, body))
+    Ok(forwarded.response)
 }
 
 /// Applies `strip_prefix` then `add_prefix` to the normalised path.

@@ -66,8 +66,9 @@ pub struct Http3Spec {
     /// `ma` of the advertisement.
     pub max_age: Duration,
     /// `Alt-Svc: h3=":PORT"; ma=SECONDS` for the TCP listener's responses. Set once the port is
-    /// known (after binding: the configured port may be 0); `None` when `max_age` is zero.
-    pub alt_svc: Option<HeaderValue>,
+    /// known, after binding (the configured port may be 0), on the compiled snapshot; never set
+    /// when `max_age` is zero.
+    pub alt_svc: std::sync::OnceLock<HeaderValue>,
 }
 
 impl Http3Spec {
@@ -93,16 +94,18 @@ impl Http3Spec {
         Ok(Self {
             server,
             max_age: config.advertise_max_age.0,
-            alt_svc: None,
+            alt_svc: std::sync::OnceLock::new(),
         })
     }
 
-    /// Sets the advertisement for the UDP `port` actually bound.
-    pub fn advertise(&mut self, port: u16) {
+    /// Sets the advertisement for the UDP `port` actually bound (once).
+    pub fn advertise(&self, port: u16) {
         let seconds = self.max_age.as_secs();
-        self.alt_svc = (seconds > 0)
-            .then(|| HeaderValue::try_from(format!("h3=\":{port}\"; ma={seconds}")).ok())
-            .flatten();
+        if seconds > 0 {
+            if let Ok(value) = HeaderValue::try_from(format!("h3=\":{port}\"; ma={seconds}")) {
+                let _ = self.alt_svc.set(value);
+            }
+        }
     }
 }
 

@@ -31,6 +31,8 @@ use crate::{
 };
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// While draining, how often a connection that has not had its first request yet is checked.
+const FIRST_REQUEST_POLL: Duration = Duration::from_millis(5);
 
 /// Counts a worker's open connections so shutdown can wait for them to drain.
 #[derive(Debug, Default)]
@@ -145,8 +147,11 @@ pub async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            // once told to stop, accept nothing more: a successor process may be accepting on
+            // the same socket, and what stays in the queue is its
+            biased;
             _ = stop.changed() => return,
+            accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -245,6 +250,7 @@ async fn serve_io<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let connection_activity = activity.clone();
     let io = TokioIo::new(ConnIo::new(
         io,
         accepted,
@@ -266,7 +272,7 @@ async fn serve_io<I>(
     });
     let snapshot = cx.snapshot.clone();
     // clients learn from it that the listener also serves HTTP/3 (built once per bind)
-    let alt_svc = spec.http3.as_ref().and_then(|h3| h3.alt_svc.clone());
+    let alt_svc = spec.http3.as_ref().and_then(|h3| h3.alt_svc.get().cloned());
     let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let info = info.clone();
         let current = snapshot.load_full();
@@ -283,6 +289,7 @@ async fn serve_io<I>(
         }
     });
     let mut draining = cx.draining.clone();
+    let activity = &*connection_activity;
     if http2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -293,7 +300,7 @@ async fn serve_io<I>(
             .keep_alive_timeout(Duration::from_secs(10));
         let connection = builder.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection.as_mut(), &mut draining, |c| {
+        drive(connection.as_mut(), &mut draining, None, |c| {
             c.graceful_shutdown()
         })
         .await;
@@ -311,9 +318,10 @@ async fn serve_io<I>(
             // hyper keeps up to 100 headers on the stack; other limits cost a heap allocation
             builder.max_headers(spec.max_headers);
         }
-        let connection = builder.serve_connection(io, service);
+        // upgrades: a WebSocket tunnel takes the connection over after its 101 (see `upgrade`)
+        let connection = builder.serve_connection(io, service).with_upgrades();
         tokio::pin!(connection);
-        drive(connection.as_mut(), &mut draining, |c| {
+        drive(connection.as_mut(), &mut draining, Some(activity), |c| {
             c.graceful_shutdown()
         })
         .await;
@@ -321,10 +329,20 @@ async fn serve_io<I>(
 }
 
 /// Polls a connection to completion; when draining starts, asks it to finish gracefully
-/// (HTTP/1.1: close after the current response; HTTP/2: GOAWAY) and keeps polling.
+/// (HTTP/1.1: close after the current response, or at once if idle; HTTP/2: GOAWAY) and keeps
+/// polling.
+///
+/// An HTTP/1.1 connection that has not had a request yet (`first_request`) is not idle in the
+/// client's eyes: it was accepted moments ago (just before draining began, or while a successor
+/// process took over the listening socket) and its first request may be on the wire. Closing it
+/// would fail that request, so it first gets to deliver it (bounded by the head timeout and the
+/// shutdown deadline), then finishes like the others. HTTP/2 needs no such wait: its `GOAWAY`
+/// tells the client which streams were not taken, and hyper completes a handshake in progress
+/// before sending it.
 async fn drive<C, E>(
     mut connection: std::pin::Pin<&mut C>,
     draining: &mut watch::Receiver<bool>,
+    first_request: Option<&ConnActivity>,
     shutdown: impl FnOnce(std::pin::Pin<&mut C>),
 ) where
     C: std::future::Future<Output = Result<(), E>>,
@@ -339,6 +357,17 @@ async fn drive<C, E>(
                 return;
             }
             _ = draining.changed() => {}
+        }
+    }
+    while first_request.is_some_and(|activity| activity.started() == 0) {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "connection ended with an error while draining");
+                }
+                return;
+            }
+            _ = tokio::time::sleep(FIRST_REQUEST_POLL) => {}
         }
     }
     shutdown(connection.as_mut());

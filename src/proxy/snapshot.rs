@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
 use crate::{
+    compression::CompressionPolicy,
     config::{
         model::{HashOn, ListenerConfig, LoadBalancing, RouteConfig, StoreKind, UpstreamConfig},
         ConfigErrors, ErrorSink, LoadedConfig,
@@ -86,7 +87,7 @@ impl Snapshot {
 }
 
 /// A listener as the connection loop needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ListenerSpec {
     pub name: Arc<str>,
     /// Position in the snapshot's listener list (the bit in a route's listener mask).
@@ -102,6 +103,8 @@ pub struct ListenerSpec {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Response compression for routes without their own (`compression`).
+    pub compression: Option<CompressionPolicy>,
 }
 
 /// A compiled route.
@@ -127,6 +130,13 @@ pub struct Route {
     pub cache: Option<Arc<crate::cache::RouteCache>>,
     /// Request composition (`compose`): answered by several upstream calls.
     pub compose: Option<Arc<crate::compose::Composition>>,
+    /// Translate gRPC-Web requests to gRPC (`grpc_web`).
+    pub grpc_web: bool,
+    /// WebSocket upgrades allowed, and how tunnels are kept (`websocket`). `None`: upgrade
+    /// headers are stripped and no tunnel opens.
+    pub websocket: Option<super::upgrade::WebSocketSettings>,
+    /// Response compression (`compression`); `None`: the listener's.
+    pub compression: Option<CompressionPolicy>,
 }
 
 /// The `Host` header sent upstream.
@@ -499,6 +509,10 @@ fn compile_listener(
         header_timeout: limits.header_timeout.0,
         idle_timeout: limits.idle_timeout.0,
         max_connections: limits.max_connections,
+        compression: listener
+            .compression
+            .as_ref()
+            .map(|c| CompressionPolicy::compile(c, &format!("{path}.compression"), sink)),
     })
 }
 
@@ -712,6 +726,7 @@ fn compile_route(
             "must be more than 0 (0 would refuse every request)",
         );
     }
+    let websocket = super::upgrade::WebSocketSettings::compile(route, upstream.scheme, &path, sink);
     let authorization = if route.public {
         if route.authorization.is_some() {
             sink.error(
@@ -795,7 +810,22 @@ fn compile_route(
             })
         }),
         compose: None,
+        grpc_web: route.grpc_web,
+        websocket,
+        compression: route
+            .compression
+            .as_ref()
+            .map(|c| CompressionPolicy::compile(c, &format!("{path}.compression"), sink)),
     };
+    if route.grpc_web && compiled.upstream.scheme == crate::upstream::TargetScheme::Http1 {
+        sink.error(
+            format!("{path}.grpc_web"),
+            format!(
+                "gRPC needs HTTP/2: upstream `{}` must use `h2c://` or `https://` targets",
+                route.upstream
+            ),
+        );
+    }
     if route
         .cache
         .as_ref()

@@ -234,7 +234,9 @@ impl Observer {
         let security_event = SecurityEvent::of_status(ctx.status);
         if self.metrics_enabled {
             let route = ctx.route_observer.as_deref().unwrap_or(&self.unrouted);
-            let duration = ctx.started.elapsed();
+            let duration = ctx
+                .upgraded_at
+                .map_or_else(|| ctx.started.elapsed(), |at| at - ctx.started);
             let denied = ctx.authorization.as_ref().is_some_and(|d| !d.allowed);
             // the gateway's own answers by their code; the upstream's errors by class
             let forwarded = ctx.upstream_latency.is_some();

@@ -6,6 +6,11 @@
 //! is never contended. An HTTP/1.1 connection goes back to its idle list when the response body
 //! has been read to the end (see [`UpstreamResponseBody`]); an HTTP/2 connection is shared by
 //! every request of its worker.
+//!
+//! A request that offers an upgrade (it carries `Upgrade`, which only the gateway's WebSocket
+//! support sets: clients' hop-by-hop headers never get this far) needs HTTP/1.1: it uses an idle
+//! HTTP/1.1 connection or a new one whose TLS handshake offers only `http/1.1`, and a connection
+//! that switched protocols never goes back to the pool — it belongs to the tunnel.
 
 use std::{
     cell::Cell,
@@ -121,6 +126,9 @@ pub enum UpstreamError {
     Handshake(#[source] hyper::Error),
     #[error("request failed")]
     Request(#[source] hyper::Error),
+    /// An upgrade was asked of an upstream that speaks only HTTP/2 (`h2c://`).
+    #[error("an upgrade needs HTTP/1.1, and the upstream speaks only HTTP/2")]
+    UpgradeNeedsHttp1,
 }
 
 impl UpstreamError {
@@ -159,6 +167,8 @@ struct Slot {
 pub struct ConnectionPool {
     settings: ClientSettings,
     tls: tokio_rustls::TlsConnector,
+    /// For upgrade requests: offers only `http/1.1` by ALPN.
+    tls_http1: tokio_rustls::TlsConnector,
     slots: Box<[Slot]>,
 }
 
@@ -173,10 +183,13 @@ impl std::fmt::Debug for ConnectionPool {
 impl ConnectionPool {
     pub fn new(settings: ClientSettings, slots: usize) -> Self {
         let mut tls = (*settings.tls).clone();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls_http1 = tokio_rustls::TlsConnector::from(Arc::new(tls.clone()));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Self {
             settings,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            tls_http1,
             slots: (0..slots.max(1)).map(|_| Slot::default()).collect(),
         }
     }
@@ -194,7 +207,14 @@ impl ConnectionPool {
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<UpstreamResponseBody>, SendFailure> {
         let slot = self.slot_index();
-        while let Some(conn) = self.checkout(slot, authority) {
+        let upgrade = request.headers().contains_key(http::header::UPGRADE);
+        if upgrade && self.settings.scheme == TargetScheme::H2c {
+            return Err(SendFailure {
+                error: UpstreamError::UpgradeNeedsHttp1,
+                request: None,
+            });
+        }
+        while let Some(conn) = self.checkout(slot, authority, upgrade) {
             match self.send_on(conn, slot, authority, request).await {
                 Ok(response) => return Ok(response),
                 Err(failure) => match failure.request {
@@ -206,7 +226,7 @@ impl ConnectionPool {
         }
         // boxed: connecting (TCP, TLS, handshake) is the rare path, and its large future would
         // otherwise be part of every request's future and copied around with it
-        let conn = match Box::pin(self.connect(authority)).await {
+        let conn = match Box::pin(self.connect(authority, upgrade)).await {
             Ok(conn) => conn,
             Err(error) => {
                 return Err(SendFailure {
@@ -258,22 +278,22 @@ impl ConnectionPool {
                     });
                 }
                 let response = sender.try_send_request(request).await.map_err(failed)?;
-                let release = Release {
-                    pool: self.clone(),
-                    slot,
-                    authority: authority.clone(),
-                    sender,
-                    request_body,
-                };
-                Ok(response.map(|body| UpstreamResponseBody {
-                    body,
-                    release: Some(release),
-                }))
+                // after a 101 the connection is the tunnel's (`hyper::upgrade::on`), never reused
+                let release =
+                    (response.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
+                        pool: self.clone(),
+                        slot,
+                        authority: authority.clone(),
+                        sender,
+                        request_body,
+                    });
+                Ok(response.map(|body| UpstreamResponseBody { body, release }))
             }
         }
     }
 
-    fn checkout(&self, slot: usize, authority: &Authority) -> Option<Conn> {
+    /// An idle connection to `authority`; `http1_only` for upgrades.
+    fn checkout(&self, slot: usize, authority: &Authority, http1_only: bool) -> Option<Conn> {
         let mut targets = self.slots[slot]
             .targets
             .lock()
@@ -281,7 +301,7 @@ impl ConnectionPool {
         let (_, idle) = targets
             .iter_mut()
             .find(|(a, _)| a.as_str() == authority.as_str())?;
-        if let Some(sender) = &idle.http2 {
+        if let Some(sender) = idle.http2.as_ref().filter(|_| !http1_only) {
             if !sender.is_closed() {
                 return Some(Conn::H2(sender.clone()));
             }
@@ -330,7 +350,12 @@ impl ConnectionPool {
         }
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Conn, UpstreamError> {
+    /// A new connection; `http1_only` (for upgrades) offers only `http/1.1` to TLS targets.
+    async fn connect(
+        &self,
+        authority: &Authority,
+        http1_only: bool,
+    ) -> Result<Conn, UpstreamError> {
         let timeout = self.settings.connect_timeout;
         let tcp = tokio::time::timeout(timeout, TcpStream::connect(authority.as_str()))
             .await
@@ -352,7 +377,12 @@ impl ConnectionPool {
                         .to_owned(),
                 )
                 .map_err(|e| UpstreamError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-                let tls = tokio::time::timeout(timeout, self.tls.connect(name, tcp))
+                let connector = if http1_only {
+                    &self.tls_http1
+                } else {
+                    &self.tls
+                };
+                let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
                     .await
                     .map_err(|_| UpstreamError::ConnectTimeout)?
                     .map_err(UpstreamError::Tls)?;
@@ -414,7 +444,9 @@ where
         .await
         .map_err(UpstreamError::Handshake)?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        // with upgrades: after a 101 the connection is handed to `hyper::upgrade::on` instead of
+        // being closed
+        if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
     });

@@ -33,12 +33,6 @@ const ROUTES: &str = "  - name: jwt
 
 /// `partners` keys: `key-a1`/`key-a2` (id partner-a, rotation), `key-old` (expired).
 fn authentication(keys_yaml: &str) -> String {
-    let digest = |key: &str| {
-        portcullis::policy::authn::sha256(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     format!(
         "authentication:
   jwt:
@@ -1361,12 +1355,6 @@ async fn encrypted_tokens_are_decrypted_then_verified() {
 
 #[tokio::test]
 async fn api_keys_from_a_keys_file_are_reread_on_reload_and_a_broken_file_changes_nothing() {
-    let digest = |key: &str| {
-        portcullis::policy::authn::sha256(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     let upstream = TestUpstream::echo().await;
     let dir = tempfile::tempdir().unwrap();
     let keys_path = dir.path().join("keys.yaml");

@@ -16,17 +16,10 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::support::{
-    config_with, send,
+    config_with, digest, send,
     tokens::{claims, jwks, Signer},
     TestGateway, TestResponse, TestUpstream,
 };
-
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// API keys `key-<name>` for each `(name, roles, claims)`; the key id is the name.
 fn api_keys(keys: &[(&str, &str, &str)]) -> String {

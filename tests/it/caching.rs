@@ -18,13 +18,6 @@ use crate::support::{redis::RedisServer, *};
 
 const ADMIN_TOKEN: &str = "caching-admin-token";
 
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// An upstream that numbers its responses (`response N`) and adds `headers` to each.
 async fn numbered(
     headers: &'static [(&'static str, &'static str)],
@@ -491,4 +484,68 @@ async fn replicas_share_entries_through_redis() {
     );
     let a = get(&second, "/private/me", &alice).await;
     assert_eq!((a.body.as_str(), x_cache(&a)), ("response 3", "miss"));
+}
+
+#[tokio::test]
+async fn one_stored_response_is_compressed_for_each_client_that_asks() {
+    use http_body_util::BodyExt;
+    use std::io::Read;
+
+    let text = "cacheable and compressible ".repeat(200);
+    let body = text.clone();
+    let upstream = TestUpstream::start(move |_| {
+        Reply::ok(&body)
+            .header("cache-control", "max-age=60")
+            .header("content-type", "text/plain")
+    })
+    .await;
+    let gateway = gateway(&upstream, "{}\n    compression: {}", "").await;
+    let fetch = |encoding: Option<&'static str>| {
+        let url = gateway.url("/text");
+        async move {
+            let mut builder = Request::get(url);
+            if let Some(encoding) = encoding {
+                builder = builder.header("accept-encoding", encoding);
+            }
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let response = client
+                .request(builder.body(Full::default()).unwrap())
+                .await
+                .unwrap();
+            let headers = response.headers().clone();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (headers, bytes)
+        }
+    };
+    let (headers, bytes) = fetch(Some("gzip")).await;
+    assert_eq!(headers["x-cache"], "miss");
+    assert_eq!(headers["content-encoding"], "gzip");
+    let mut plain = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut plain)
+        .unwrap();
+    assert_eq!(plain, text);
+    // the entry is the upstream's identity response: a client without gzip gets it as it is
+    let (headers, bytes) = fetch(None).await;
+    assert_eq!(headers["x-cache"], "hit");
+    assert!(headers.get("content-encoding").is_none());
+    assert_eq!(bytes, text.as_bytes());
+    // and a hit is compressed for a client that asks
+    let (headers, bytes) = fetch(Some("gzip")).await;
+    assert_eq!(headers["x-cache"], "hit");
+    assert_eq!(headers["content-encoding"], "gzip");
+    let vary: Vec<_> = headers.get_all("vary").iter().collect();
+    assert!(
+        vary.iter()
+            .any(|v| v.to_str().unwrap().eq_ignore_ascii_case("accept-encoding")),
+        "{vary:?}"
+    );
+    let mut plain = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut plain)
+        .unwrap();
+    assert_eq!(plain, text);
+    assert_eq!(upstream.hits(), 1);
 }

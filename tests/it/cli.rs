@@ -399,12 +399,6 @@ fn explain_fixture(
     dir: &std::path::Path,
     signer: &crate::support::tokens::Signer,
 ) -> std::path::PathBuf {
-    let digest = |key: &str| {
-        portcullis::policy::authn::sha256(key.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
     std::fs::write(
         dir.join("jwks.json"),
         crate::support::tokens::jwks(&[signer]),

@@ -9,13 +9,6 @@ use http_body_util::Full;
 
 use crate::support::*;
 
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// Upstreams `users` and `orders` (and `app`, the route's), a route `/dash/{id}` for API key
 /// `key-alice` with the given `compose` section (indented for a route).
 fn config(users: &TestUpstream, orders: &TestUpstream, compose: &str) -> String {
@@ -263,4 +256,45 @@ async fn composition_config_errors_name_the_field() {
         assert!(error.contains(expected), "{expected} in {error}");
         assert!(error.contains("portcullis.yaml:"), "{error}");
     }
+}
+
+#[tokio::test]
+async fn composed_responses_are_compressed_when_the_route_says_so() {
+    use http_body_util::BodyExt;
+    use std::io::Read;
+
+    let users =
+        TestUpstream::start(|_| Reply::ok(&format!("{{\"bio\": \"{}\"}}", "words ".repeat(400))))
+            .await;
+    let orders = TestUpstream::start(|_| Reply::ok("[]")).await;
+    let gateway = TestGateway::start(&config(
+        &users,
+        &orders,
+        "      calls:\n\
+         \x20       - { name: user, upstream: users, path: \"/users/{id}\" }\n\
+         \x20       - { name: orders, upstream: orders, path: \"/orders\" }\n\
+         \x20   compression: {}\n",
+    ))
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let response = client
+        .request(
+            Request::get(gateway.url("/dash/1"))
+                .header("x-api-key", "key-alice")
+                .header("accept-encoding", "gzip")
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut json)
+        .unwrap();
+    let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(value["orders"], serde_json::json!([]));
+    assert!(value["user"]["bio"].as_str().unwrap().starts_with("words"));
 }

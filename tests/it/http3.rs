@@ -88,10 +88,7 @@ fn yaml(upstream: &TestUpstream, port: u16, http3: &str, log: &Path) -> String {
     format!(
         "{}authentication:\n  api_keys:\n    - name: keys\n      keys:\n        - {{ id: alice, sha256: {} }}\nobservability:\n  access_log:\n    output: {}\n",
         config_with(&[upstream.url()], "", routes),
-        portcullis::policy::authn::sha256(API_KEY.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
+        digest(API_KEY),
         log.display(),
     )
     .replacen(

@@ -14,13 +14,6 @@ const API_KEY: &str = "key-alice-very-secret";
 /// The W3C Trace Context specification's example `traceparent`.
 const SPEC_TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A gateway with a public route `open`, an API-key route `secure`, an admin token, trusted
 /// loopback proxy (so tests choose client addresses) and `observability` as given.
 async fn gateway(upstream: &TestUpstream, observability: &str, extra: &str) -> TestGateway {

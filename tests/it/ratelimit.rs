@@ -6,14 +6,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 
-use crate::support::{config_with, send, TestGateway, TestResponse, TestUpstream};
-
-fn digest(key: &str) -> String {
-    portcullis::policy::authn::sha256(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use crate::support::{config_with, digest, send, TestGateway, TestResponse, TestUpstream};
 
 /// A request from `client` (through the trusted loopback proxy), with an optional API key.
 async fn from(

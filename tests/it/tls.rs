@@ -1,6 +1,6 @@
 //! TLS on both sides, with certificates generated per test (rcgen): SNI certificate selection,
-//! ALPN HTTP/2, the TLS 1.3-only setting, and upstream TLS with a private CA, SNI override and a
-//! client certificate.
+//! ALPN HTTP/2, the TLS 1.3-only setting, upstream TLS with a private CA, SNI override and a
+//! client certificate, and WebSocket upgrades to an HTTPS upstream (ALPN `http/1.1` only).
 
 use std::{path::Path, sync::Arc};
 
@@ -423,4 +423,91 @@ async fn client_certificates_authenticate_and_bind_tokens() {
         "no certificate"
     );
     drop(gateway);
+}
+
+/// A TLS WebSocket echo server offering `h2` and `http/1.1` by ALPN; records what each
+/// connection negotiated.
+async fn start_tls_websocket_upstream(
+    pki: &Pki,
+    dir: &Path,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<Option<Vec<u8>>>>>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    pki.leaf(dir, "ws-upstream", &["ws.internal.test"]);
+    let chain = portcullis::tls::load_certs(&dir.join("ws-upstream.pem")).unwrap();
+    let key = portcullis::tls::load_key(&dir.join("ws-upstream.key")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(portcullis::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let negotiated = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = negotiated.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                seen.lock()
+                    .unwrap()
+                    .push(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec));
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tls).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() && ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, negotiated)
+}
+
+#[tokio::test]
+async fn websocket_upgrades_to_https_upstreams_offer_only_http1() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+    let (upstream, negotiated) = start_tls_websocket_upstream(&pki, dir.path()).await;
+    let yaml = config_with(
+        &[format!("https://{upstream}")],
+        "    tls: { ca: ca.pem, server_name: ws.internal.test }\n",
+        "  - name: ws\n    public: true\n    websocket: true\n    upstream: app\n",
+    );
+    let gateway =
+        portcullis::proxy::Gateway::start(&load_yaml(&yaml, dir.path()), Some(1)).unwrap();
+    let addr = gateway.local_addr("main").unwrap();
+    let (mut ws, response) = tokio_tungstenite::connect_async(format!("ws://{addr}/socket"))
+        .await
+        .expect("the upgrade succeeds over a TLS upstream");
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("over TLS")).await.unwrap();
+    let echoed = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed, Message::text("over TLS"));
+    // the upstream would have chosen h2 had it been offered
+    assert_eq!(
+        *negotiated.lock().unwrap(),
+        [Some(b"http/1.1".to_vec())],
+        "the upgrade's connection offered only http/1.1"
+    );
 }

@@ -10,7 +10,10 @@ use anyhow::{anyhow, Context as _};
 use clap::{Parser, Subcommand};
 use portcullis::{
     config::{self, LoadedConfig},
-    proxy::{reload, Gateway},
+    proxy::{
+        handoff::{HandedSocket, InheritedSockets, Role, SocketInfo, Upgrade, UpgradeListener},
+        reload, Gateway,
+    },
     telemetry,
 };
 
@@ -35,6 +38,14 @@ enum Command {
         /// Worker threads (overrides `server.workers`; default one per CPU core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Take over from the gateway running on the config's `server.upgrade_socket`: receive
+        /// its listening sockets, serve them, then let it drain and exit (zero-downtime restart).
+        #[arg(long)]
+        upgrade: bool,
+        /// Like `--upgrade`, from the gateway listening on this upgrade socket (for when the
+        /// config's `server.upgrade_socket` changed).
+        #[arg(long, value_name = "SOCKET", conflicts_with = "upgrade")]
+        upgrade_from: Option<PathBuf>,
     },
     /// Check config files; print every problem as FILE:LINE:COL: field: message.
     Validate {
@@ -115,7 +126,12 @@ enum KeyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config, workers } => run(&config, workers),
+        Command::Run {
+            config,
+            workers,
+            upgrade,
+            upgrade_from,
+        } => run(&config, workers, upgrade, upgrade_from),
         Command::Validate { files } => return validate(&files),
         Command::Demo { listen, admin } => demo(listen, admin),
         Command::Explain(args) => return explain(args),
@@ -144,51 +160,195 @@ fn main() -> ExitCode {
 /// Text printed once the gateway is up (the demo's instructions).
 type Banner = Box<dyn FnOnce(&Gateway) -> String>;
 
-fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<()> {
+/// How `serve` starts the gateway.
+#[derive(Default)]
+struct Launch {
+    workers: Option<usize>,
+    /// The config file, watched and reloaded (`None` for the demo).
+    watch: Option<PathBuf>,
+    /// Printed once everything is bound.
+    banner: Option<Banner>,
+    /// Take the listening sockets over from the gateway on this upgrade socket.
+    upgrade_from: Option<PathBuf>,
+}
+
+fn run(
+    path: &Path,
+    workers: Option<usize>,
+    upgrade: bool,
+    upgrade_from: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let loaded = config::load_file(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))?;
-    serve(loaded, workers, Some(path.to_owned()), None)
+    let upgrade_from = match (upgrade, upgrade_from) {
+        (_, Some(socket)) => Some(socket),
+        (true, None) => Some(loaded.upgrade_socket().ok_or_else(|| {
+            anyhow!(
+                "--upgrade needs `server.upgrade_socket` in {} (where the running gateway \
+                 listens), or --upgrade-from SOCKET",
+                path.display()
+            )
+        })?),
+        (false, None) => None,
+    };
+    if upgrade_from.is_some() {
+        // everything that can be checked without the sockets is checked before asking for them:
+        // a config that does not compile never gets the running gateway involved
+        let registry = portcullis::upstream::UpstreamRegistry::new(1);
+        portcullis::proxy::compile(&loaded, &registry, 0)
+            .map_err(|errors| anyhow!("invalid config:\n{errors}"))?;
+    }
+    serve(
+        loaded,
+        Launch {
+            workers,
+            watch: Some(path.to_owned()),
+            banner: None,
+            upgrade_from,
+        },
+    )
 }
 
 /// Starts the gateway and the admin API on this thread's control runtime and serves until a
-/// stop signal. `banner` is printed once everything is bound.
-fn serve(
-    loaded: LoadedConfig,
-    workers: Option<usize>,
-    watch: Option<PathBuf>,
-    banner: Option<Banner>,
-) -> anyhow::Result<()> {
+/// stop signal or a hand-over to a successor.
+fn serve(loaded: LoadedConfig, launch: Launch) -> anyhow::Result<()> {
     let server = &loaded.config.server;
     telemetry::init(server.log.format, &server.log.level);
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
+    // resolved now: a binary replaced on disk later is the one a successor runs
+    let program = std::env::current_exe().context("cannot find this program's path")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot build the control runtime")?;
     runtime.block_on(async move {
         let signals = reload::Signals::install().context("cannot install signal handlers")?;
-        let gateway = Gateway::start(&loaded, workers)?;
-        if let Some(admin) = gateway.snapshot().admin_bind {
-            let listener = tokio::net::TcpListener::bind(admin)
-                .await
-                .with_context(|| format!("cannot bind the admin listener on {admin}"))?;
-            tracing::info!(addr = %listener.local_addr()?, "admin listening");
-            if gateway.snapshot().admin_token.is_none() {
-                tracing::warn!(
-                    "no admin token (admin.token or PORTCULLIS_ADMIN_TOKEN): the admin API serves \
-                     only the probes, the dashboard page and /metrics (unless it requires a token)"
+        let upgrade_socket = loaded.upgrade_socket();
+        let mut handoff = match &launch.upgrade_from {
+            Some(socket) => {
+                let mut upgrade = Upgrade::connect(socket).await?;
+                tracing::info!(
+                    old_pid = upgrade.old_pid(),
+                    sockets = upgrade.sockets().remaining().count(),
+                    "received the running gateway's listening sockets"
                 );
+                Some(upgrade)
             }
-            tokio::spawn(portcullis::admin::serve(listener, gateway.state()));
+            None => None,
+        };
+        // a gateway started on its own claims its upgrade socket first: if another gateway
+        // answers there, this one stops before binding anything
+        let mut upgrade_listener = match (&handoff, &upgrade_socket) {
+            (None, Some(path)) => Some(UpgradeListener::bind(path).await?),
+            _ => None,
+        };
+        // a successor that gives up says what that means for the running gateway
+        let abandon = |error: anyhow::Error| match launch.upgrade_from {
+            Some(_) => error.context("upgrade abandoned, the running gateway was left as it was"),
+            None => error,
+        };
+        let mut no_sockets = InheritedSockets::default();
+        let inherited = handoff.as_mut().map_or(&mut no_sockets, |h| h.sockets());
+        let gateway = Gateway::start_with_sockets(&loaded, launch.workers, inherited)
+            .map_err(|error| abandon(error.into()))?;
+        // the workers accept from here on: a failure must drain the gateway, not drop it
+        let admin = match start_admin(&gateway, inherited) {
+            Ok(admin) => admin,
+            Err(error) => {
+                gateway.shutdown().await;
+                return Err(abandon(error));
+            }
+        };
+        for unused in inherited.remaining() {
+            tracing::info!(listener = %unused.name, addr = %unused.local, "not in this config: closing the socket handed over");
+        }
+        if let Some(handoff) = handoff {
+            let old_pid = handoff.old_pid();
+            if let Err(error) = handoff.finish().await {
+                gateway.shutdown().await;
+                return Err(abandon(error.into()));
+            }
+            tracing::info!(old_pid, "the previous gateway stopped accepting: this one serves");
+            match &upgrade_socket {
+                Some(path) => match UpgradeListener::take_over(path) {
+                    Ok(listener) => upgrade_listener = Some(listener),
+                    Err(error) => tracing::error!(%error, "this gateway cannot be upgraded without a restart"),
+                },
+                None => tracing::warn!("no `server.upgrade_socket` in this config: this gateway cannot be upgraded without a restart"),
+            }
         }
         tracing::info!(workers = gateway.worker_count(), "portcullis started");
-        if let Some(banner) = banner {
+        if launch.upgrade_from.is_none() {
+            // a successor is not the service's main process until its predecessor says so
+            portcullis::proxy::systemd::ready();
+        }
+        if let Some(banner) = launch.banner {
             println!("{}", banner(&gateway));
         }
-        reload::run_until_stopped(gateway, watch, signals).await?;
+        let upgrades = upgrade_listener.map(|listener| reload::Upgrades {
+            successor: launch.watch.as_deref().map(|config| {
+                successor_command(program, config, launch.workers, listener.path())
+            }),
+            listener,
+            admin,
+        });
+        reload::run_until_stopped(gateway, launch.watch, signals, upgrades).await?;
         Ok(())
     })
+}
+
+/// What SIGUSR2 runs: this program on the same config and worker count, taking over from the
+/// gateway on `socket`.
+fn successor_command(
+    program: PathBuf,
+    config: &Path,
+    workers: Option<usize>,
+    socket: &Path,
+) -> reload::SuccessorCommand {
+    let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.into()];
+    if let Some(workers) = workers {
+        args.extend(["--workers".into(), workers.to_string().into()]);
+    }
+    args.extend(["--upgrade-from".into(), socket.into()]);
+    reload::SuccessorCommand { program, args }
+}
+
+/// Serves the admin API on the socket handed over, if it is on the configured address, or on a
+/// new one. Returns a copy of the socket (for a later hand-over) and the serving task.
+fn start_admin(
+    gateway: &Gateway,
+    inherited: &mut InheritedSockets,
+) -> anyhow::Result<Option<(HandedSocket, tokio::task::AbortHandle)>> {
+    let Some(admin) = gateway.snapshot().admin_bind else {
+        return Ok(None);
+    };
+    let socket = match inherited.take_admin(admin) {
+        Some(handed) => handed.socket,
+        None => portcullis::proxy::bind_tcp(admin)
+            .with_context(|| format!("cannot bind the admin listener on {admin}"))?,
+    };
+    let local = socket.local_addr()?;
+    let copy = socket.try_clone()?;
+    let listener = tokio::net::TcpListener::from_std(socket)?;
+    tracing::info!(addr = %local, "admin listening");
+    if gateway.snapshot().admin_token.is_none() {
+        tracing::warn!(
+            "no admin token (admin.token or PORTCULLIS_ADMIN_TOKEN): the admin API serves \
+             only the probes, the dashboard page and /metrics (unless it requires a token)"
+        );
+    }
+    let task = tokio::spawn(portcullis::admin::serve(listener, gateway.state()));
+    let copy = HandedSocket {
+        info: SocketInfo {
+            role: Role::Admin,
+            name: "admin".into(),
+            configured: admin,
+            local,
+        },
+        socket: copy,
+    };
+    Ok(Some((copy, task.abort_handle())))
 }
 
 fn validate(files: &[PathBuf]) -> ExitCode {
@@ -253,17 +413,18 @@ fn demo(listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
         .map_err(|errors| anyhow!("demo config:\n{errors}"))?;
     serve(
         loaded,
-        None,
-        None,
-        Some(Box::new(move |gateway: &Gateway| {
-            let public = gateway.local_addr("public").unwrap_or(listen);
-            portcullis::demo::instructions(
-                public,
-                gateway.snapshot().admin_bind,
-                backend,
-                &identity,
-            )
-        })),
+        Launch {
+            banner: Some(Box::new(move |gateway: &Gateway| {
+                let public = gateway.local_addr("public").unwrap_or(listen);
+                portcullis::demo::instructions(
+                    public,
+                    gateway.snapshot().admin_bind,
+                    backend,
+                    &identity,
+                )
+            })),
+            ..Launch::default()
+        },
     )
 }
 

@@ -320,6 +320,14 @@ pub fn config_with(targets: &[String], upstream_extra: &str, routes: &str) -> St
     yaml
 }
 
+/// The lowercase hex SHA-256 of an API key, as the config's `sha256` wants it.
+pub fn digest(key: &str) -> String {
+    portcullis::policy::authn::sha256(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The usual single public catch-all route to `app`.
 pub const CATCH_ALL: &str = "  - name: all\n    public: true\n    upstream: app\n";
 

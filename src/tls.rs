@@ -169,6 +169,18 @@ pub fn server_config(
     Ok(config)
 }
 
+/// A listener's TLS config for QUIC (HTTP/3): the same certificates, SNI selection and client
+/// certificate policy as `listener`, with ALPN `h3` only. QUIC always runs TLS 1.3 (the TLS 1.2
+/// entry of `listener` is never used). Early data (0-RTT) stays off: a replayed 0-RTT request
+/// would pass the policy chain twice, and non-idempotent requests could be repeated by an
+/// attacker who captured them.
+pub fn http3_server_config(listener: &ServerConfig) -> ServerConfig {
+    let mut config = listener.clone();
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    config.max_early_data_size = 0;
+    config
+}
+
 /// An upstream TLS config: verifies the server against `ca` (or the web roots), optionally
 /// presenting a client certificate.
 pub fn client_config(

@@ -461,6 +461,41 @@ routes:
     }
 
     #[test]
+    fn http3_takes_a_switch_or_a_mapping_and_reports_its_mistakes_at_the_field() {
+        let with = |http3: &str| {
+            VALID.replace(
+                "    bind: 127.0.0.1:0\n",
+                &format!("    bind: 127.0.0.1:0\n    http3: {http3}\n"),
+            )
+        };
+        // without `tls`: only the validation error, whatever the form
+        for form in ["true", "{ advertise_max_age: 1h }"] {
+            let errors = load(&with(form)).unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{form}: {errors:?}");
+            assert_eq!(errors[0].path, "listeners[0].http3");
+            assert_eq!(errors[0].line, 4);
+        }
+        for off in ["false", "{ enabled: false }"] {
+            let loaded = load(&with(off)).unwrap();
+            assert!(loaded.config.listeners[0].http3().is_none(), "{off}");
+        }
+        let errors = load(&with("{ max_stream: 10 }")).unwrap_err().0;
+        assert_eq!(
+            errors[0].path, "listeners[0].http3.max_stream",
+            "{errors:?}"
+        );
+        let errors = load(&with("{ max_streams: 0 }")).unwrap_err().0;
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "listeners[0].http3.max_streams"),
+            "{errors:?}"
+        );
+        let errors = load(&with("maybe")).unwrap_err().0;
+        assert_eq!(errors[0].path, "listeners[0].http3", "{errors:?}");
+    }
+
+    #[test]
     fn every_error_is_reported_not_just_the_first() {
         let text = "\
 listeners:

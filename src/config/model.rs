@@ -958,6 +958,10 @@ pub struct ListenerConfig {
     /// Accept HTTP/2 (ALPN `h2` over TLS, prior-knowledge h2c on plaintext).
     #[serde(default = "default_true")]
     pub http2: bool,
+    /// Also serve HTTP/3 (QUIC, UDP) on the same address with the listener's certificates
+    /// (experimental; TLS listeners only): `true`, or a mapping with its settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http3: Option<Http3Setting>,
     /// Protective limits against oversize and slow clients.
     #[serde(default)]
     pub limits: ListenerLimits,
@@ -965,6 +969,72 @@ pub struct ListenerConfig {
     /// Absent: responses are sent as the upstream sent them.
     #[serde(default)]
     pub compression: Option<CompressionConfig>,
+}
+
+impl ListenerConfig {
+    /// The HTTP/3 settings when HTTP/3 is switched on.
+    pub fn http3(&self) -> Option<Http3Config> {
+        match self.http3.as_ref()? {
+            Http3Setting::Enabled(true) => Some(Http3Config::default()),
+            Http3Setting::Enabled(false) => None,
+            Http3Setting::Config(config) => config.enabled.then(|| config.clone()),
+        }
+    }
+}
+
+/// `http3: true` or `http3: {enabled, advertise_max_age, max_streams}`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Http3Setting {
+    Enabled(bool),
+    Config(Http3Config),
+}
+
+impl<'de> Deserialize<'de> for Http3Setting {
+    // hand-written instead of `untagged` so that a mistake in the long form reports its field
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Http3Setting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`true`, `false` or {enabled, advertise_max_age, max_streams}")
+            }
+            fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Self::Value, E> {
+                Ok(Http3Setting::Enabled(value))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                Http3Config::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Http3Setting::Config)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// HTTP/3 on a TLS listener.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http3Config {
+    /// Serve HTTP/3 (the long form's switch, so the settings can stay while it is off).
+    pub enabled: bool,
+    /// `ma` of the `Alt-Svc` header the TCP listener sends: how long clients may remember that
+    /// HTTP/3 is offered. `0s`: no `Alt-Svc` (clients must be told some other way).
+    pub advertise_max_age: HumanDuration,
+    /// Requests one QUIC connection may have in flight at once (QUIC bidirectional streams).
+    pub max_streams: u32,
+}
+
+impl Default for Http3Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            advertise_max_age: HumanDuration::from_secs(86_400),
+            max_streams: 100,
+        }
+    }
 }
 
 /// Limits applied to every connection on a listener.

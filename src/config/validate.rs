@@ -500,6 +500,20 @@ fn check_listeners(config: &Config, sink: &mut ErrorSink<'_>) {
                 }
             }
         }
+        if let Some(http3) = listener.http3() {
+            if listener.tls.is_none() {
+                sink.error(
+                    format!("{path}.http3"),
+                    "HTTP/3 runs over QUIC, which always uses TLS: add `tls` to this listener or remove `http3`",
+                );
+            }
+            if http3.max_streams == 0 {
+                sink.error(
+                    format!("{path}.http3.max_streams"),
+                    "must be greater than zero",
+                );
+            }
+        }
         let limits = &listener.limits;
         for (field, zero) in [
             ("max_header_bytes", limits.max_header_bytes.0 < 1024),

@@ -7,9 +7,8 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
-use super::Completion;
+use super::{ClientBody, Completion};
 use crate::{
     compression::encode::{EncodedBody, Encoder},
     upstream::UpstreamResponseBody,
@@ -247,7 +246,7 @@ pub enum UpstreamBody {
     /// A small body the gateway itself sends (e.g. a token introspection request).
     Full(Option<Bytes>),
     Client {
-        body: Incoming,
+        body: ClientBody,
         remaining: u64,
         progress: std::sync::Arc<BodyProgress>,
         /// The first bytes, kept for the access log (`capture_payload`).
@@ -279,7 +278,7 @@ impl BodyProgress {
 }
 
 impl UpstreamBody {
-    pub fn client(body: Incoming, limit: u64) -> Self {
+    pub fn client(body: ClientBody, limit: u64) -> Self {
         if body.is_end_stream() {
             return Self::Empty;
         }
@@ -344,7 +343,7 @@ impl Body for UpstreamBody {
                 }
                 Poll::Ready(Some(Err(error))) => {
                     BodyProgress::mark(&progress.client_failed);
-                    Poll::Ready(Some(Err(error.into())))
+                    Poll::Ready(Some(Err(error)))
                 }
                 Poll::Ready(None) => {
                     BodyProgress::mark(&progress.finished);

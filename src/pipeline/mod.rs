@@ -2,10 +2,12 @@
 //! with its single mapping to client responses. Everything on the request path speaks these types.
 
 mod body;
+mod client_body;
 mod ctx;
 mod error;
 
 pub use body::{BodyProgress, BodyTooLarge, BoxError, ResponseBody, UpstreamBody};
+pub use client_body::ClientBody;
 pub use ctx::{Arrival, Completion, ConnActivity, InFlightGuard, PhaseTiming, RequestCtx};
 pub use error::{error_response, Challenge, GatewayError};
 

@@ -4,6 +4,10 @@
 //! every listener (the listening socket is shared, duplicated per worker); a connection lives and
 //! dies on the worker that accepted it, with that worker's own upstream connection pools. The
 //! control plane (admin API, health checks, reload, signals) runs on the caller's runtime.
+//!
+//! **HTTP/3.** A listener with `http3` also binds UDP on its address; the QUIC endpoint's socket is
+//! driven by the first worker's runtime, every worker accepts QUIC connections from it, and a
+//! connection lives on the worker that accepted it (see `http3.rs`).
 
 use std::{
     collections::HashMap,
@@ -22,8 +26,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     handoff::{HandedSocket, InheritedSockets, Role, SocketInfo},
+    http3,
     server::{accept_loop, AcceptContext, ConnectionTracker},
-    snapshot::{compile, Snapshot},
+    snapshot::{compile, ListenerSpec, Snapshot},
 };
 use crate::{
     config::{ConfigErrors, LoadedConfig},
@@ -101,12 +106,39 @@ struct BoundListener {
     socket: std::net::TcpListener,
     stop: watch::Sender<bool>,
     connections: Arc<AtomicUsize>,
+    /// HTTP/3: the UDP socket bound beside the TCP one (same address and port), until its QUIC
+    /// endpoint is started on a worker.
+    udp: Option<std::net::UdpSocket>,
+    /// HTTP/3: the running QUIC endpoint.
+    quic: Option<quinn::Endpoint>,
+}
+
+impl BoundListener {
+    /// Starts the QUIC endpoint of a listener bound with HTTP/3, its UDP driver on `runtime`
+    /// (part of binding: a failure fails the start or the reload).
+    fn start_quic(
+        &mut self,
+        spec: &ListenerSpec,
+        runtime: &tokio::runtime::Handle,
+    ) -> io::Result<()> {
+        if let (Some(udp), Some(http3)) = (self.udp.take(), &spec.http3) {
+            self.quic = Some(http3::start_endpoint(udp, http3.server.clone(), runtime)?);
+        }
+        Ok(())
+    }
 }
 
 enum WorkerCommand {
     Listen {
         name: Arc<str>,
         socket: std::net::TcpListener,
+        connections: Arc<AtomicUsize>,
+        stop: watch::Receiver<bool>,
+    },
+    /// Accept HTTP/3 connections from a listener's QUIC endpoint.
+    ListenQuic {
+        name: Arc<str>,
+        endpoint: quinn::Endpoint,
         connections: Arc<AtomicUsize>,
         stop: watch::Receiver<bool>,
     },
@@ -119,6 +151,8 @@ enum WorkerCommand {
 struct Worker {
     commands: mpsc::UnboundedSender<WorkerCommand>,
     thread: Option<thread::JoinHandle<()>>,
+    /// The worker's runtime (the first worker's drives the QUIC endpoints' sockets).
+    runtime: tokio::runtime::Handle,
 }
 
 /// A running gateway. Dropping it without [`Gateway::shutdown`] stops the workers abruptly.
@@ -174,8 +208,10 @@ impl Gateway {
                 Some(handed) => {
                     tracing::debug!(listener = &*spec.name, from = %handed.info.name, "using the socket handed over");
                     adopt(spec.bind, handed.socket)
+                        .and_then(|bound| bind_udp(bound, spec))
+                        .map_err(http3_not_handed_over)
                 }
-                None => bind(spec.bind),
+                None => bind(spec),
             }
             .map_err(|source| StartError::Bind {
                 name: spec.name.to_string(),
@@ -184,6 +220,9 @@ impl Gateway {
             })?;
             listeners.insert(spec.name.clone(), bound);
         }
+        advertise_http3(&snapshot, |name| {
+            listeners.get(name).map(|l| l.local.port())
+        });
         let health = HealthChecks::start(&snapshot.upstreams);
         let key_refreshers = KeyRefreshers::start(&snapshot.jwt_providers);
         let revocation_sync = RevocationSync::start(
@@ -202,6 +241,17 @@ impl Gateway {
             .map(|index| spawn_worker(index, snapshot.clone(), draining_rx.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::Worker)?;
+        for spec in &snapshot.load().listeners {
+            if let Some(listener) = listeners.get_mut(&spec.name) {
+                listener
+                    .start_quic(spec, &workers[0].runtime)
+                    .map_err(|source| StartError::Bind {
+                        name: spec.name.to_string(),
+                        addr: spec.bind,
+                        source,
+                    })?;
+            }
+        }
         let gateway = Self {
             state: GatewayState {
                 snapshot,
@@ -224,7 +274,7 @@ impl Gateway {
         };
         for (name, listener) in &gateway.listeners {
             gateway.announce(name, listener);
-            tracing::info!(listener = &**name, addr = %listener.local, "listening");
+            tracing::info!(listener = &**name, addr = %listener.local, http3 = listener.quic.is_some(), "listening");
         }
         gateway.state.ready.store(true, Ordering::Release);
         Ok(gateway)
@@ -245,6 +295,14 @@ impl Gateway {
                 Err(error) => {
                     tracing::error!(listener = &**name, %error, "cannot share listener with a worker")
                 }
+            }
+            if let Some(endpoint) = &listener.quic {
+                let _ = worker.commands.send(WorkerCommand::ListenQuic {
+                    name: name.clone(),
+                    endpoint: endpoint.clone(),
+                    connections: listener.connections.clone(),
+                    stop: listener.stop.subscribe(),
+                });
             }
         }
     }
@@ -285,6 +343,16 @@ impl Gateway {
         self.listeners.get(listener).map(|l| l.local)
     }
 
+    /// The UDP address a listener's HTTP/3 endpoint is bound to (the same as its TCP address).
+    pub fn http3_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners
+            .get(listener)?
+            .quic
+            .as_ref()?
+            .local_addr()
+            .ok()
+    }
+
     /// Replaces the config. On any error the running config stays in place untouched.
     pub fn reload(&mut self, loaded: &LoadedConfig) -> Result<ReloadSummary, ReloadError> {
         let result = self.swap_in(loaded);
@@ -317,25 +385,38 @@ impl Gateway {
         // bind what is new before touching anything, so a failed bind changes nothing
         let mut fresh = Vec::new();
         for spec in &snapshot.listeners {
-            let unchanged = self
-                .listeners
-                .get(&spec.name)
-                .is_some_and(|l| l.configured == spec.bind);
+            // switching HTTP/3 on or off rebinds the listener (the TCP socket is kept, below)
+            let unchanged = self.listeners.get(&spec.name).is_some_and(|l| {
+                l.configured == spec.bind && l.quic.is_some() == spec.http3.is_some()
+            });
             if !unchanged {
-                let bound = bind(spec.bind).or_else(|error| {
+                let bound = bind(spec).or_else(|error| {
                     // a listener moving to a port this gateway already holds under another name
+                    // (or the same listener with HTTP/3 switched): its sockets are shared
                     match self.listeners.values().find(|l| l.configured == spec.bind) {
                         Some(existing) if spec.bind.port() != 0 => {
-                            existing.socket.try_clone().map(|socket| BoundListener {
+                            let socket = existing.socket.try_clone()?;
+                            let (udp, quic) = match (&spec.http3, &existing.quic) {
+                                (None, _) => (None, None),
+                                (Some(_), Some(endpoint)) => (None, Some(endpoint.clone())),
+                                (Some(_), None) => (Some(http3::bind(existing.local)?), None),
+                            };
+                            Ok(BoundListener {
                                 configured: spec.bind,
                                 local: existing.local,
                                 socket,
                                 stop: watch::channel(false).0,
                                 connections: Arc::new(AtomicUsize::new(0)),
+                                udp,
+                                quic,
                             })
                         }
                         _ => Err(error),
                     }
+                });
+                let bound = bound.and_then(|mut bound| {
+                    bound.start_quic(spec, &self.workers[0].runtime)?;
+                    Ok(bound)
                 });
                 match bound {
                     Ok(bound) => fresh.push((spec.name.clone(), bound)),
@@ -362,7 +443,16 @@ impl Gateway {
         let rate_limit_sync = FastSyncTask::start(fast_sync(&snapshot));
         let score_sync = SharedScoresTask::start(snapshot.adaptive.clone());
         let keep: Vec<Arc<str>> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
-        self.state.snapshot.store(Arc::new(snapshot));
+        advertise_http3(&snapshot, |name| {
+            fresh
+                .iter()
+                .find(|(fresh, _)| &**fresh == name)
+                .map(|(_, l)| l)
+                .or_else(|| self.listeners.get(name))
+                .map(|l| l.local.port())
+        });
+        let snapshot = Arc::new(snapshot);
+        self.state.snapshot.store(snapshot.clone());
         self.generation = generation;
         self.health = health;
         self.key_refreshers = key_refreshers;
@@ -380,6 +470,11 @@ impl Gateway {
         for name in stale {
             if let Some(old) = self.listeners.remove(&name) {
                 let _ = old.stop.send(true);
+                if let Some(endpoint) = &old.quic {
+                    // no new QUIC connections (a listener taking the endpoint over sets its own
+                    // config below); open ones finish
+                    endpoint.set_server_config(None);
+                }
                 if !keep.contains(&name) {
                     summary.listeners_removed.push(name.to_string());
                 }
@@ -388,9 +483,18 @@ impl Gateway {
         }
         for (name, bound) in fresh {
             self.announce(&name, &bound);
-            tracing::info!(listener = &*name, addr = %bound.local, "listening");
+            tracing::info!(listener = &*name, addr = %bound.local, http3 = bound.quic.is_some(), "listening");
             summary.listeners_added.push(name.to_string());
             self.listeners.insert(name, bound);
+        }
+        // renewed certificates and changed limits reach new QUIC connections
+        for (name, listener) in &self.listeners {
+            if let (Some(endpoint), Some(http3)) = (
+                &listener.quic,
+                snapshot.listener(name).and_then(|s| s.http3.as_ref()),
+            ) {
+                endpoint.set_server_config(Some(http3.server.clone()));
+            }
         }
         Ok(summary)
     }
@@ -401,6 +505,10 @@ impl Gateway {
         self.state.ready.store(false, Ordering::Release);
         for listener in self.listeners.values() {
             let _ = listener.stop.send(true);
+            if let Some(endpoint) = &listener.quic {
+                // refuse new QUIC handshakes; open connections drain with the others
+                endpoint.set_server_config(None);
+            }
         }
         self.listeners.clear();
     }
@@ -408,6 +516,11 @@ impl Gateway {
     /// Stops accepting, lets in-flight requests finish up to the configured deadline, then closes
     /// what is left. Returns the number of connections that had to be cut.
     pub async fn shutdown(mut self) -> usize {
+        let endpoints: Vec<quinn::Endpoint> = self
+            .listeners
+            .values()
+            .filter_map(|l| l.quic.clone())
+            .collect();
         self.stop_accepting();
         let deadline = self.state.snapshot.load().shutdown_timeout;
         let _ = self.draining.send(true);
@@ -426,10 +539,18 @@ impl Gateway {
         for finished in waiting {
             cut += finished.await.unwrap_or(0);
         }
-        for worker in &mut self.workers {
-            if let Some(thread) = worker.thread.take() {
-                let _ = thread.join();
-            }
+        if cut > 0 && !endpoints.is_empty() {
+            // the workers' runtimes still run (below): QUIC connections can still say goodbye
+            http3::close(&endpoints).await;
+        }
+        // every worker has drained (or given up) before any stops: the first worker's runtime
+        // drives the QUIC sockets the other workers' connections still use while they drain
+        let threads: Vec<_> = std::mem::take(&mut self.workers)
+            .into_iter()
+            .filter_map(|mut worker| worker.thread.take())
+            .collect();
+        for thread in threads {
+            let _ = thread.join();
         }
         // the last requests' access-log lines reach the output before the process exits
         self.registry
@@ -447,17 +568,15 @@ fn spawn_worker(
     draining: watch::Receiver<bool>,
 ) -> io::Result<Worker> {
     let (commands, mut inbox) = mpsc::unbounded_channel();
+    // built here so its handle is known before the thread runs (QUIC endpoints are started on it)
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
     let thread = thread::Builder::new()
         .name(format!("portcullis-worker-{index}"))
         .spawn(move || {
             set_worker_slot(index);
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "cannot build worker runtime");
-                    return;
-                }
-            };
             let cx = AcceptContext {
                 snapshot,
                 tracker: Arc::new(ConnectionTracker::default()),
@@ -477,10 +596,19 @@ fn spawn_worker(
                             }
                             Err(error) => tracing::error!(listener = &*name, %error, "worker cannot accept on listener"),
                         },
+                        WorkerCommand::ListenQuic {
+                            name,
+                            endpoint,
+                            connections,
+                            stop,
+                        } => {
+                            tokio::spawn(http3::accept_loop(endpoint, name, connections, cx.clone(), stop));
+                        }
                         WorkerCommand::Drain { deadline, done } => {
                             let drained = tokio::time::timeout(deadline, cx.tracker.drained()).await.is_ok();
                             let _ = done.send(if drained { 0 } else { cx.tracker.open() });
-                            break;
+                            // runs on until the gateway lets go of the worker, once every worker
+                            // is done draining
                         }
                     }
                 }
@@ -490,7 +618,62 @@ fn spawn_worker(
     Ok(Worker {
         commands,
         thread: Some(thread),
+        runtime: handle,
     })
+}
+
+/// Binds a listener's sockets: TCP, and UDP on the same address and port for HTTP/3.
+fn bind(spec: &ListenerSpec) -> io::Result<BoundListener> {
+    // with port 0 the UDP port follows the one TCP was given; should another socket hold that UDP
+    // port, another pair is tried
+    let attempts = if spec.http3.is_some() && spec.bind.port() == 0 {
+        8
+    } else {
+        1
+    };
+    let mut attempt = 1;
+    loop {
+        let bound = adopt(spec.bind, bind_tcp(spec.bind)?)?;
+        match bind_udp(bound, spec) {
+            Ok(bound) => return Ok(bound),
+            Err(_) if attempt < attempts => attempt += 1,
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Adds the UDP socket of a listener with HTTP/3, on the address and port of its TCP socket.
+fn bind_udp(mut bound: BoundListener, spec: &ListenerSpec) -> io::Result<BoundListener> {
+    if spec.http3.is_some() {
+        bound.udp = Some(http3::bind(bound.local)?);
+    }
+    Ok(bound)
+}
+
+/// Explains a UDP port held by the running gateway when its TCP socket was handed over: QUIC
+/// sockets are not handed over (two processes reading one UDP socket would each drop the other's
+/// packets), so the running gateway keeps the port until it exits.
+fn http3_not_handed_over(error: io::Error) -> io::Error {
+    if error.kind() != io::ErrorKind::AddrInUse {
+        return error;
+    }
+    io::Error::new(
+        error.kind(),
+        format!(
+            "{error}: the running gateway holds this listener's UDP port for HTTP/3, which a \
+             hand-over does not pass on (see docs/http3.md); stop it and start this one instead, \
+             or switch `http3` off for the upgrade and on again by reload"
+        ),
+    )
+}
+
+/// Sets the `Alt-Svc` advertisement of every HTTP/3 listener to the port it is bound to.
+fn advertise_http3(snapshot: &Snapshot, port_of: impl Fn(&str) -> Option<u16>) {
+    for spec in &snapshot.listeners {
+        if let (Some(http3), Some(port)) = (&spec.http3, port_of(&spec.name)) {
+            http3.advertise(port);
+        }
+    }
 }
 
 /// Binds a listening socket: non-blocking, `SO_REUSEADDR`, backlog 1024.
@@ -507,10 +690,6 @@ pub fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-fn bind(addr: SocketAddr) -> io::Result<BoundListener> {
-    adopt(addr, bind_tcp(addr)?)
-}
-
 /// A listener on a socket that is already bound and listening (bound here, or handed over).
 fn adopt(configured: SocketAddr, socket: std::net::TcpListener) -> io::Result<BoundListener> {
     socket.set_nonblocking(true)?;
@@ -521,5 +700,7 @@ fn adopt(configured: SocketAddr, socket: std::net::TcpListener) -> io::Result<Bo
         socket,
         stop: watch::channel(false).0,
         connections: Arc::new(AtomicUsize::new(0)),
+        udp: None,
+        quic: None,
     })
 }

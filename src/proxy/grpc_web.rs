@@ -14,10 +14,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::{
-    pipeline::{GatewayError, UpstreamBody},
+    pipeline::{ClientBody, GatewayError, UpstreamBody},
     upstream::UpstreamResponseBody,
 };
 
@@ -57,7 +56,7 @@ impl Mode {
 /// body is one request message, read whole within `max_body`).
 pub async fn request(
     headers: &mut HeaderMap,
-    body: Incoming,
+    body: ClientBody,
     mode: Mode,
     max_body: u64,
 ) -> Result<UpstreamBody, GatewayError> {

@@ -8,7 +8,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use http::{header, HeaderValue, Request, Response, Version};
-use hyper::body::Incoming;
 
 use super::{
     caching,
@@ -17,6 +16,7 @@ use super::{
     snapshot::{HostRewrite, Route, Snapshot},
     upgrade::{self, ClientUpgrade},
 };
+use crate::pipeline::ClientBody;
 use crate::{
     cache::{CacheStatus, X_CACHE},
     pipeline::{
@@ -56,7 +56,7 @@ pub struct ConnInfo {
 
 /// Handles one request on `snapshot` (loaded once by the caller and kept for the whole request).
 pub async fn handle(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     conn: &ConnInfo,
     snapshot: Arc<Snapshot>,
 ) -> Response<ResponseBody> {
@@ -165,7 +165,7 @@ pub async fn handle(
 }
 
 async fn proxy(
-    request: Request<Incoming>,
+    request: Request<ClientBody>,
     conn: &ConnInfo,
     snapshot: &Snapshot,
     trusted_peer: bool,

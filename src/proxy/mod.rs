@@ -8,6 +8,7 @@ mod gateway;
 mod grpc_web;
 mod handler;
 pub mod handoff;
+mod http3;
 pub mod reload;
 mod server;
 pub mod snapshot;

@@ -1,6 +1,6 @@
 //! Accepting and serving client connections on a worker: TLS handshake, protocol choice (ALPN, or
 //! the h2c preface on plaintext), hyper's HTTP/1.1 or HTTP/2 server with the listener's limits, and
-//! graceful shutdown.
+//! graceful shutdown. The connection limits here also admit HTTP/3 connections (`super::http3`).
 
 use std::{
     net::SocketAddr,
@@ -25,7 +25,10 @@ use super::{
     handler::{self, ConnInfo},
     snapshot::{ListenerSpec, Snapshot},
 };
-use crate::{pipeline::ConnActivity, policy::authn::ClientCertificate};
+use crate::{
+    pipeline::{ClientBody, ConnActivity},
+    policy::authn::ClientCertificate,
+};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// While draining, how often a connection that has not had its first request yet is checked.
@@ -81,6 +84,59 @@ pub struct AcceptContext {
     pub draining: watch::Receiver<bool>,
 }
 
+/// A connection's places in the worker's tracker, the listener's connection count and the
+/// per-address count, held for as long as the connection is open.
+pub(super) struct Admission {
+    _open: OpenConnection,
+    _ip_slot: Option<crate::policy::ratelimit::ConnectionSlot>,
+}
+
+/// Admits a connection from `peer` on listener `name` unless a connection limit is reached;
+/// returns the listener as the current snapshot has it. Shared by the TCP and QUIC accept loops
+/// so both count against the same limits.
+pub(super) fn admit(
+    cx: &AcceptContext,
+    name: &str,
+    peer: SocketAddr,
+    listener_count: &Arc<AtomicUsize>,
+) -> Option<(Arc<ListenerSpec>, Admission)> {
+    let snapshot = cx.snapshot.load_full();
+    let spec = snapshot.listener(name).cloned()?;
+    let ip_slot = match snapshot.max_connections_per_ip {
+        None => None,
+        Some(max) => match snapshot
+            .connection_counts
+            .acquire(peer.ip().to_canonical(), max)
+        {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::debug!(listener = name, %peer, "connections per address limit reached; closing");
+                return None;
+            }
+        },
+    };
+    if listener_count.fetch_add(1, Ordering::AcqRel) >= spec.max_connections {
+        listener_count.fetch_sub(1, Ordering::AcqRel);
+        tracing::debug!(listener = name, %peer, "connection limit reached; closing");
+        return None;
+    }
+    cx.tracker.open.fetch_add(1, Ordering::AcqRel);
+    let gauge = snapshot.observer.telemetry.metrics.open_connections.clone();
+    gauge.inc();
+    let open = OpenConnection {
+        tracker: cx.tracker.clone(),
+        listener_count: listener_count.clone(),
+        gauge,
+    };
+    Some((
+        spec,
+        Admission {
+            _open: open,
+            _ip_slot: ip_slot,
+        },
+    ))
+}
+
 /// Accepts connections until `stop` flips (listener removed, or shutdown).
 pub async fn accept_loop(
     listener: TcpListener,
@@ -106,42 +162,14 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let snapshot = cx.snapshot.load_full();
-        let Some(spec) = snapshot.listener(&name).cloned() else {
+        let Some((spec, admission)) = admit(&cx, &name, peer, &listener_count) else {
             continue;
-        };
-        let ip_slot = match snapshot.max_connections_per_ip {
-            None => None,
-            Some(max) => match snapshot
-                .connection_counts
-                .acquire(peer.ip().to_canonical(), max)
-            {
-                Some(slot) => Some(slot),
-                None => {
-                    tracing::debug!(listener = &*name, %peer, "connections per address limit reached; closing");
-                    continue;
-                }
-            },
-        };
-        if listener_count.fetch_add(1, Ordering::AcqRel) >= spec.max_connections {
-            listener_count.fetch_sub(1, Ordering::AcqRel);
-            tracing::debug!(listener = &*name, %peer, "connection limit reached; closing");
-            continue;
-        }
-        cx.tracker.open.fetch_add(1, Ordering::AcqRel);
-        let gauge = snapshot.observer.telemetry.metrics.open_connections.clone();
-        gauge.inc();
-        let open = OpenConnection {
-            tracker: cx.tracker.clone(),
-            listener_count: listener_count.clone(),
-            gauge,
         };
         let _ = stream.set_nodelay(true);
         let cx = cx.clone();
         tokio::spawn(async move {
             serve_connection(stream, peer, spec, cx).await;
-            drop(open);
-            drop(ip_slot);
+            drop(admission);
         });
     }
 }
@@ -243,10 +271,22 @@ async fn serve_io<I>(
         flags,
     });
     let snapshot = cx.snapshot.clone();
-    let service = service_fn(move |request| {
+    // clients learn from it that the listener also serves HTTP/3 (built once per bind)
+    let alt_svc = spec.http3.as_ref().and_then(|h3| h3.alt_svc.get().cloned());
+    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         let info = info.clone();
         let current = snapshot.load_full();
-        async move { Ok::<_, std::convert::Infallible>(handler::handle(request, &info, current).await) }
+        let alt_svc = alt_svc.clone();
+        async move {
+            let request = request.map(ClientBody::Hyper);
+            let mut response = handler::handle(request, &info, current).await;
+            if let Some(alt_svc) = alt_svc {
+                response
+                    .headers_mut()
+                    .insert(http::header::ALT_SVC, alt_svc);
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut draining = cx.draining.clone();
     let activity = &*connection_activity;

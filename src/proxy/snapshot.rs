@@ -95,6 +95,8 @@ pub struct ListenerSpec {
     pub bind: SocketAddr,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub http2: bool,
+    /// HTTP/3 on the same address (UDP), when enabled.
+    pub http3: Option<super::http3::Http3Spec>,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body: u64,
@@ -486,12 +488,26 @@ fn compile_listener(
         }
     };
     let limits = &listener.limits;
+    let http3 = match (listener.http3(), &tls) {
+        (Some(http3), Some(tls)) => {
+            match super::http3::Http3Spec::new(&http3, tls, limits.idle_timeout.0) {
+                Ok(spec) => Some(spec),
+                Err(error) => {
+                    sink.error(format!("{path}.http3"), error.to_string());
+                    None
+                }
+            }
+        }
+        // without TLS: reported by validation
+        _ => None,
+    };
     Some(ListenerSpec {
         name: listener.name.as_str().into(),
         index: i,
         bind,
         tls,
         http2: listener.http2,
+        http3,
         max_header_bytes: limits.max_header_bytes.0 as usize,
         max_headers: limits.max_headers,
         max_body: limits.max_body.0,

@@ -11,6 +11,7 @@ mod composition;
 mod compression;
 mod grpc;
 mod hardening;
+mod http3;
 mod lifecycle;
 mod observability;
 mod ratelimit;

@@ -1,6 +1,7 @@
 //! Zero-downtime restart: `portcullis run --upgrade` takes the listening sockets over from the
 //! running binary under steady traffic, failed upgrades leave the old process serving, listeners
-//! follow the new config, and a successor can itself be upgraded (SIGUSR2).
+//! follow the new config, a successor can itself be upgraded (SIGUSR2), and an HTTP/3 listener,
+//! whose UDP socket is not handed over, makes the upgrade give up with the reason.
 //!
 //! The traffic clients are strict. A client that opens a connection per request counts any
 //! error as a failure. A keep-alive client (HTTP/1.1, or HTTP/2 over h2c) does what RFC 9112
@@ -750,5 +751,55 @@ async fn listeners_follow_the_new_config_and_sigusr2_upgrades_again() {
     assert!(
         !old.config.with_file_name("upgrade.sock").exists(),
         "the last owner removed the upgrade socket at exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_listener_is_not_handed_over_and_the_upgrade_says_why() {
+    let upstream = TestUpstream::echo().await;
+    let port = free_port();
+    let certs = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+    let with_http3 = |yaml: String| {
+        yaml.replace(
+            &format!("    bind: 127.0.0.1:{port}\n"),
+            &format!(
+                "    bind: 127.0.0.1:{port}\n    tls:\n      certificates:\n        - {{ cert: {}, key: {} }}\n    http3: true\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+    };
+    let mut old = GatewayProcess::start(&with_http3(config(port, None, &upstream, "")), port);
+    let socket = old.config.with_file_name("upgrade.sock");
+    let dir = tempfile::tempdir().unwrap();
+    let new_config = dir.path().join("new.yaml");
+    std::fs::write(
+        &new_config,
+        with_http3(config(port, None, &upstream, "")).replace(
+            "upgrade_socket: upgrade.sock",
+            &format!("upgrade_socket: {}", socket.display()),
+        ),
+    )
+    .unwrap();
+
+    let mut successor = Successor::start(&new_config, &["--upgrade"]);
+    let exit = successor.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(exit.code(), Some(1), "{}", successor.output());
+    assert!(
+        successor
+            .output()
+            .contains("the running gateway holds this listener's UDP port for HTTP/3"),
+        "{}",
+        successor.output()
+    );
+    old.wait_for_log("upgrade failed; this gateway keeps serving");
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "{}",
+        old.log_text()
     );
 }

@@ -35,5 +35,7 @@ pub mod proxy;
 pub mod route;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod upstream;

@@ -229,16 +229,7 @@ pub fn parse_http_date(value: &str) -> Option<SystemTime> {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        map
-    }
+    use crate::test_support::header_map as headers;
 
     fn policy(ttl: Option<u64>, override_ttl: bool) -> Freshness {
         Freshness {

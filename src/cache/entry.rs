@@ -246,16 +246,9 @@ mod tests {
     use super::*;
 
     fn entry(headers: &[(&str, &str)], fresh: u64, stale: u64, revalidate: bool) -> Entry {
-        let mut map = HeaderMap::new();
-        for (n, v) in headers {
-            map.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
         Entry {
             status: StatusCode::OK,
-            headers: map,
+            headers: crate::test_support::header_map(headers),
             body: Bytes::from_static(b"body"),
             stored_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1000),
             lifetime: Lifetime {

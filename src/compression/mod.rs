@@ -289,17 +289,7 @@ mod tests {
         }
     }
 
-    fn head(pairs: &[(&str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(n, v)| {
-                (
-                    header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                )
-            })
-            .collect()
-    }
+    use crate::test_support::header_map as head;
 
     #[test]
     fn only_compressible_responses_are_allowed() {

@@ -435,14 +435,11 @@ async fn proxy(
     if route.cache.is_some() {
         parts.headers.insert(X_CACHE, CacheStatus::Bypass.header());
     }
-    let mut body = ResponseBody::upstream(body);
-    if let Some(compression) = &compression {
-        body = compression.apply(&mut parts, body);
-    }
-    Ok(Response::from_parts(parts, body))
+    let response = Response::from_parts(parts, ResponseBody::upstream(body));
+    Ok(compressed(response, compression.as_ref()))
 }
 
-/// A response the gateway made (from the cache, or composed), compressed when negotiated.
+/// The response, compressed when the client and the route or listener agreed on an encoding.
 fn compressed(
     response: Response<ResponseBody>,
     compression: Option<&crate::compression::Negotiated<'_>>,

@@ -200,6 +200,7 @@ impl Freshness {
 }
 
 /// `Expires` minus `Date` (or now), when both parse; an invalid `Expires` means already stale.
+/// Capped at 2^31 s like delta-seconds: `Expires` may be up to the year 9999.
 fn expires_lifetime(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let expires = headers.get(header::EXPIRES)?;
     let Some(expires) = expires.to_str().ok().and_then(parse_http_date) else {
@@ -210,7 +211,12 @@ fn expires_lifetime(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         .and_then(|d| d.to_str().ok())
         .and_then(parse_http_date)
         .unwrap_or(now);
-    Some(expires.duration_since(date).unwrap_or_default())
+    Some(
+        expires
+            .duration_since(date)
+            .unwrap_or_default()
+            .min(Duration::from_secs(MAX_DELTA)),
+    )
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the only form senders may generate.
@@ -303,6 +309,33 @@ mod tests {
         // neither may panic (the release profile aborts on panic)
         let _ = entry.retention();
         let _ = entry.standing(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)));
+    }
+
+    #[test]
+    fn a_far_expires_is_capped_like_delta_seconds() {
+        // fuzz/artifacts/cache_control/f12-*: `Expires` in the year 3940 (or 9999) made a
+        // freshness of ~60 billion seconds, past the 2^31 s cap that `max-age` gets
+        let cap = Duration::from_secs(1 << 31);
+        for pairs in [
+            &[("expires", "Thu, 01 Jan 3940 00:00:00 GMT")][..],
+            &[
+                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                ("expires", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ],
+        ] {
+            let got = lifetime(&policy(None, false), pairs, false).unwrap();
+            assert_eq!(got.fresh_for, cap, "{pairs:?}");
+        }
+        let near = lifetime(
+            &policy(None, false),
+            &[
+                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                ("expires", "Sun, 06 Nov 2061 08:49:37 GMT"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert!(near.fresh_for < cap, "67 years is below the cap");
     }
 
     #[test]

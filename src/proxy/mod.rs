@@ -18,4 +18,5 @@ mod upgrade;
 pub use conn::head_has_framing_conflict;
 pub use forwarding::new_request_id;
 pub use gateway::{bind_tcp, Gateway, GatewayState, ReloadError, ReloadSummary, StartError};
+pub use grpc_web::decode_grpc_web_text;
 pub use snapshot::{compile, Snapshot};
